@@ -1,0 +1,32 @@
+# safegate: `make demo` runs the main job, `make test` the test suite. Both set up .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test,eval]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(PY) -m safegate demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	$(VENV)/bin/ruff check safegate tests
+
+lint: setup
+	$(VENV)/bin/ruff check safegate tests
+	$(VENV)/bin/ruff format --check safegate tests
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench.py
+
+clean:
+	rm -rf $(VENV) demo-out bench-out .pytest_cache

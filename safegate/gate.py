@@ -1,0 +1,93 @@
+"""The safety attention gate of CASA and the pure logit math at the safety step.
+
+`SafetyGate` pools the (stop-gradient) prompt states with one attention head whose query is a frozen
+descriptor embedding, and returns the gate logit `x` with `v_s = sigmoid(x)`:
+
+    K = sg(H) W_K,  V = sg(H) W_V,  q~ = q W_Q
+    a = softmax_t(q~ . K_t / sqrt(d_a) + log m_t),   c = sum_t a_t V_t,   x = w_o . LayerNorm(c) + b_o
+
+`w_o` and `b_o` start at zero, so `v_s = 0.5` and the gate is a no-op on the pair of logits until trained.
+
+Example:
+    >>> import torch
+    >>> gate = SafetyGate(hidden_size=8, query=torch.zeros(8), attention_dim=4)
+    >>> gate(torch.randn(2, 5, 8), torch.ones(2, 5)).sigmoid()
+    tensor([0.5000, 0.5000], grad_fn=<SigmoidBackward0>)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SafetyGate(nn.Module):
+    """Single-head attention pooling over prompt states, read out to one logit per row."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        query: torch.Tensor,
+        attention_dim: int = 256,
+        aggregation: str = "attention",
+        train_query: bool = False,
+    ) -> None:
+        super().__init__()
+        self.aggregation = aggregation
+        self.w_q = nn.Linear(hidden_size, attention_dim, bias=False)
+        self.w_k = nn.Linear(hidden_size, attention_dim, bias=False)
+        self.w_v = nn.Linear(hidden_size, attention_dim, bias=False)
+        self.norm = nn.LayerNorm(attention_dim)
+        self.out = nn.Linear(attention_dim, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        query = query.detach().float().reshape(hidden_size).clone()
+        if train_query:
+            self.query = nn.Parameter(query)
+        else:
+            self.register_buffer("query", query)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Gate logit `x` (B,) from prompt states `hidden` (B, T, d) and prompt mask `mask` (B, T)."""
+        h = hidden.detach().to(self.w_k.weight.dtype)  # stop-gradient: nothing flows back into the prompt
+        keys = self.w_k(h)
+        q = self.w_q(self.query.to(keys.dtype))
+        scores = torch.einsum("btd,d->bt", keys, q) / math.sqrt(keys.shape[-1])
+        valid = mask.to(torch.bool)
+        if self.aggregation == "attention":
+            weights = scores.masked_fill(~valid, float("-inf")).softmax(-1)
+            pooled = torch.einsum("bt,btd->bd", weights, self.w_v(h))
+            return self.out(self.norm(pooled)).squeeze(-1)
+        # mean_sigmoid / max_sigmoid: per-position probabilities, scaled by w_o's first weight (0 at start).
+        probs = torch.sigmoid(scores * self.out.weight[0, 0] + self.out.bias[0])
+        if self.aggregation == "mean_sigmoid":
+            v = (probs * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        else:
+            v = probs.masked_fill(~valid, 0.0).amax(-1)
+        return torch.logit(v, eps=1e-6)
+
+
+def gate_pair_logits(
+    z_safe: torch.Tensor, z_unsafe: torch.Tensor, gate_logit: torch.Tensor, scaling: str = "log_additive"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale the safe/unsafe logits by the gate: `log_additive` (default) or `multiplicative`."""
+    gate_logit = gate_logit.to(z_safe.dtype)
+    if scaling == "log_additive":
+        return z_safe + F.logsigmoid(-gate_logit), z_unsafe + F.logsigmoid(gate_logit)
+    if bool((z_safe < 0).any() | (z_unsafe < 0).any()):
+        warnings.warn(
+            "scaling='multiplicative' met a negative safety logit: scaling it by v_s pushes the wrong way. "
+            "Use scaling='log_additive' (the default).",
+            stacklevel=2,
+        )
+    v = torch.sigmoid(gate_logit)
+    return (1 - v) * z_safe, v * z_unsafe
+
+
+def unsafe_probability(z_safe: torch.Tensor, z_unsafe: torch.Tensor) -> torch.Tensor:
+    """p(unsafe) under a softmax over the (already gated) pair."""
+    return torch.sigmoid(z_unsafe - z_safe)

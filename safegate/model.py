@@ -1,0 +1,493 @@
+"""`SafeGateModel` and `attach()`: a CASA safety gate on any Hugging Face causal or multimodal model.
+
+Example:
+    >>> import safegate
+    >>> from safegate.testing import tiny_model_and_tokenizer
+    >>> model, tok = tiny_model_and_tokenizer("qwen2")
+    >>> gated = safegate.attach(model, tok, safegate.GateConfig(attention_dim=16, lora_r=4))
+    >>> inputs = tok(["How do I bake bread?"], return_tensors="pt")
+    >>> out = gated.generate(**inputs, max_new_tokens=4, return_dict_in_generate=True)
+    >>> out.safety[0] in ("safe", "unsafe"), out.sequences.shape[1] <= inputs["input_ids"].shape[1] + 4
+    (True, True)
+    >>> base = gated.detach()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
+from torch import nn
+from transformers import GenerationConfig, LogitsProcessorList
+
+from .arch import ResolvedArch, resolve
+from .config import GateConfig, check_threshold
+from .gate import SafetyGate, gate_pair_logits, unsafe_probability
+from .hooks import HiddenStateTap
+from .prefill import assistant_header, left_pad, prefix_lengths, special_ids
+from .processor import SafeGateLogitsProcessor
+from .streaming import SkipSafetyTokenStreamer
+from .tokens import add_safety_tokens, text_tokenizer, word_rows
+
+SAFE, UNSAFE = "safe", "unsafe"
+_UNSUPPORTED = {
+    "num_beams": "beam search is not supported with a safety gate; use greedy decoding or sampling",
+    "assistant_model": "assisted decoding is not supported with a safety gate",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding is not supported with a safety gate",
+    "prefill_chunk_size": "chunked prefill is not supported: the gate must see the whole prompt at once",
+    "past_key_values": "a user-supplied cache is not supported: the gate must see the whole prompt",
+}
+
+
+@dataclass
+class _Verdict:
+    """What the gate decided for one call."""
+
+    p_unsafe: torch.Tensor | None = None
+    unsafe: torch.Tensor | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        assert self.unsafe is not None
+        return [UNSAFE if u else SAFE for u in self.unsafe.tolist()]
+
+
+class SafeGateModel(nn.Module):
+    """A model that first emits a safety token (`safe`/`unsafe`) chosen by a CASA gate, then answers.
+
+    Built by composition with `attach()`; the wrapped Hugging Face model keeps its class. `parameters()` with
+    `requires_grad=True` are exactly what training may change: LoRA on the language model, the gate and the
+    two token rows.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer_or_processor: Any, config: GateConfig | None = None) -> None:
+        super().__init__()
+        config = config or GateConfig()
+        if not isinstance(config, GateConfig):
+            raise TypeError(f"`config` must be a safegate.GateConfig, got {type(config).__name__}.")
+        if isinstance(model, (SafeGateModel, PeftModel)):
+            raise TypeError(
+                f"`model` is a {type(model).__name__}; attach the gate to the plain Hugging Face model "
+                "(call `.detach()` or `.unload()` first)."
+            )
+        self.gate_config = config
+        self.processor = tokenizer_or_processor
+        self.tokenizer = text_tokenizer(tokenizer_or_processor)
+        self.__dict__["_original"] = model  # not a submodule: parameters() come from peft_model
+        self._thread_state = threading.local()
+        self._detached = False
+
+        arch = resolve(model, config.lora_target)
+        self._requires_grad = {n: p.requires_grad for n, p in arch.root.named_parameters()}
+        self.safe_token_id, self.unsafe_token_id = add_safety_tokens(
+            self.tokenizer, config.safe_token, config.unsafe_token
+        )
+        self._original_rows = arch.embed.weight.shape[0]
+        if max(self.safe_token_id, self.unsafe_token_id) >= self._original_rows:
+            arch.root.resize_token_embeddings(max(self.safe_token_id, self.unsafe_token_id) + 1, mean_resizing=False)
+            arch = resolve(model, config.lora_target)  # embeddings may be new modules
+        self.arch = arch
+        self.__dict__["_tap_module"] = arch.tap_module(config.layer)
+        query = self._descriptor_query(config.descriptor)
+        rows = self._initial_rows()
+        self.peft_model = get_peft_model(arch.root, self._peft_config())
+        self._set_token_rows(rows)
+        self.gate = SafetyGate(
+            query.shape[-1], query, config.attention_dim, config.aggregation, config.train_query
+        ).to(query.device)
+        self._header = assistant_header(self.tokenizer, tokenizer_or_processor)
+        self._special_ids = special_ids(self.tokenizer) - {self.safe_token_id, self.unsafe_token_id}
+        self.train(arch.root.training)
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _peft_config(self) -> LoraConfig | TrainableTokensConfig:
+        ids = [self.safe_token_id, self.unsafe_token_id]
+        names = [self.arch.module_name(self.arch.embed)]
+        if not self.arch.tied:
+            names.append(self.arch.module_name(self.arch.head))
+        if self.gate_config.lora_r == 0:
+            return TrainableTokensConfig(target_modules=names, token_indices=ids)
+        return LoraConfig(
+            r=self.gate_config.lora_r,
+            lora_alpha=self.gate_config.lora_alpha,
+            lora_dropout=self.gate_config.lora_dropout,
+            target_modules=self.arch.lora_target,
+            trainable_token_indices={name: ids for name in names},
+            task_type="CAUSAL_LM",
+        )
+
+    @torch.no_grad()
+    def _descriptor_query(self, descriptor: str) -> torch.Tensor:
+        """Mean tapped state of the frozen base model over the descriptor sentence (the query `q`)."""
+        device = self.arch.embed.weight.device
+        enc = self.tokenizer(descriptor, return_tensors="pt")
+        with HiddenStateTap(self._tap_module) as tap:
+            self.arch.root(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
+        assert tap.states is not None
+        return tap.states[0].float().mean(0)
+
+    def _initial_rows(self) -> dict[str, torch.Tensor]:
+        rows = {}
+        for name, module in (("embed", self.arch.embed), ("head", self.arch.head)):
+            rows[name] = torch.stack([word_rows(module.weight, self.tokenizer, w) for w in (SAFE, UNSAFE)])
+        return rows
+
+    @torch.no_grad()
+    def _set_token_rows(self, rows: dict[str, torch.Tensor]) -> None:
+        for name, layer in self._token_layers().items():
+            delta = layer.trainable_tokens_delta["default"]
+            delta.copy_(rows[name].to(delta.dtype))
+
+    def _token_layers(self) -> dict[str, nn.Module]:
+        """PEFT trainable-token layers: `embed` and, for untied heads, `head`."""
+        embed_name = self.arch.module_name(self.arch.embed).rsplit(".", 1)[-1]
+        found = {}
+        for name, module in self.peft_model.named_modules():
+            if type(module).__name__ == "TrainableTokensLayer" and "default" in module.trainable_tokens_delta:
+                if getattr(module, "tied_adapter", None) is not None:
+                    continue
+                key = "embed" if name.split(".")[-2] == embed_name else "head"
+                found[key] = module
+        return found
+
+    # --------------------------------------------------------------------------------------- drop-in surface
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or "peft_model" not in self._modules:
+                raise
+            return getattr(self._modules["peft_model"], name)
+
+    @property
+    def config(self) -> Any:
+        """The backbone's transformers config (what pipelines and Trainer read)."""
+        return self.arch.root.config
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        return self.arch.root.generation_config
+
+    @property
+    def device(self) -> torch.device:
+        return self.arch.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.arch.embed.weight.dtype
+
+    def can_generate(self) -> bool:
+        return True
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Plain forward of the adapted backbone (LoRA and token rows active, no gate)."""
+        self._check_attached()
+        return self.peft_model(*args, **kwargs)
+
+    @property
+    def last_safety(self) -> list[str] | None:
+        """Verdicts of this thread's most recent `generate` call (useful when it returned plain ids)."""
+        return getattr(self._thread_state, "labels", None)
+
+    # -------------------------------------------------------------------------------------------- gate math
+    def gate_logit(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Gate logit `x` (v_s = sigmoid(x)) from tapped prompt states and the prompt mask."""
+        if hidden.shape[0] != mask.shape[0]:  # num_return_sequences expands rows before the prefill
+            mask = mask.repeat_interleave(hidden.shape[0] // mask.shape[0], dim=0)
+        if hidden.shape[1] != mask.shape[1]:
+            raise RuntimeError(
+                f"the gate saw {hidden.shape[1]} prompt positions but the attention mask has {mask.shape[1]}"
+            )
+        return self.gate(hidden, mask.to(hidden.device))
+
+    def gated_pair(self, logits: torch.Tensor, gate_logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gated (safe, unsafe) logits from full-vocabulary logits at the safety step."""
+        return gate_pair_logits(
+            logits[:, self.safe_token_id], logits[:, self.unsafe_token_id], gate_logit, self.gate_config.scaling
+        )
+
+    @contextlib.contextmanager
+    def tap(self) -> Iterator[HiddenStateTap]:
+        """Capture the gate's input states during one forward in this thread (used by training)."""
+        with HiddenStateTap(self._tap_module) as tap:
+            yield tap
+
+    def _decide(
+        self, tap: HiddenStateTap, mask: torch.Tensor, threshold: float | None, verdict: _Verdict
+    ) -> Any:
+        def decide(scores: torch.Tensor) -> torch.Tensor:
+            if tap.states is None:
+                raise RuntimeError("the hidden-state tap saw no prefill pass; the gate cannot decide")
+            z_safe, z_unsafe = self.gated_pair(scores, self.gate_logit(tap.states, mask))
+            p = unsafe_probability(z_safe, z_unsafe)
+            unsafe = p >= threshold if threshold is not None else z_unsafe >= z_safe
+            verdict.p_unsafe, verdict.unsafe = p, unsafe
+            ids = torch.tensor([self.safe_token_id, self.unsafe_token_id], device=scores.device)
+            return ids[unsafe.long()]
+
+        return decide
+
+    # ------------------------------------------------------------------------------------------ generation
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        safety_threshold: float | None = None,
+        keep_safety_token: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Drop-in for `model.generate`: safety token first (decided, never sampled), then the answer.
+
+        Args:
+            safety_threshold (`float | None`): unsafe iff p(unsafe) >= threshold; `None` = config default,
+                and if that is `None` too, the argmax of the gated pair.
+            keep_safety_token (`bool`): keep the safety token in the returned ids (streamers never show it).
+            **kwargs: anything `model.generate` accepts. `max_new_tokens` counts answer tokens only.
+
+        Returns:
+            Token ids, or with `return_dict_in_generate=True` the usual output object plus `.safety`
+            (`"safe"`/`"unsafe"` per row) and `.safety_scores` (p(unsafe) per row after the gate).
+        """
+        self._check_attached()
+        threshold = check_threshold(
+            safety_threshold if safety_threshold is not None else self.gate_config.threshold, "safety_threshold"
+        )
+        kwargs = self._normalise_kwargs(kwargs)
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, kwargs)
+        want_dict = kwargs.pop("return_dict_in_generate", None)
+        if want_dict is None:
+            want_dict = bool((kwargs.get("generation_config") or self.generation_config).return_dict_in_generate)
+        if input_ids is not None and self._header is not None:
+            lengths = prefix_lengths(input_ids, attention_mask, self._header, self._special_ids)
+            if any(lengths):
+                out = self._generate_after_prefix(input_ids, attention_mask, lengths, threshold, keep_safety_token,
+                                                  kwargs)
+                return out if want_dict else out.sequences
+        self._extend_length_budget(kwargs)
+        out = self._generate_gated(input_ids, attention_mask, threshold, keep_safety_token, kwargs)
+        return out if want_dict else out.sequences
+
+    @torch.no_grad()
+    def classify(
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """p(unsafe) per row (B,), exactly the score `generate` would decide on; nothing is generated."""
+        self._check_attached()
+        kwargs = self._normalise_kwargs(kwargs)
+        for key in ("max_new_tokens", "min_new_tokens", "max_length", "do_sample", "streamer"):
+            kwargs.pop(key, None)
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, kwargs)
+        if input_ids is not None and self._header is not None:
+            lengths = prefix_lengths(input_ids, attention_mask, self._header, self._special_ids)
+            if any(lengths):
+                input_ids, attention_mask, kwargs = self._strip_prefix(input_ids, attention_mask, lengths, kwargs)
+        out = self._generate_gated(
+            input_ids, attention_mask, None, True, dict(kwargs, max_new_tokens=1, do_sample=False)
+        )
+        return out.safety_scores
+
+    def _generate_gated(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        threshold: float | None,
+        keep_safety_token: bool,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        prompt_length = input_ids.shape[1] if input_ids is not None else 0
+        mask = attention_mask
+        if mask is None:
+            embeds = kwargs.get("inputs_embeds")
+            shape = input_ids.shape if input_ids is not None else embeds.shape[:2]
+            mask = torch.ones(shape, dtype=torch.long, device=self.device)
+        verdict = _Verdict()
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        if kwargs.get("streamer") is not None:
+            kwargs["streamer"] = SkipSafetyTokenStreamer(kwargs["streamer"])
+        with HiddenStateTap(self._tap_module) as tap:
+            processors.append(SafeGateLogitsProcessor(prompt_length, self._decide(tap, mask, threshold, verdict)))
+            out = self.peft_model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                logits_processor=processors,
+                return_dict_in_generate=True,
+                **kwargs,
+            )
+        if verdict.unsafe is None:
+            raise RuntimeError("generation ended before the safety step; the gate did not run")
+        if not keep_safety_token:
+            seq = out.sequences
+            out.sequences = torch.cat([seq[:, :prompt_length], seq[:, prompt_length + 1 :]], dim=1)
+            for name in ("scores", "logits"):
+                if getattr(out, name, None) is not None:
+                    setattr(out, name, getattr(out, name)[1:])
+        return self._attach_verdict(out, verdict)
+
+    def _attach_verdict(self, out: Any, verdict: _Verdict) -> Any:
+        out.safety = verdict.labels
+        out.safety_scores = verdict.p_unsafe
+        self._thread_state.labels = out.safety
+        return out
+
+    def _generate_after_prefix(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        lengths: list[int],
+        threshold: float | None,
+        keep_safety_token: bool,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Decide on the prompt without the assistant prefix, then feed `prompt, safety token, prefix`."""
+        p_ids, p_mask, p_kwargs = self._strip_prefix(input_ids, attention_mask, lengths, kwargs)
+        classify_kwargs = {k: v for k, v in p_kwargs.items() if k not in ("streamer", "logits_processor")}
+        scored = self._generate_gated(
+            p_ids, p_mask, threshold, True, dict(classify_kwargs, max_new_tokens=1, do_sample=False)
+        )
+        verdict = _Verdict(scored.safety_scores, torch.tensor([s == UNSAFE for s in scored.safety]))
+        tokens = torch.where(verdict.unsafe, self.unsafe_token_id, self.safe_token_id).tolist()
+        new_ids, new_mask, new_kwargs = self._insert_tokens(input_ids, attention_mask, lengths, tokens, kwargs)
+        if new_kwargs.get("streamer") is not None:
+            new_kwargs["streamer"] = SkipSafetyTokenStreamer(new_kwargs["streamer"], prompt=input_ids)
+        out = self.peft_model.generate(
+            input_ids=new_ids, attention_mask=new_mask, return_dict_in_generate=True, **new_kwargs
+        )
+        if not keep_safety_token:
+            out.sequences = torch.cat([input_ids, out.sequences[:, new_ids.shape[1] :]], dim=1)
+        return self._attach_verdict(out, verdict)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _normalise_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        prefix = self.arch.spec.kwarg_prefix
+        if prefix:
+            kwargs = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in kwargs.items()}
+        gen_config = kwargs.get("generation_config") or self.generation_config
+        for key, why in _UNSUPPORTED.items():
+            value = kwargs.get(key, getattr(gen_config, key, None))
+            if value is not None and not (key == "num_beams" and value == 1):
+                raise ValueError(f"`{key}={value!r}`: {why}.")
+        if kwargs.get("cache_implementation") == "paged":
+            raise ValueError("`cache_implementation='paged'` (continuous batching) is not supported by the gate.")
+        return dict(kwargs)
+
+    def _check_inputs(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if input_ids is None and kwargs.get("inputs_embeds") is None:
+            raise ValueError("pass `input_ids` (or `inputs_embeds`), e.g. `gated.generate(**tokenizer(text, ...))`.")
+        if input_ids is not None:
+            input_ids = torch.as_tensor(input_ids, device=self.device)
+            if input_ids.dim() == 1:
+                input_ids = input_ids.unsqueeze(0)
+            ids = torch.tensor([self.safe_token_id, self.unsafe_token_id], device=input_ids.device)
+            if bool(torch.isin(input_ids, ids).any()):
+                raise ValueError(
+                    "the prompt's `input_ids` already contain a safety token id "
+                    f"({self.safe_token_id} or {self.unsafe_token_id}): this is an injection attempt and is refused. "
+                    "Text is never tokenized to these ids; only hand-built ids can hold them."
+                )
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask, device=self.device)
+            if attention_mask.dim() == 1:
+                attention_mask = attention_mask.unsqueeze(0)
+            if bool((attention_mask[:, -1] == 0).any()):
+                raise ValueError(
+                    "`attention_mask` shows right padding: the gate would read a pad position. "
+                    "Pad on the left (`tokenizer.padding_side = 'left'`)."
+                )
+        return input_ids, attention_mask
+
+    def _extend_length_budget(self, kwargs: dict[str, Any]) -> None:
+        """The safety token is one extra new token: keep the caller's answer budget unchanged."""
+        gen_config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("max_new_tokens") is not None:
+            kwargs["max_new_tokens"] += 1
+        elif kwargs.get("max_length") is not None:
+            kwargs["max_length"] += 1
+        elif gen_config.max_new_tokens is not None:
+            kwargs["max_new_tokens"] = gen_config.max_new_tokens + 1
+        else:
+            kwargs["max_length"] = gen_config.max_length + 1
+        for key in ("min_new_tokens", "min_length"):
+            value = kwargs.get(key, getattr(gen_config, key, None))
+            if value:
+                kwargs[key] = value + 1
+
+    def _per_token_kwargs(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> list[str]:
+        return [
+            k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.shape[:2] == input_ids.shape
+        ]
+
+    def _strip_prefix(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: list[int], kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        keys = self._per_token_kwargs(input_ids, kwargs)
+        out_kwargs = dict(kwargs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+        def cut(t: torch.Tensor, value: int) -> torch.Tensor:
+            return left_pad([row[: row.shape[0] - k] for row, k in zip(t, lengths)], value)
+
+        for key in keys:
+            out_kwargs[key] = cut(kwargs[key], 0)
+        return cut(input_ids, pad), cut(attention_mask, 0), out_kwargs
+
+    def _insert_tokens(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        lengths: list[int],
+        tokens: list[int],
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        keys = self._per_token_kwargs(input_ids, kwargs)
+        out_kwargs = dict(kwargs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+        def insert(t: torch.Tensor, values: list[int], value_pad: int) -> torch.Tensor:
+            rows = []
+            for row, k, v in zip(t, lengths, values):
+                cut = row.shape[0] - k
+                rows.append(torch.cat([row[:cut], row.new_tensor([v]), row[cut:]]))
+            return left_pad(rows, value_pad)
+
+        for key in keys:
+            out_kwargs[key] = insert(kwargs[key], [0] * len(tokens), 0)
+        return insert(input_ids, tokens, pad), insert(attention_mask, [1] * len(tokens), 0), out_kwargs
+
+    # --------------------------------------------------------------------------------------------- detach
+    def _check_attached(self) -> None:
+        if self._detached:
+            raise RuntimeError("this SafeGateModel was detached; call safegate.attach(model, tokenizer) again.")
+
+    def detach(self) -> nn.Module:
+        """Remove LoRA, token rows and any resize; return the original model exactly as before `attach()`."""
+        self._check_attached()
+        root = self.peft_model.unload()
+        if root.get_input_embeddings().weight.shape[0] != self._original_rows:
+            root.resize_token_embeddings(self._original_rows, mean_resizing=False)
+        for name, param in root.named_parameters():
+            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
+        self._detached = True
+        del self._modules["peft_model"]
+        return self._original
+
+
+def attach(model: nn.Module, tokenizer_or_processor: Any, config: GateConfig | None = None) -> SafeGateModel:
+    """Attach a CASA safety gate to `model` in one call; see `SafeGateModel`.
+
+    Example:
+        >>> import safegate
+        >>> from safegate.testing import tiny_model_and_tokenizer
+        >>> model, tok = tiny_model_and_tokenizer("llama")
+        >>> gated = safegate.attach(model, tok, safegate.GateConfig(attention_dim=16, lora_r=4))
+        >>> float(gated.classify(**tok(["hello"], return_tensors="pt"))[0]) <= 1.0
+        True
+    """
+    return SafeGateModel(model, tokenizer_or_processor, config)
