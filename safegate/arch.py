@@ -18,7 +18,7 @@ import importlib.resources
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ def specs_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "adapters"
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_specs(folder: str | None = None) -> dict[str, ArchSpec]:
     """Every spec in `folder` (default `specs_dir()`), keyed by `model_type`."""
     root = Path(folder) if folder else specs_dir()

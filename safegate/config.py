@@ -44,7 +44,9 @@ class GateConfig:
     safe_token: str = field(default="<|safe|>", metadata={"help": "Text of the token emitted before a benign answer."})
     unsafe_token: str = field(default="<|unsafe|>", metadata={"help": "Text of the token emitted before a refusal."})
     attention_dim: int = field(default=256, metadata={"help": "Width d_a of the safety attention."})
-    aggregation: str = field(default="attention", metadata={"help": f"Pooling of prompt states: one of {AGGREGATIONS}."})
+    aggregation: str = field(
+        default="attention", metadata={"help": f"Pooling of prompt states: one of {AGGREGATIONS}."}
+    )
     scaling: str = field(default="log_additive", metadata={"help": f"Logit scaling at the safety step: {SCALINGS}."})
     layer: int = field(default=-1, metadata={"help": "Decoder layer feeding the gate; -1 = after the final norm."})
     descriptor: str = field(default=DEFAULT_DESCRIPTOR, metadata={"help": "Sentence defining the safety query q."})

@@ -25,7 +25,7 @@ from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
 from torch import nn
 from transformers import GenerationConfig, LogitsProcessorList
 
-from .arch import ResolvedArch, resolve
+from .arch import resolve
 from .config import GateConfig, check_threshold
 from .gate import SafetyGate, gate_pair_logits, unsafe_probability
 from .hooks import HiddenStateTap
@@ -35,6 +35,7 @@ from .streaming import SkipSafetyTokenStreamer
 from .tokens import add_safety_tokens, text_tokenizer, word_rows
 
 SAFE, UNSAFE = "safe", "unsafe"
+_SINGLE_STEP_DROPS = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "do_sample", "streamer")
 _UNSUPPORTED = {
     "num_beams": "beam search is not supported with a safety gate; use greedy decoding or sampling",
     "assistant_model": "assisted decoding is not supported with a safety gate",
@@ -92,6 +93,8 @@ class SafeGateModel(nn.Module):
             arch.root.resize_token_embeddings(max(self.safe_token_id, self.unsafe_token_id) + 1, mean_resizing=False)
             arch = resolve(model, config.lora_target)  # embeddings may be new modules
         self.arch = arch
+        self._embed_name = arch.module_name(arch.embed)
+        self._head_name = arch.module_name(arch.head)
         self.__dict__["_tap_module"] = arch.tap_module(config.layer)
         query = self._descriptor_query(config.descriptor)
         rows = self._initial_rows()
@@ -107,9 +110,7 @@ class SafeGateModel(nn.Module):
     # ----------------------------------------------------------------------------------------------- setup
     def _peft_config(self) -> LoraConfig | TrainableTokensConfig:
         ids = [self.safe_token_id, self.unsafe_token_id]
-        names = [self.arch.module_name(self.arch.embed)]
-        if not self.arch.tied:
-            names.append(self.arch.module_name(self.arch.head))
+        names = [self._embed_name] if self.arch.tied else [self._embed_name, self._head_name]
         if self.gate_config.lora_r == 0:
             return TrainableTokensConfig(target_modules=names, token_indices=ids)
         return LoraConfig(
@@ -145,13 +146,12 @@ class SafeGateModel(nn.Module):
 
     def _token_layers(self) -> dict[str, nn.Module]:
         """PEFT trainable-token layers: `embed` and, for untied heads, `head`."""
-        embed_name = self.arch.module_name(self.arch.embed).rsplit(".", 1)[-1]
         found = {}
         for name, module in self.peft_model.named_modules():
             if type(module).__name__ == "TrainableTokensLayer" and "default" in module.trainable_tokens_delta:
                 if getattr(module, "tied_adapter", None) is not None:
                     continue
-                key = "embed" if name.split(".")[-2] == embed_name else "head"
+                key = "embed" if name.endswith(self._embed_name + ".token_adapter") else "head"
                 found[key] = module
         return found
 
@@ -217,9 +217,7 @@ class SafeGateModel(nn.Module):
         with HiddenStateTap(self._tap_module) as tap:
             yield tap
 
-    def _decide(
-        self, tap: HiddenStateTap, mask: torch.Tensor, threshold: float | None, verdict: _Verdict
-    ) -> Any:
+    def _decide(self, tap: HiddenStateTap, mask: torch.Tensor, threshold: float | None, verdict: _Verdict) -> Any:
         def decide(scores: torch.Tensor) -> torch.Tensor:
             if tap.states is None:
                 raise RuntimeError("the hidden-state tap saw no prefill pass; the gate cannot decide")
@@ -266,8 +264,9 @@ class SafeGateModel(nn.Module):
         if input_ids is not None and self._header is not None:
             lengths = prefix_lengths(input_ids, attention_mask, self._header, self._special_ids)
             if any(lengths):
-                out = self._generate_after_prefix(input_ids, attention_mask, lengths, threshold, keep_safety_token,
-                                                  kwargs)
+                out = self._generate_after_prefix(
+                    input_ids, attention_mask, lengths, threshold, keep_safety_token, kwargs
+                )
                 return out if want_dict else out.sequences
         self._extend_length_budget(kwargs)
         out = self._generate_gated(input_ids, attention_mask, threshold, keep_safety_token, kwargs)
@@ -280,8 +279,7 @@ class SafeGateModel(nn.Module):
         """p(unsafe) per row (B,), exactly the score `generate` would decide on; nothing is generated."""
         self._check_attached()
         kwargs = self._normalise_kwargs(kwargs)
-        for key in ("max_new_tokens", "min_new_tokens", "max_length", "do_sample", "streamer"):
-            kwargs.pop(key, None)
+        kwargs = {k: v for k, v in kwargs.items() if k not in _SINGLE_STEP_DROPS + ("logits_processor",)}
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, kwargs)
         if input_ids is not None and self._header is not None:
             lengths = prefix_lengths(input_ids, attention_mask, self._header, self._special_ids)
@@ -346,7 +344,7 @@ class SafeGateModel(nn.Module):
     ) -> Any:
         """Decide on the prompt without the assistant prefix, then feed `prompt, safety token, prefix`."""
         p_ids, p_mask, p_kwargs = self._strip_prefix(input_ids, attention_mask, lengths, kwargs)
-        classify_kwargs = {k: v for k, v in p_kwargs.items() if k not in ("streamer", "logits_processor")}
+        classify_kwargs = {k: v for k, v in p_kwargs.items() if k not in _SINGLE_STEP_DROPS + ("logits_processor",)}
         scored = self._generate_gated(
             p_ids, p_mask, threshold, True, dict(classify_kwargs, max_new_tokens=1, do_sample=False)
         )
@@ -420,9 +418,7 @@ class SafeGateModel(nn.Module):
                 kwargs[key] = value + 1
 
     def _per_token_kwargs(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> list[str]:
-        return [
-            k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.shape[:2] == input_ids.shape
-        ]
+        return [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.shape[:2] == input_ids.shape]
 
     def _strip_prefix(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: list[int], kwargs: dict[str, Any]

@@ -1,0 +1,27 @@
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+import safegate  # noqa: E402
+from safegate.testing import tiny_model_and_tokenizer  # noqa: E402
+
+SMALL = dict(attention_dim=16, lora_r=4, lora_alpha=8)
+
+
+@pytest.fixture(params=["qwen2", "llama"])
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def gated(arch):
+    model, tok = tiny_model_and_tokenizer(arch)
+    return safegate.attach(model, tok, safegate.GateConfig(**SMALL))
