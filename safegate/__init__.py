@@ -20,4 +20,21 @@ from .model import SafeGateModel, attach
 SafeGateConfig = GateConfig
 __version__ = "0.1.0"
 
-__all__ = ["GateConfig", "SafeGateConfig", "SafeGateModel", "SafetyGate", "attach", "__version__"]
+# Heavier entry points load on first use: `safegate.train`, `safegate.load_bundle`, ...
+_LAZY = {
+    "load_bundle": "safegate.bundle",
+    "SafeGateBundle": "safegate.bundle",
+    "train": "safegate.training",
+    "fit_gate": "safegate.training",
+    "load_model": "safegate.loading",
+}
+
+__all__ = ["GateConfig", "SafeGateConfig", "SafeGateModel", "SafetyGate", "attach", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'safegate' has no attribute {name!r}")

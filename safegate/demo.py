@@ -38,5 +38,6 @@ def run(args: argparse.Namespace) -> int:
     n = inputs["input_ids"].shape[1]
     print("Gated generation on a tiny random Qwen2 (untrained gate: p(unsafe) starts near the base model's prior)")
     for prompt, verdict, score, ids in zip(PROMPTS, out.safety, out.safety_scores, out.sequences[:, n:]):
-        print(f"  [{verdict:>6} p={float(score):.3f}] {prompt}\n      -> {tok.decode(ids, skip_special_tokens=True)!r}")
+        answer = tok.decode(ids, skip_special_tokens=True)
+        print(f"  [{verdict:>6} p={float(score):.3f}] {prompt}\n      -> {answer!r}")
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -98,7 +99,9 @@ class SafeGateModel(nn.Module):
         self.__dict__["_tap_module"] = arch.tap_module(config.layer)
         query = self._descriptor_query(config.descriptor)
         rows = self._initial_rows()
-        self.peft_model = get_peft_model(arch.root, self._peft_config())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            self.peft_model = get_peft_model(arch.root, self._peft_config())
         self._set_token_rows(rows)
         self.gate = SafetyGate(
             query.shape[-1], query, config.attention_dim, config.aggregation, config.train_query
@@ -457,6 +460,31 @@ class SafeGateModel(nn.Module):
             out_kwargs[key] = insert(kwargs[key], [0] * len(tokens), 0)
         return insert(input_ids, tokens, pad), insert(attention_mask, [1] * len(tokens), 0), out_kwargs
 
+    # ------------------------------------------------------------------------------- bundles, LoRA merging
+    def save_bundle(self, path: str, **kwargs: Any) -> Any:
+        """Write the small safetensors bundle (see `safegate.bundle.save_bundle`)."""
+        from .bundle import save_bundle
+
+        return save_bundle(self, path, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the bundle to the Hugging Face Hub (see `safegate.bundle.push_to_hub`)."""
+        from .bundle import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    def merge_adapter(self) -> None:
+        """Merge LoRA into the base weights for faster inference (PEFT naming; undo with `unmerge_adapter`)."""
+        self._check_attached()
+        if self.gate_config.lora_r:
+            self.peft_model.merge_adapter()
+
+    def unmerge_adapter(self) -> None:
+        """Undo `merge_adapter`, restoring separate LoRA weights (needed before training or `detach`)."""
+        self._check_attached()
+        if self.gate_config.lora_r:
+            self.peft_model.unmerge_adapter()
+
     # --------------------------------------------------------------------------------------------- detach
     def _check_attached(self) -> None:
         if self._detached:
@@ -465,6 +493,7 @@ class SafeGateModel(nn.Module):
     def detach(self) -> nn.Module:
         """Remove LoRA, token rows and any resize; return the original model exactly as before `attach()`."""
         self._check_attached()
+        self.unmerge_adapter()
         root = self.peft_model.unload()
         if root.get_input_embeddings().weight.shape[0] != self._original_rows:
             root.resize_token_embeddings(self._original_rows, mean_resizing=False)
