@@ -134,7 +134,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def resolve(model: nn.Module, lora_target: str | None = None) -> ResolvedArch:
+def resolve(
+    model: nn.Module, lora_target: str | None = None, lora_modules: tuple[str, ...] = ("q_proj", "v_proj")
+) -> ResolvedArch:
     """Locate decoder, layers, final norm, embeddings and head of `model`; raise a clear error if impossible."""
     specs = load_specs()
     model_type = model_type_of(model)
@@ -162,13 +164,19 @@ def resolve(model: nn.Module, lora_target: str | None = None) -> ResolvedArch:
             f"models are found automatically; specs exist for: {supported}. Add a spec as described in "
             f"{ADAPTERS_README}."
         ) from err
-    target = lora_target or spec.lora_target or _default_lora_target(decoder_path, spec.layers, layers)
+    target = lora_target or spec.lora_target or _default_lora_target(decoder_path, spec.layers, layers, lora_modules)
     return ResolvedArch(spec, root, decoder_path, decoder, layers, norm, embed, head, target)
 
 
-def _default_lora_target(decoder_path: str, layers_attr: str, layers: nn.ModuleList) -> str:
-    """Regex over every Linear inside the decoder layers, and nothing outside them (no vision/audio towers)."""
-    suffixes = sorted({name for name, mod in layers[0].named_modules() if isinstance(mod, nn.Linear)})
+def _default_lora_target(
+    decoder_path: str, layers_attr: str, layers: nn.ModuleList, modules: tuple[str, ...]
+) -> str:
+    """Regex over the Linear layers named in `modules` inside the decoder layers, and nothing outside them.
+
+    Falls back to every Linear of the layer when none of `modules` exists (e.g. fused `c_attn` projections).
+    """
+    linear = sorted({name for name, mod in layers[0].named_modules() if isinstance(mod, nn.Linear)})
+    suffixes = [name for name in linear if name.rsplit(".", 1)[-1] in modules] or linear
     if not suffixes:
         raise ValueError("no nn.Linear inside the decoder layers: set `lora_target` or `lora_r=0`.")
     prefix = ".".join(p for p in (decoder_path, layers_attr) if p)

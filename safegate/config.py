@@ -35,6 +35,8 @@ class GateConfig:
         threshold (`float | None`): Default p(unsafe) threshold for the verdict; `None` = argmax of the gated pair.
         lora_r (`int`): LoRA rank; `0` disables LoRA (gate and token rows only).
         lora_alpha (`int`): LoRA scaling numerator.
+        lora_modules (`tuple[str, ...]`): Names of the decoder-layer projections LoRA adapts (default q/v: a
+            Qwen2.5-Omni-7B bundle stays near 21 MB; add `k_proj`, `o_proj`, MLP names for more capacity).
         lora_dropout (`float`): Dropout on the LoRA input.
         lora_target (`str | None`): Regex of module names LoRA adapts; `None` = the architecture spec's default,
             which never reaches vision or audio towers.
@@ -52,8 +54,11 @@ class GateConfig:
     descriptor: str = field(default=DEFAULT_DESCRIPTOR, metadata={"help": "Sentence defining the safety query q."})
     train_query: bool = field(default=False, metadata={"help": "Train q instead of keeping it frozen."})
     threshold: float | None = field(default=None, metadata={"help": "p(unsafe) threshold; None = argmax."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank; 0 disables LoRA."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank; 0 disables LoRA."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_modules: tuple[str, ...] = field(
+        default=("q_proj", "v_proj"), metadata={"help": "Decoder-layer projections LoRA adapts."}
+    )
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target: str | None = field(default=None, metadata={"help": "Regex of LoRA target modules (None = spec)."})
     safety_prompt: str | None = field(default=None, metadata={"help": "Optional safety system message."})
@@ -78,6 +83,9 @@ class GateConfig:
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
         check_threshold(self.threshold, name="threshold")
+        if isinstance(self.lora_modules, str) or not all(isinstance(m, str) and m for m in self.lora_modules):
+            raise ValueError(f"`lora_modules` must be a list of module names, got {self.lora_modules!r}.")
+        self.lora_modules = tuple(self.lora_modules)
         if not isinstance(self.descriptor, str) or not self.descriptor.strip():
             raise ValueError(f"`descriptor` must be a non-empty sentence, got {self.descriptor!r}.")
 

@@ -22,6 +22,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from einops import einsum
 from torch import nn
 
 
@@ -52,15 +53,19 @@ class SafetyGate(nn.Module):
             self.register_buffer("query", query)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Gate logit `x` (B,) from prompt states `hidden` (B, T, d) and prompt mask `mask` (B, T)."""
+        """Gate logit `x` (B,) from prompt states `hidden` (B, T, d) and prompt mask `mask` (B, T).
+
+        The projections are linear, so `q~ . (W_K h_t) = (W_K^T q~) . h_t` and `sum_t a_t W_V h_t = W_V sum_t a_t h_t`:
+        the gate costs O(T d) instead of O(T d d_a) with identical math, which matters for long audio/video prompts.
+        """
         h = hidden.detach().to(self.w_k.weight.dtype)  # stop-gradient: nothing flows back into the prompt
-        keys = self.w_k(h)
-        q = self.w_q(self.query.to(keys.dtype))
-        scores = torch.einsum("btd,d->bt", keys, q) / math.sqrt(keys.shape[-1])
-        valid = mask.to(torch.bool)
+        q = self.w_q(self.query.to(h.dtype))  # (d_a,)
+        key_query = q @ self.w_k.weight  # (d,) = W_K^T q~
+        scores = einsum(h, key_query, "b t d, d -> b t") / math.sqrt(q.shape[-1])
+        valid = mask.to(device=h.device, dtype=torch.bool)
         if self.aggregation == "attention":
             weights = scores.masked_fill(~valid, float("-inf")).softmax(-1)
-            pooled = torch.einsum("bt,btd->bd", weights, self.w_v(h))
+            pooled = self.w_v(einsum(weights, h, "b t, b t d -> b d"))
             return self.out(self.norm(pooled)).squeeze(-1)
         # mean_sigmoid / max_sigmoid: per-position probabilities, scaled by w_o's first weight (0 at start).
         probs = torch.sigmoid(scores * self.out.weight[0, 0] + self.out.bias[0])

@@ -34,6 +34,7 @@ class HiddenStateTap:
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.states is None and threading.get_ident() == self._thread:
             self.states = output[0] if isinstance(output, (tuple, list)) else output
+            self._handle.remove()  # prefill captured: no per-token hook cost while decoding
 
     def __enter__(self) -> HiddenStateTap:
         self._thread = threading.get_ident()
@@ -42,5 +43,4 @@ class HiddenStateTap:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
-        self._handle = None
+        self._handle.remove()  # idempotent

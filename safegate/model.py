@@ -28,6 +28,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from .arch import resolve
 from .config import GateConfig, check_threshold
+from .fast_tokens import speed_up_trainable_tokens
 from .gate import SafetyGate, gate_pair_logits, unsafe_probability
 from .hooks import HiddenStateTap
 from .prefill import assistant_header, left_pad, prefix_lengths, special_ids
@@ -84,7 +85,7 @@ class SafeGateModel(nn.Module):
         self._thread_state = threading.local()
         self._detached = False
 
-        arch = resolve(model, config.lora_target)
+        arch = resolve(model, config.lora_target, config.lora_modules)
         self._requires_grad = {n: p.requires_grad for n, p in arch.root.named_parameters()}
         self.safe_token_id, self.unsafe_token_id = add_safety_tokens(
             self.tokenizer, config.safe_token, config.unsafe_token
@@ -92,7 +93,7 @@ class SafeGateModel(nn.Module):
         self._original_rows = arch.embed.weight.shape[0]
         if max(self.safe_token_id, self.unsafe_token_id) >= self._original_rows:
             arch.root.resize_token_embeddings(max(self.safe_token_id, self.unsafe_token_id) + 1, mean_resizing=False)
-            arch = resolve(model, config.lora_target)  # embeddings may be new modules
+            arch = resolve(model, config.lora_target, config.lora_modules)  # embeddings may be new modules
         self.arch = arch
         self._embed_name = arch.module_name(arch.embed)
         self._head_name = arch.module_name(arch.head)
@@ -102,6 +103,7 @@ class SafeGateModel(nn.Module):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             self.peft_model = get_peft_model(arch.root, self._peft_config())
+        speed_up_trainable_tokens(self.peft_model)
         self._set_token_rows(rows)
         self.gate = SafetyGate(
             query.shape[-1], query, config.attention_dim, config.aggregation, config.train_query

@@ -345,3 +345,26 @@ def test_unsupported_architecture_error_lists_specs():
 
     with pytest.raises(ValueError, match="adapters/README.md"):
         safegate.attach(NoDecoder(), tiny_model_and_tokenizer()[1])
+
+
+@pytest.mark.parametrize("aggregation", ["attention", "mean_sigmoid", "max_sigmoid"])
+def test_gate_matches_the_written_equations(aggregation):
+    """The fast O(T d) gate equals the DESIGN formula computed literally with K and V matrices."""
+    import math
+
+    torch.manual_seed(0)
+    gate = safegate.SafetyGate(8, torch.randn(8), attention_dim=4, aggregation=aggregation)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_()
+    h, m = torch.randn(3, 5, 8), torch.tensor([[1] * 5, [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]])
+    k, v, q = gate.w_k(h), gate.w_v(h), gate.w_q(gate.query)
+    scores = (k @ q) / math.sqrt(4)
+    if aggregation == "attention":
+        a = (scores + torch.log(m.float())).softmax(-1)
+        expected = gate.out(gate.norm((a.unsqueeze(-1) * v).sum(1))).squeeze(-1)
+    else:
+        probs = torch.sigmoid(scores * gate.out.weight[0, 0] + gate.out.bias[0])
+        pooled = (probs * m).sum(-1) / m.sum(-1) if aggregation == "mean_sigmoid" else (probs * m).amax(-1)
+        expected = torch.logit(pooled, eps=1e-6)
+    torch.testing.assert_close(gate(h, m), expected, atol=1e-5, rtol=1e-5)
