@@ -50,7 +50,7 @@ def prefix_lengths(
 ) -> list[int]:
     """Per row, the number of tokens after the last assistant header (0 when there is no plain-text prefix)."""
     h = len(header)
-    if input_ids.shape[1] >= h and bool((input_ids[:, -h:] == torch.tensor(header)).all()):
+    if input_ids.shape[1] >= h and bool((input_ids[:, -h:] == torch.tensor(header, device=input_ids.device)).all()):
         return [0] * input_ids.shape[0]  # the common case: every row ends with the header
     lengths = []
     for row, mask in zip(input_ids.tolist(), attention_mask.tolist()):
