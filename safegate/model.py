@@ -156,7 +156,7 @@ class SafeGateModel(nn.Module):
             if type(module).__name__ == "TrainableTokensLayer" and "default" in module.trainable_tokens_delta:
                 if getattr(module, "tied_adapter", None) is not None:
                     continue
-                key = "embed" if name.endswith(self._embed_name + ".token_adapter") else "head"
+                key = "embed" if name.removesuffix(".token_adapter").endswith(self._embed_name) else "head"
                 found[key] = module
         return found
 
