@@ -26,7 +26,7 @@ from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
 from torch import nn
 from transformers import GenerationConfig, LogitsProcessorList
 
-from .arch import resolve
+from .arch import MULTIMODAL_INPUTS, check_required_inputs, resolve
 from .config import GateConfig, check_threshold
 from .fast_tokens import speed_up_trainable_tokens
 from .gate import SafetyGate, gate_pair_logits, unsafe_probability
@@ -384,6 +384,7 @@ class SafeGateModel(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if input_ids is None and kwargs.get("inputs_embeds") is None:
             raise ValueError("pass `input_ids` (or `inputs_embeds`), e.g. `gated.generate(**tokenizer(text, ...))`.")
+        check_required_inputs(self.arch.spec, kwargs)
         if input_ids is not None:
             input_ids = torch.as_tensor(input_ids, device=self.device)
             if input_ids.dim() == 1:
@@ -423,7 +424,11 @@ class SafeGateModel(nn.Module):
                 kwargs[key] = value + 1
 
     def _per_token_kwargs(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> list[str]:
-        return [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.shape[:2] == input_ids.shape]
+        return [
+            k
+            for k, v in kwargs.items()
+            if k not in MULTIMODAL_INPUTS and isinstance(v, torch.Tensor) and v.shape[:2] == input_ids.shape
+        ]
 
     def _strip_prefix(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: list[int], kwargs: dict[str, Any]
@@ -478,14 +483,19 @@ class SafeGateModel(nn.Module):
     def merge_adapter(self) -> None:
         """Merge LoRA into the base weights for faster inference (PEFT naming; undo with `unmerge_adapter`)."""
         self._check_attached()
-        if self.gate_config.lora_r:
+        if not self.merged:
             self.peft_model.merge_adapter()
 
     def unmerge_adapter(self) -> None:
         """Undo `merge_adapter`, restoring separate LoRA weights (needed before training or `detach`)."""
         self._check_attached()
-        if self.gate_config.lora_r:
+        if self.merged:
             self.peft_model.unmerge_adapter()
+
+    @property
+    def merged(self) -> bool:
+        """Whether LoRA and the token rows are currently merged into the base weights."""
+        return any(getattr(m, "merged", False) for m in self.peft_model.modules() if hasattr(m, "merged_adapters"))
 
     # --------------------------------------------------------------------------------------------- detach
     def _check_attached(self) -> None:

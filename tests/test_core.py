@@ -368,3 +368,19 @@ def test_gate_matches_the_written_equations(aggregation):
         pooled = (probs * m).sum(-1) / m.sum(-1) if aggregation == "mean_sigmoid" else (probs * m).amax(-1)
         expected = torch.logit(pooled, eps=1e-6)
     torch.testing.assert_close(gate(h, m), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_adapter_gives_the_same_generation(gated):
+    with torch.no_grad():
+        for p in gated.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    inputs = chat(gated.tokenizer, PROMPTS)
+    unmerged = gated.generate(**inputs, max_new_tokens=5, return_dict_in_generate=True)
+    gated.merge_adapter()
+    assert gated.merged
+    merged = gated.generate(**inputs, max_new_tokens=5, return_dict_in_generate=True)
+    gated.unmerge_adapter()
+    assert not gated.merged
+    assert merged.safety == unmerged.safety and torch.equal(merged.sequences, unmerged.sequences)
+    torch.testing.assert_close(merged.safety_scores, unmerged.safety_scores, atol=1e-5, rtol=0)
