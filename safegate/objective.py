@@ -1,0 +1,132 @@
+"""The CASA training objective on one right-padded batch (see `safegate.collate`).
+
+    L = beta * L_unsafe + (1 - beta) * L_safe
+
+Each class term is the mean over that class's samples of
+
+    CE2(gated pair at the safety step; target token) + token-mean CE of the response [+ aux * BCE(v_s, y)]
+
+The gated pair is computed exactly as at inference: gate input states are captured with `gated.tap()` in the same
+forward, the gate reads the prompt positions only, and `gated.gated_pair` scales the (safe, unsafe) logits at the
+last prompt position. A class missing from a batch contributes nothing (its term is zero), so `beta` keeps its
+meaning when batches hold one sample (e.g. per-device batch 1 with gradient accumulation).
+
+Methods: `casa` (gate + safety token), `token_only` (safety token, gate logit fixed at 0, i.e. v_s = 0.5),
+`ssft` (no safety token: response cross-entropy only).
+
+Example:
+    >>> import torch
+    >>> class_weighted_mean(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([1, 0, 0]), beta=0.5)
+    tensor(2.5000)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .collate import BATCH_KEYS, check_method
+from .gate import unsafe_probability
+
+
+@dataclass
+class CASALossOutput:
+    """Loss and per-batch diagnostics of one CASA step (all diagnostics detached)."""
+
+    loss: torch.Tensor
+    gate_loss: torch.Tensor | None
+    response_loss: torch.Tensor
+    gate_accuracy: torch.Tensor | None
+    p_unsafe: torch.Tensor | None
+    aux_loss: torch.Tensor | None = None
+
+
+def class_weighted_mean(values: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
+    """`beta * mean(values[unsafe]) + (1 - beta) * mean(values[safe])`; a missing class contributes 0."""
+    unsafe = labels.bool()
+    total = values.new_zeros(())
+    if bool(unsafe.any()):
+        total = total + beta * values[unsafe].mean()
+    if bool((~unsafe).any()):
+        total = total + (1.0 - beta) * values[~unsafe].mean()
+    return total
+
+
+def casa_loss(
+    gated: Any,
+    batch: dict[str, Any],
+    *,
+    beta: float = 0.5,
+    method: str = "casa",
+    aux_weight: float = 0.0,
+    forward: Any = None,
+) -> CASALossOutput:
+    """CASA loss of one collated batch.
+
+    Args:
+        gated (`SafeGateModel`): The gated model (unwrapped: its `tap`, `gate_logit` and `gated_pair` are used).
+        batch (`dict`): Output of `CASACollator` (on the model's device).
+        beta (`float`): Weight of the unsafe-class term.
+        method (`str`): `"casa"`, `"token_only"` or `"ssft"`.
+        aux_weight (`float`): Weight of the auxiliary BCE on v_s (method `casa` only).
+        forward (`Callable | None`): What runs the model (e.g. a DDP-wrapped `gated`); default `gated`.
+    """
+    check_method(method)
+    forward = forward if forward is not None else gated
+    model_inputs = {k: v for k, v in batch.items() if k not in BATCH_KEYS or k in ("input_ids", "attention_mask")}
+    with gated.tap() as tap:
+        outputs = forward(**model_inputs, use_cache=False)
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+    classes = batch["class_labels"].to(logits.device)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+
+    response = _response_token_mean(logits, batch["labels"].to(logits.device))
+    per_sample = response
+    gate_loss = gate_acc = p_unsafe = aux = None
+    if method != "ssft":
+        step_logits = logits[rows, batch["safety_index"].to(logits.device)].float()
+        if method == "casa":
+            if tap.states is None:
+                raise RuntimeError("the hidden-state tap saw no forward pass; cannot compute the gate")
+            prompt_mask = batch["prompt_mask"]
+            width = int(prompt_mask.sum(1).max())
+            gate_logit = gated.gate_logit(tap.states[:, :width], prompt_mask[:, :width])
+        else:
+            gate_logit = step_logits.new_zeros(step_logits.shape[0])
+        z_safe, z_unsafe = gated.gated_pair(step_logits, gate_logit)
+        pair_ce = F.cross_entropy(torch.stack([z_safe, z_unsafe], -1).float(), classes, reduction="none")
+        per_sample = per_sample + pair_ce
+        if aux_weight and method == "casa":
+            aux = F.binary_cross_entropy_with_logits(gate_logit.float(), classes.float(), reduction="none")
+            per_sample = per_sample + aux_weight * aux
+            aux = aux.mean().detach()
+        gate_loss = pair_ce.mean().detach()
+        gate_acc = ((z_unsafe >= z_safe).long() == classes).float().mean().detach()
+        p_unsafe = unsafe_probability(z_safe, z_unsafe).detach()
+    loss = class_weighted_mean(per_sample, classes, beta)
+    return CASALossOutput(
+        loss=loss,
+        gate_loss=gate_loss,
+        response_loss=response.mean().detach(),
+        gate_accuracy=gate_acc,
+        p_unsafe=p_unsafe,
+        aux_loss=aux,
+    )
+
+
+def _response_token_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean token cross-entropy over the response targets (shifted: logits t predict labels t+1)."""
+    targets = labels[:, 1:]
+    selected = targets != -100
+    batch = logits.shape[0]
+    if not bool(selected.any()):
+        return logits.new_zeros(batch, dtype=torch.float32)
+    token_logits = logits[:, :-1][selected].float()  # only the scored positions: (N, V), not (B, L, V) in fp32
+    ce = F.cross_entropy(token_logits, targets[selected], reduction="none")
+    owner = torch.arange(batch, device=logits.device).unsqueeze(1).expand_as(targets)[selected]
+    sums = torch.zeros(batch, dtype=ce.dtype, device=ce.device).index_add(0, owner, ce)
+    counts = selected.sum(1).clamp(min=1).to(ce.dtype)
+    return sums / counts
