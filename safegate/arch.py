@@ -25,6 +25,12 @@ from typing import Any
 from torch import nn
 
 ADAPTERS_README = "adapters/README.md"
+MODALITIES = ("text", "image", "audio", "video")
+#: Inputs that carry images, audio or video; when one is present the spec's `required_inputs` must be too.
+MULTIMODAL_INPUTS = (
+    "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "input_features",
+    "feature_attention_mask", "image_sizes",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,28 @@ class ArchSpec:
         for key in ("required_inputs", "modalities"):
             if key in data:
                 data[key] = tuple(data[key])
-        return cls(**data)
+        spec = cls(**data)
+        spec.validate(str(path))
+        return spec
+
+    def validate(self, where: str = "spec") -> None:
+        """Check field values beyond their names (modalities known, each with its placeholder config field)."""
+        unknown = sorted(set(self.modalities) - set(MODALITIES))
+        if unknown or "text" not in self.modalities:
+            raise ValueError(
+                f"{where}: `modalities` must include 'text' and only name {list(MODALITIES)}, got "
+                f"{list(self.modalities)} (see {ADAPTERS_README})."
+            )
+        keys = {f"{m}{suffix}" for m in MODALITIES[1:] for suffix in ("", "_start", "_end")}
+        bad = sorted(set(self.placeholders) - keys)
+        if bad:
+            raise ValueError(f"{where}: unknown `placeholders` key(s) {bad}; allowed: {sorted(keys)}.")
+        missing = [m for m in self.modalities if m != "text" and m not in self.placeholders]
+        if missing:
+            raise ValueError(
+                f"{where}: modality {missing[0]!r} needs `placeholders.{missing[0]}` (the config field holding its "
+                f"placeholder token id), see {ADAPTERS_README}."
+            )
 
 
 def specs_dir() -> Path:
@@ -119,6 +146,27 @@ def _get(module: nn.Module, path: str | None) -> Any:
         if part:
             obj = getattr(obj, part)
     return obj
+
+
+def supported_model_types() -> list[str]:
+    """`model_type`s that have a spec (plain decoder-only models work without one)."""
+    return sorted(load_specs())
+
+
+def check_required_inputs(spec: ArchSpec, inputs: dict[str, Any]) -> None:
+    """Raise if multimodal `inputs` lack an input the spec requires (e.g. Qwen-VL's `mm_token_type_ids`).
+
+    Text-only inputs need nothing extra. Without `mm_token_type_ids` Qwen2-VL raises deep inside its forward and
+    Qwen2.5-VL silently falls back to 1-D positions, so both the gate and the answer would read wrong states.
+    """
+    if not any(inputs.get(k) is not None for k in MULTIMODAL_INPUTS):
+        return
+    missing = [k for k in spec.required_inputs if inputs.get(k) is None]
+    if missing:
+        raise ValueError(
+            f"{spec.model_type!r} with image/video inputs also needs {missing}: pass everything the processor "
+            "returned, or build it with safegate.multimodal.MultimodalInputBuilder."
+        )
 
 
 def model_type_of(model: nn.Module) -> str:
