@@ -169,10 +169,13 @@ def benchmark(
         inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
         with torch.no_grad():
             results["generate"][f"batch_{batch}"] = _paired(
-                lambda: plain.generate(**inputs, **gen), lambda: gated.generate(**inputs, **gen), pairs, device
+                lambda inputs=inputs: plain.generate(**inputs, **gen),
+                lambda inputs=inputs: gated.generate(**inputs, **gen),
+                pairs,
+                device,
             )
 
-            def ttft(fn: Callable[..., Any]) -> float:
+            def ttft(fn: Callable[..., Any], inputs: dict[str, Any] = inputs) -> float:
                 clock = _FirstTokenClock()
                 _sync(device)
                 fn(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, streamer=clock)
@@ -214,11 +217,9 @@ def gate_flops(hidden: int, attention_dim: int, prompt_tokens: int, params: int)
 
 def training_step_ratio(gated: Any, plain: Any, tok: Any, vocab: int, device: str, pairs: int) -> dict[str, Any]:
     """CASA step (safegate.training's loss) vs a plain PEFT LoRA step with the same LoRA config and batch."""
-    try:
-        from .training import casa_step_for_benchmark
-    except ImportError as err:  # pragma: no cover - reported, not hidden
-        return {"skipped": f"safegate.training has no casa_step_for_benchmark ({err})"}
     from peft import LoraConfig, get_peft_model
+
+    from .objective import casa_loss
 
     gated.unmerge_adapter()
     gated.train()
@@ -228,6 +229,14 @@ def training_step_ratio(gated: Any, plain: Any, tok: Any, vocab: int, device: st
     torch.manual_seed(0)
     ids = torch.randint(4, vocab, (8, 128), device=device)
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    prompt = 96  # 96 prompt tokens, the safety token, 31 response tokens; half the rows harmful
+    ids[:, prompt] = torch.tensor([gated.safe_token_id, gated.unsafe_token_id] * 4, device=device)
+    labels = ids.clone()
+    labels[:, : prompt + 1] = -100
+    casa_batch = dict(
+        batch, labels=labels, prompt_mask=(torch.arange(128, device=device) < prompt).long().expand(8, -1),
+        class_labels=torch.tensor([0, 1] * 4, device=device), safety_index=torch.full((8,), prompt - 1, device=device),
+    )  # fmt: skip
     opt_plain = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
     opt_gated = torch.optim.AdamW([p for p in gated.parameters() if p.requires_grad], lr=1e-4)
 
@@ -238,7 +247,7 @@ def training_step_ratio(gated: Any, plain: Any, tok: Any, vocab: int, device: st
         opt_plain.zero_grad()
 
     def gated_step() -> None:
-        loss = casa_step_for_benchmark(gated, batch)
+        loss = casa_loss(gated, casa_batch).loss
         loss.backward()
         opt_gated.step()
         opt_gated.zero_grad()
@@ -261,7 +270,8 @@ def omni_bundle_bytes(size: str, lora_r: int = 8, attention_dim: int = 256) -> d
     from .arch import resolve
     from .config import GateConfig
 
-    text = dict(OMNI_TEXT[size], rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
+    text = dict(OMNI_TEXT[size], rope_parameters=rope)
     config = Qwen2_5OmniThinkerConfig(text_config=text, vision_start_token_id=151652)
     config.vision_config.out_hidden_size = config.audio_config.output_dim = text["hidden_size"]
     with torch.device("meta"):
@@ -293,15 +303,17 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [f"safegate bench — {results['shape']} on {results['machine']['device']} ({results['dtype']})", ""]
     lines.append(f"{'measurement':<44}{'plain':>10}{'gated':>10}{'ratio':>9}")
     for key, row in results["generate"].items():
-        lines.append(f"{'generate ' + key + ' (s)':<44}{row['plain_s']:>10.3f}{row['gated_s']:>10.3f}{row['ratio']:>9.3f}")
+        name = f"generate {key} (s)"
+        lines.append(f"{name:<44}{row['plain_s']:>10.3f}{row['gated_s']:>10.3f}{row['ratio']:>9.3f}")
     for key, row in results["ttft"].items():
-        lines.append(f"{'time to first answer token ' + key + ' (s)':<44}{row['plain_s']:>10.3f}{row['gated_s']:>10.3f}"
-                     f"{row['ratio']:>9.3f}")  # fmt: skip
+        name = f"time to first answer token {key} (s)"
+        lines.append(f"{name:<44}{row['plain_s']:>10.3f}{row['gated_s']:>10.3f}{row['ratio']:>9.3f}")
     step = results["training_step"]
     if "ratio" in step:
         lines.append(f"{'training step vs plain LoRA (s)':<44}{step['plain_s']:>10.3f}{step['gated_s']:>10.3f}"
                      f"{step['ratio']:>9.3f}")  # fmt: skip
     lines.append(f"{'gate FLOPs / prefill FLOPs':<44}{'':>20}{results['flops']['ratio']:>9.2e}")
     for name, b in results["bundle_bytes"].items():
-        lines.append(f"{'bundle bytes, Qwen2.5-Omni-' + name.upper():<44}{'':>20}{b['total_bytes'] / 1e6:>7.1f}MB")
+        label = f"bundle bytes, Qwen2.5-Omni-{name.upper()}"
+        lines.append(f"{label:<44}{'':>20}{b['total_bytes'] / 1e6:>7.1f}MB")
     return "\n".join(lines)
