@@ -241,7 +241,7 @@ def training_step_ratio(gated: Any, plain: Any, tok: Any, vocab: int, device: st
     opt_gated = torch.optim.AdamW([p for p in gated.parameters() if p.requires_grad], lr=1e-4)
 
     def plain_step() -> None:
-        out = lora(**batch, labels=ids)
+        out = lora(**batch, labels=ids, use_cache=False)
         out.loss.backward()
         opt_plain.step()
         opt_plain.zero_grad()

@@ -46,13 +46,12 @@ class CASALossOutput:
 
 def class_weighted_mean(values: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
     """`beta * mean(values[unsafe]) + (1 - beta) * mean(values[safe])`; a missing class contributes 0."""
-    unsafe = labels.bool()
-    total = values.new_zeros(())
-    if bool(unsafe.any()):
-        total = total + beta * values[unsafe].mean()
-    if bool((~unsafe).any()):
-        total = total + (1.0 - beta) * values[~unsafe].mean()
-    return total
+    unsafe = labels.to(values.dtype)
+    safe = 1.0 - unsafe
+    # no data-dependent branches: a missing class has zero weight, and nothing waits on the device
+    mean_unsafe = (values * unsafe).sum() / unsafe.sum().clamp(min=1.0)
+    mean_safe = (values * safe).sum() / safe.sum().clamp(min=1.0)
+    return beta * mean_unsafe + (1.0 - beta) * mean_safe
 
 
 def casa_loss(
@@ -91,9 +90,8 @@ def casa_loss(
         if method == "casa":
             if tap.states is None:
                 raise RuntimeError("the hidden-state tap saw no forward pass; cannot compute the gate")
-            prompt_mask = batch["prompt_mask"]
-            width = int(prompt_mask.sum(1).max())
-            gate_logit = gated.gate_logit(tap.states[:, :width], prompt_mask[:, :width])
+            # the mask is zero after each prompt, so the gate reads exactly the prompt positions (no host sync)
+            gate_logit = gated.gate_logit(tap.states, batch["prompt_mask"])
         else:
             gate_logit = step_logits.new_zeros(step_logits.shape[0])
         z_safe, z_unsafe = gated.gated_pair(step_logits, gate_logit)

@@ -205,12 +205,13 @@ class CASATrainer(Trainer):
         )
         mode = "train" if model.training else "eval"
         record = self._metrics[mode]
-        record["response_loss"].append(float(out.response_loss))
+        # diagnostics stay on the device until logging: no host-device sync per step
+        record["response_loss"].append(out.response_loss)
         if out.gate_loss is not None:
-            record["gate_loss"].append(float(out.gate_loss))
-            record["gate_accuracy"].append(float(out.gate_accuracy))
+            record["gate_loss"].append(out.gate_loss)
+            record["gate_accuracy"].append(out.gate_accuracy)
         if out.aux_loss is not None:
-            record["aux_loss"].append(float(out.aux_loss))
+            record["aux_loss"].append(out.aux_loss)
         if mode == "eval" and out.p_unsafe is not None:
             self._eval_scores.append(out.p_unsafe.float().cpu())
             self._eval_labels.append(inputs["class_labels"].cpu())
@@ -230,7 +231,7 @@ class CASATrainer(Trainer):
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         for key, values in self._metrics["eval"].items():
-            output.metrics[f"{prefix}_{key}"] = sum(values) / len(values)
+            output.metrics[f"{prefix}_{key}"] = _mean(values)
         if self._eval_scores:
             labels = torch.cat(self._eval_labels)
             if labels.min() != labels.max():
@@ -240,7 +241,7 @@ class CASATrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._metrics["train"]:
             for key, values in self._metrics["train"].items():
-                logs[key] = round(sum(values) / len(values), 6)
+                logs[key] = round(_mean(values), 6)
             self._metrics["train"].clear()
         super().log(logs, start_time)
 
@@ -316,6 +317,10 @@ class CASATrainer(Trainer):
 
 
 # --------------------------------------------------------------------------------------------- entry point
+def _mean(values: list[torch.Tensor]) -> float:
+    return float(torch.stack([v.float() for v in values]).mean())
+
+
 def training_arguments(args: TrainingArguments | dict[str, Any] | None) -> TrainingArguments:
     """`TrainingArguments` from `args`: a dict is laid over safegate's defaults (`DEFAULT_ARGS`).
 
