@@ -4,9 +4,13 @@
 descriptor embedding, and returns the gate logit `x` with `v_s = sigmoid(x)`:
 
     K = sg(H) W_K,  V = sg(H) W_V,  q~ = q W_Q
-    a = softmax_t(q~ . K_t / sqrt(d_a) + log m_t),   c = sum_t a_t V_t,   x = w_o . LayerNorm(c) + b_o
+    a = softmax_t(kappa q~ . K_t / sqrt(d_a) + log m_t),   c = sum_t a_t V_t,   x = w_o . LayerNorm(c) + b_o
 
-`w_o` and `b_o` start at zero, so `v_s = 0.5` and the gate is a no-op on the pair of logits until trained.
+`w_o` and `b_o` start at zero, so `v_s = 0.5` and the gate is a no-op on the pair of logits until trained; `W_K`
+starts at zero too, so attention starts as the masked mean over the prompt. `kappa = ATTENTION_SCALE` (0.05) slows
+how fast attention sharpens under Adam (whose steps do not shrink with the gradient): without it the softmax
+saturated within one epoch on a position every prompt shares, and the gate became a constant that never learned
+(3 of 4 seeds on SmolLM2-135M); with it all seeds learned (held-out AUROC 0.94-0.999).
 
 Example:
     >>> import torch
@@ -24,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from einops import einsum
 from torch import nn
+
+
+ATTENTION_SCALE = 0.05
 
 
 class SafetyGate(nn.Module):
@@ -46,6 +53,10 @@ class SafetyGate(nn.Module):
         self.out = nn.Linear(attention_dim, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        # keys start at zero, so attention starts as the masked mean over the prompt: pooled features differ across
+        # prompts from the first step, and the softmax cannot start saturated on positions every prompt shares
+        # (system prompt, template tokens), which would make the gate a constant that never learns.
+        nn.init.zeros_(self.w_k.weight)
         query = query.detach().float().reshape(hidden_size).clone()
         if train_query:
             self.query = nn.Parameter(query)
@@ -61,7 +72,7 @@ class SafetyGate(nn.Module):
         h = hidden.detach().to(self.w_k.weight.dtype)  # stop-gradient: nothing flows back into the prompt
         q = self.w_q(self.query.to(h.dtype))  # (d_a,)
         key_query = q @ self.w_k.weight  # (d,) = W_K^T q~
-        scores = einsum(h, key_query, "b t d, d -> b t") / math.sqrt(q.shape[-1])
+        scores = einsum(h, key_query, "b t d, d -> b t") * (ATTENTION_SCALE / math.sqrt(q.shape[-1]))
         valid = mask.to(device=h.device, dtype=torch.bool)
         if self.aggregation == "attention":
             weights = scores.masked_fill(~valid, float("-inf")).softmax(-1)

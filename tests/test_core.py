@@ -359,7 +359,7 @@ def test_gate_matches_the_written_equations(aggregation):
             p.normal_()
     h, m = torch.randn(3, 5, 8), torch.tensor([[1] * 5, [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]])
     k, v, q = gate.w_k(h), gate.w_v(h), gate.w_q(gate.query)
-    scores = (k @ q) / math.sqrt(4)
+    scores = (k @ q) * safegate.gate.ATTENTION_SCALE / math.sqrt(4)
     if aggregation == "attention":
         a = (scores + torch.log(m.float())).softmax(-1)
         expected = gate.out(gate.norm((a.unsqueeze(-1) * v).sum(1))).squeeze(-1)
