@@ -27,6 +27,7 @@ _LAZY = {
     "train": "safegate.training",
     "fit_gate": "safegate.training",
     "load_model": "safegate.loading",
+    "format_prompt": "safegate.data",
 }
 
 __all__ = ["GateConfig", "SafeGateConfig", "SafeGateModel", "SafetyGate", "attach", "__version__", *_LAZY]

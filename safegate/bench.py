@@ -185,10 +185,10 @@ def benchmark(
                 results["ttft"][f"batch_{batch}"] = _paired_values(
                     lambda: ttft(plain.generate), lambda: ttft(gated.generate), pairs
                 )
+    results["memory"] = _memory(device, plain, gated, inputs, gen)
     results["flops"] = gate_flops(model.config.hidden_size, gated.gate_config.attention_dim, prompt_tokens,
                                   sum(p.numel() for p in plain.parameters()))  # fmt: skip
     results["training_step"] = training_step_ratio(gated, plain, tok, vocab, device, pairs)
-    results["memory"] = _memory(device)
     results["bundle_bytes"] = {name: omni_bundle_bytes(name) for name in OMNI_TEXT}
     return results
 
@@ -257,10 +257,21 @@ def training_step_ratio(gated: Any, plain: Any, tok: Any, vocab: int, device: st
     return result
 
 
-def _memory(device: str) -> dict[str, Any]:
+def _memory(device: str, plain: Any, gated: Any, inputs: dict[str, Any], gen: dict[str, Any]) -> dict[str, Any]:
+    """Peak CUDA memory of one generate call (last batch size) above what is resident before it."""
     if not device.startswith("cuda"):
-        return {"note": "peak memory ratios are measured on CUDA (torch.cuda.max_memory_allocated) only"}
-    return {"max_allocated_bytes": torch.cuda.max_memory_allocated()}
+        return {"note": "peak memory is measured on CUDA (torch.cuda.max_memory_allocated) only"}
+    peaks = {}
+    for name, fn in (("plain", plain.generate), ("gated", gated.generate)):
+        torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            fn(**inputs, **gen)
+        torch.cuda.synchronize()
+        peaks[name] = torch.cuda.max_memory_allocated() - resident
+    return {"plain_peak_extra_bytes": peaks["plain"], "gated_peak_extra_bytes": peaks["gated"],
+            "ratio": peaks["gated"] / max(peaks["plain"], 1)}  # fmt: skip
 
 
 def omni_bundle_bytes(size: str, lora_r: int = 8, attention_dim: int = 256) -> dict[str, Any]:
@@ -313,6 +324,11 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{'training step vs plain LoRA (s)':<44}{step['plain_s']:>10.3f}{step['gated_s']:>10.3f}"
                      f"{step['ratio']:>9.3f}")  # fmt: skip
     lines.append(f"{'gate FLOPs / prefill FLOPs':<44}{'':>20}{results['flops']['ratio']:>9.2e}")
+    if "ratio" in results["memory"]:
+        mem = results["memory"]
+        name = "peak generate memory above resident (MB)"
+        plain_mb, gated_mb = mem["plain_peak_extra_bytes"] / 1e6, mem["gated_peak_extra_bytes"] / 1e6
+        lines.append(f"{name:<44}{plain_mb:>10.1f}{gated_mb:>10.1f}{mem['ratio']:>9.3f}")
     for name, b in results["bundle_bytes"].items():
         label = f"bundle bytes, Qwen2.5-Omni-{name.upper()}"
         lines.append(f"{label:<44}{'':>20}{b['total_bytes'] / 1e6:>7.1f}MB")

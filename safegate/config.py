@@ -41,6 +41,9 @@ class GateConfig:
         lora_target (`str | None`): Regex of module names LoRA adapts; `None` = the architecture spec's default,
             which never reaches vision or audio towers.
         safety_prompt (`str | None`): Optional system message prepended by `safegate.format_prompt` and training.
+        unsafe_prefix (`str`): What happens to an attacker-written assistant prefix (prefill attack) when the gate
+            says unsafe: `"drop"` (default: the answer starts right after `<|unsafe|>`) or `"keep"` (fed after
+            the token, as in the paper; then the refusal must be learned after arbitrary prefixes).
     """
 
     safe_token: str = field(default="<|safe|>", metadata={"help": "Text of the token emitted before a benign answer."})
@@ -62,6 +65,9 @@ class GateConfig:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target: str | None = field(default=None, metadata={"help": "Regex of LoRA target modules (None = spec)."})
     safety_prompt: str | None = field(default=None, metadata={"help": "Optional safety system message."})
+    unsafe_prefix: str = field(
+        default="drop", metadata={"help": "Assistant prefix after an unsafe verdict: 'drop' or 'keep'."}
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.safe_token, str) or not self.safe_token.strip():
@@ -86,6 +92,8 @@ class GateConfig:
         if isinstance(self.lora_modules, str) or not all(isinstance(m, str) and m for m in self.lora_modules):
             raise ValueError(f"`lora_modules` must be a list of module names, got {self.lora_modules!r}.")
         self.lora_modules = tuple(self.lora_modules)
+        if self.unsafe_prefix not in ("drop", "keep"):
+            raise ValueError(f"`unsafe_prefix` must be 'drop' or 'keep', got {self.unsafe_prefix!r}.")
         if not isinstance(self.descriptor, str) or not self.descriptor.strip():
             raise ValueError(f"`descriptor` must be a non-empty sentence, got {self.descriptor!r}.")
 

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from einops import einsum
 from torch import nn
 
-
 ATTENTION_SCALE = 0.05
 
 

@@ -347,7 +347,11 @@ class SafeGateModel(nn.Module):
         keep_safety_token: bool,
         kwargs: dict[str, Any],
     ) -> Any:
-        """Decide on the prompt without the assistant prefix, then feed `prompt, safety token, prefix`."""
+        """Decide on the prompt without the assistant prefix, then feed `prompt, safety token, prefix`.
+
+        With `GateConfig.unsafe_prefix="drop"` (default) rows judged unsafe get `prompt, safety token` only: an
+        attacker-written prefix is never fed after `<|unsafe|>`, so the answer starts from the refusal.
+        """
         p_ids, p_mask, p_kwargs = self._strip_prefix(input_ids, attention_mask, lengths, kwargs)
         classify_kwargs = {k: v for k, v in p_kwargs.items() if k not in _SINGLE_STEP_DROPS + ("logits_processor",)}
         scored = self._generate_gated(
@@ -355,7 +359,9 @@ class SafeGateModel(nn.Module):
         )
         verdict = _Verdict(scored.safety_scores, torch.tensor([s == UNSAFE for s in scored.safety]))
         tokens = torch.where(verdict.unsafe, self.unsafe_token_id, self.safe_token_id).tolist()
-        new_ids, new_mask, new_kwargs = self._insert_tokens(input_ids, attention_mask, lengths, tokens, kwargs)
+        drop = self.gate_config.unsafe_prefix == "drop"
+        keep = [not (drop and unsafe) for unsafe in verdict.unsafe.tolist()]
+        new_ids, new_mask, new_kwargs = self._insert_tokens(input_ids, attention_mask, lengths, tokens, kwargs, keep)
         if new_kwargs.get("streamer") is not None:
             new_kwargs["streamer"] = SkipSafetyTokenStreamer(new_kwargs["streamer"], prompt=input_ids)
         out = self.peft_model.generate(
@@ -451,16 +457,18 @@ class SafeGateModel(nn.Module):
         lengths: list[int],
         tokens: list[int],
         kwargs: dict[str, Any],
+        keep: list[bool],
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Per row: `prompt, token, prefix` (or `prompt, token` where `keep` is False), left-padded."""
         keys = self._per_token_kwargs(input_ids, kwargs)
         out_kwargs = dict(kwargs)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
         def insert(t: torch.Tensor, values: list[int], value_pad: int) -> torch.Tensor:
             rows = []
-            for row, k, v in zip(t, lengths, values):
+            for row, k, v, kept in zip(t, lengths, values, keep):
                 cut = row.shape[0] - k
-                rows.append(torch.cat([row[:cut], row.new_tensor([v]), row[cut:]]))
+                rows.append(torch.cat([row[:cut], row.new_tensor([v]), row[cut:] if kept else row[:0]]))
             return left_pad(rows, value_pad)
 
         for key in keys:
