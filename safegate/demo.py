@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--recipe", default=None, help=f"training recipe (default {RECIPE})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     parser.add_argument("--n-harmful", type=int, default=40, help="held-out harmful prompts evaluated")
-    parser.add_argument("--n-xstest", type=int, default=60, help="held-out XSTest safe prompts evaluated")
+    parser.add_argument("--n-xstest", type=int, default=125, help="held-out XSTest safe prompts evaluated")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="10-second tour on a tiny random model")
     parser.set_defaults(func=run)
@@ -88,12 +88,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_data(recipe: Any, folder: Path, n_harmful: int = 40, n_xstest: int = 60) -> dict[str, Path]:
+def prepare_data(recipe: Any, folder: Path, n_harmful: int = 40, n_xstest: int = 125) -> dict[str, Path]:
     """Write train / held-out JSONL files (deterministic, disjoint) and return their paths.
 
     Train: harmful prompts with templated refusals, Alpaca tasks with their answers, and the safe prompts of one
-    XSTest half with the base model's own answers (benign requests that look harmful). Held out: other harmful
-    prompts, other Alpaca tasks, and the safe prompts of the other XSTest half (over-refusal).
+    XSTest half with the base model's own answers (benign requests that look harmful); a third of the harmful
+    prompts are wrapped in PyRIT jailbreak templates. Held out: other harmful prompts, other Alpaca tasks, and the
+    safe prompts of the other XSTest half (over-refusal); the evaluation's template attack uses safegate's
+    built-in templates, none of which is in the training set.
     """
     from .datasets import load_records, self_distill, split_records
     from .loading import load_model
@@ -119,7 +121,9 @@ def prepare_data(recipe: Any, folder: Path, n_harmful: int = 40, n_xstest: int =
     xs_train = [r for r in xs_train if r["label"] == "safe"]
     xs_test = [r for r in xs_test if r["label"] == "safe"][:n_xstest]
     xs_train = self_distill(model, tok, xs_train, max_new_tokens=96, batch_size=16)
-    train = fill_refusals(harm_train, seed=seed) + ben_train + xs_train
+    harm_train = fill_refusals(harm_train, seed=seed)
+    train = _wrap_in_templates(harm_train, data_dir / "attacks" / "jailbreak_templates.jsonl", seed) + ben_train
+    train += xs_train
     del model
     folder.mkdir(parents=True, exist_ok=True)
     files = {
@@ -131,6 +135,25 @@ def prepare_data(recipe: Any, folder: Path, n_harmful: int = 40, n_xstest: int =
     counts = {k: len(v.read_text().splitlines()) for k, v in files.items()}
     _say(f"      {counts} (XSTest safe prompts: one half trains, the other measures over-refusal)")
     return files
+
+
+def _wrap_in_templates(records: list[dict[str, Any]], path: Path, seed: int, share: float = 1 / 3) -> list[dict]:
+    """Wrap `share` of the harmful prompts in jailbreak templates from `path` (skipped if the file is absent)."""
+    import random
+
+    from .evaluation.attacks import load_templates
+
+    if not path.exists():
+        _say(f"      no jailbreak templates at {path}: training without template augmentation")
+        return records
+    templates = load_templates(path, max_chars=600)
+    rng = random.Random(seed)
+    out = []
+    for record in records:
+        if rng.random() < share:
+            record = dict(record, prompt=rng.choice(templates).render(record["prompt"]), augmented="template")
+        out.append(record)
+    return out
 
 
 def summary(report: dict[str, Any], seconds: float) -> str:
