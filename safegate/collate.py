@@ -21,7 +21,7 @@ Example:
     (7, 0)
     >>> batch = CASACollator(pad_token_id=tok.pad_token_id)([ex])
     >>> sorted(batch)
-    ['attention_mask', 'class_labels', 'input_ids', 'labels', 'prompt_mask', 'safety_index']
+    ['attention_mask', 'class_labels', 'gate_mask', 'input_ids', 'labels', 'prompt_mask', 'safety_index']
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .data import assistant_continuation, format_prompt, label_id, prompt_messag
 from .tokens import text_tokenizer
 
 METHODS = ("casa", "ssft", "token_only")
-BATCH_KEYS = ("input_ids", "attention_mask", "labels", "prompt_mask", "class_labels", "safety_index")
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "prompt_mask", "class_labels", "safety_index", "gate_mask")
 
 InputBuilder = Callable[[Any, Mapping[str, Any], "str | None"], "dict[str, Any] | None"]
 _INPUT_BUILDERS: list[InputBuilder] = []
@@ -147,6 +147,7 @@ def encode_record(
         "prompt_length": len(prompt_ids),
         "response_start": len(head),
         "label": label_id(record["label"]),
+        "gate": bool(record.get("gate", True)),
         "model_inputs": built["model_inputs"],
     }
 
@@ -190,6 +191,8 @@ class CASACollator:
             "prompt_mask": prompt_mask,
             "class_labels": torch.tensor([f["label"] for f in features], dtype=torch.long),
             "safety_index": torch.tensor([f["prompt_length"] - 1 for f in features], dtype=torch.long),
+            # 0 = the record conditions the answer on its token but does not train the gate (`"gate": false`)
+            "gate_mask": torch.tensor([float(f.get("gate", True)) for f in features]),
         }
         extras = _pad_token_types([f.get("model_inputs") or {} for f in features], width)
         if any(extras):

@@ -109,6 +109,8 @@ def validate_record(
         problems.append("field 'label' is missing (expected 'safe' or 'unsafe')")
     elif label not in LABELS:
         problems.append(f"field 'label' is {_short(label)}, expected 'safe' or 'unsafe'")
+    if "gate" in row and not isinstance(row["gate"], bool):
+        problems.append(f"field 'gate' must be true or false, got {_short(row['gate'])}")
     for media in MEDIA_FIELDS:
         problems.extend(_check_media(media, row.get(media), base_dir))
     return problems

@@ -123,7 +123,7 @@ def prepare_data(recipe: Any, folder: Path, n_harmful: int = 40, n_xstest: int =
     xs_train = self_distill(model, tok, xs_train, max_new_tokens=96, batch_size=16)
     harm_train = fill_refusals(harm_train, seed=seed)
     train = _wrap_in_templates(harm_train, data_dir / "attacks" / "jailbreak_templates.jsonl", seed) + ben_train
-    train += xs_train
+    train += xs_train + _counterfactuals(ben_train + xs_train, seed)
     del model
     folder.mkdir(parents=True, exist_ok=True)
     files = {
@@ -135,6 +135,24 @@ def prepare_data(recipe: Any, folder: Path, n_harmful: int = 40, n_xstest: int =
     counts = {k: len(v.read_text().splitlines()) for k, v in files.items()}
     _say(f"      {counts} (XSTest safe prompts: one half trains, the other measures over-refusal)")
     return files
+
+
+def _counterfactuals(benign: list[dict[str, Any]], seed: int, share: float = 0.5) -> list[dict[str, Any]]:
+    """Benign prompts with `<|unsafe|>` and a refusal, not teaching the gate (`"gate": false`).
+
+    In plain CASA data the safety token and the prompt's harmfulness always agree, so LoRA can learn to refuse
+    from the prompt alone and then refuses benign prompts after `<|safe|>` too (seen in this demo: the gate
+    flagged none of the held-out benign prompts, yet the model refused 12 % of XSTest-safe after `<|safe|>`).
+    These records break that correlation: the refusal follows the token.
+    """
+    import random
+
+    from .training_data import template_refusal
+
+    rng = random.Random(seed + 1)
+    picked = [r for r in benign if rng.random() < share]
+    return [dict(prompt=r["prompt"], label="unsafe", response=template_refusal(r["prompt"], seed), gate=False,
+                 source=r.get("source"), augmented="counterfactual") for r in picked]  # fmt: skip
 
 
 def _wrap_in_templates(records: list[dict[str, Any]], path: Path, seed: int, share: float = 1 / 3) -> list[dict]:

@@ -73,7 +73,8 @@ def cache_prompts(
         safety_prompt (`str | None`): System message to prepend (default: the gate config's `safety_prompt`).
         progress (`bool`): Show a tqdm bar.
     """
-    records = load_records(data, require_response=False)
+    records = [r for r in load_records(data, require_response=False) if r.get("gate", True)]  # `gate: false` rows
+    # only condition the answer on their token; they never teach the gate
     if safety_prompt is None:
         safety_prompt = gated.gate_config.safety_prompt
     started = time.perf_counter()

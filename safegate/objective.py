@@ -96,6 +96,9 @@ def casa_loss(
             gate_logit = step_logits.new_zeros(step_logits.shape[0])
         z_safe, z_unsafe = gated.gated_pair(step_logits, gate_logit)
         pair_ce = F.cross_entropy(torch.stack([z_safe, z_unsafe], -1).float(), classes, reduction="none")
+        gate_mask = batch.get("gate_mask")
+        if gate_mask is not None:  # counterfactual records: the answer follows the token, the gate is not taught
+            pair_ce = pair_ce * gate_mask.to(pair_ce.device)
         per_sample = per_sample + pair_ce
         if aux_weight and method == "casa":
             aux = F.binary_cross_entropy_with_logits(gate_logit.float(), classes.float(), reduction="none")

@@ -286,3 +286,27 @@ def test_demo_hook_trains_on_the_shipped_data_and_reports_before_after():
     assert set(result["labels"]) == {"safe", "unsafe"}
     assert all(abs(p - 0.5) < 0.1 for p in result["before"])  # untrained gate: near the base prior
     assert result["accuracy_after"] >= 0.75 and result["auroc_after"] >= 0.9
+
+
+def test_records_with_gate_false_do_not_train_the_gate():
+    """`"gate": false` records condition the answer on their token but add no pair loss (counterfactual data)."""
+    import safegate
+    from safegate.collate import CASACollator, encode_record
+    from safegate.objective import casa_loss
+    from safegate.testing import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer("qwen2")
+    gated = safegate.attach(model, tok, safegate.GateConfig(attention_dim=16, lora_r=4))
+    with torch.no_grad():
+        gated.gate.out.weight.normal_()
+    record = {"prompt": "Write a poem", "response": "I can't help with that.", "label": "unsafe", "gate": False}
+    ex = encode_record(tok, record, safe_id=gated.safe_token_id, unsafe_id=gated.unsafe_token_id)
+    assert ex["input_ids"][ex["prompt_length"]] == gated.unsafe_token_id
+    batch = CASACollator(tok.pad_token_id)([ex])
+    out = casa_loss(gated, batch)
+    out.loss.backward()
+    assert float(out.gate_loss) == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in gated.gate.parameters())
+    assert any(p.grad is not None and p.grad.any() for n, p in gated.named_parameters() if "lora_" in n)
+    with pytest.raises(ValueError, match="gate"):
+        safegate.train(gated, [dict(record, gate="no")], args=dict(output_dir="unused", max_steps=1))
