@@ -45,6 +45,28 @@ _UNSUPPORTED = {
 }
 
 
+class DropInSurface:
+    """What `generate` callers and pipelines read from a model, forwarded to the wrapped `root` / `arch`."""
+
+    root: Any
+    arch: Any
+
+    @property
+    def config(self) -> Any:
+        return self.root.config
+
+    @property
+    def generation_config(self) -> Any:
+        return self.root.generation_config
+
+    @property
+    def device(self) -> torch.device:
+        return self.arch.embed.weight.device
+
+    def can_generate(self) -> bool:
+        return True
+
+
 class StepRecorder:
     """Forward pre-hook that keeps the keyword arguments of the latest call of `module` in this thread.
 

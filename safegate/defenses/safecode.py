@@ -40,6 +40,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from ..arch import resolve
 from ..tokens import text_tokenizer
 from .decoding import (
+    DropInSurface,
     StepRecorder,
     attach_metadata,
     check_generate_kwargs,
@@ -291,7 +292,7 @@ class SafeCoDeLogitsProcessor(LogitsProcessor):
 
 
 # ------------------------------------------------------------------------------------------- the defense
-class SafeCoDe:
+class SafeCoDe(DropInSurface):
     """SafeCoDe decoding around a Hugging Face (multimodal) model; see the module docstring.
 
     Args:
@@ -361,22 +362,6 @@ class SafeCoDe:
         )
         self.image_mean, self.image_std = image_stats(processor, image_mean, image_std)
         self.last_processor: SafeCoDeLogitsProcessor | None = None
-
-    # ---------------------------------------------------------------------------------------- surface
-    @property
-    def config(self) -> Any:
-        return self.root.config
-
-    @property
-    def generation_config(self) -> Any:
-        return self.root.generation_config
-
-    @property
-    def device(self) -> torch.device:
-        return self.arch.embed.weight.device
-
-    def can_generate(self) -> bool:
-        return True
 
     # ---------------------------------------------------------------------------------------- judge
     def judge_requests(

@@ -34,6 +34,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from ..arch import resolve
 from ..tokens import text_tokenizer
 from .decoding import (
+    DropInSurface,
     StepRecorder,
     attach_metadata,
     check_generate_kwargs,
@@ -171,7 +172,7 @@ class SafeSteerLogitsProcessor(LogitsProcessor):
         return force_tokens(scores, rows, tokens) if bool(rows.any()) else scores
 
 
-class SafeSteer:
+class SafeSteer(DropInSurface):
     """SafeSteer decoding around a Hugging Face (multimodal) model; see the module docstring.
 
     Args:
@@ -236,22 +237,6 @@ class SafeSteer:
             self.arch.tap_module(alignment.layer)
         self.alignment = alignment
         self.last_processor: SafeSteerLogitsProcessor | None = None
-
-    # ---------------------------------------------------------------------------------------- surface
-    @property
-    def config(self) -> Any:
-        return self.root.config
-
-    @property
-    def generation_config(self) -> Any:
-        return self.root.generation_config
-
-    @property
-    def device(self) -> torch.device:
-        return self.arch.embed.weight.device
-
-    def can_generate(self) -> bool:
-        return True
 
     # ---------------------------------------------------------------------------------------- candidates
     def _probe_states(self, kwargs: dict[str, Any], recorder: StepRecorder | None) -> torch.Tensor:
