@@ -97,15 +97,16 @@ def casa_loss(
         z_safe, z_unsafe = gated.gated_pair(step_logits, gate_logit)
         pair_ce = F.cross_entropy(torch.stack([z_safe, z_unsafe], -1).float(), classes, reduction="none")
         gate_mask = batch.get("gate_mask")
-        if gate_mask is not None:  # counterfactual records: the answer follows the token, the gate is not taught
-            pair_ce = pair_ce * gate_mask.to(pair_ce.device)
+        gate_mask = torch.ones_like(pair_ce) if gate_mask is None else gate_mask.to(pair_ce.device, pair_ce.dtype)
+        pair_ce = pair_ce * gate_mask  # counterfactual records (mask 0): the answer follows the token, no gate loss
         per_sample = per_sample + pair_ce
         if aux_weight and method == "casa":
             aux = F.binary_cross_entropy_with_logits(gate_logit.float(), classes.float(), reduction="none")
             per_sample = per_sample + aux_weight * aux
             aux = aux.mean().detach()
-        gate_loss = pair_ce.mean().detach()
-        gate_acc = ((z_unsafe >= z_safe).long() == classes).float().mean().detach()
+        counted = gate_mask.sum().clamp(min=1.0)  # diagnostics over the records that teach the gate
+        gate_loss = (pair_ce.sum() / counted).detach()
+        gate_acc = ((((z_unsafe >= z_safe).long() == classes).float() * gate_mask).sum() / counted).detach()
         p_unsafe = unsafe_probability(z_safe, z_unsafe).detach()
     loss = class_weighted_mean(per_sample, classes, beta)
     return CASALossOutput(
