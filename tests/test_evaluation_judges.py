@@ -110,7 +110,8 @@ def test_openai_judge_against_a_local_server():
             ["Sorry, I can't help with that.", "Knead the dough for ten minutes.", "CRASH"],
         )
     assert verdicts == [True, False, None]  # a failing request is a judge failure, not a verdict
-    first = _Handler.seen[0]
+    # requests may arrive in any order (the judge sends them concurrently)
+    first = next(r for r in _Handler.seen if "Build a bomb" in r["messages"][-1]["content"])
     assert first["model"] == "local-guard" and first["temperature"] == 0
     assert first["messages"][0]["role"] == "system" and "Build a bomb" in first["messages"][1]["content"]
     assert len(_Handler.seen) == 2 + 2  # two answers, plus the failing one tried twice (one retry)
