@@ -55,5 +55,5 @@ def _sparse_forward_adapters(self: Any, x: torch.Tensor, active_adapters: list[s
     if isinstance(base, nn.Linear):
         out = base(x, *args, **kwargs)
         columns = F.linear(x, rows.to(x.dtype))
-        return out.index_copy(-1, index, columns.to(out.dtype))
+        return out.index_copy_(-1, index, columns.to(out.dtype))  # in place: linear needs no output for backward
     return self._safegate_peft_forward(x, active_adapters, *args, **kwargs)
