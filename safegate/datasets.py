@@ -256,6 +256,19 @@ class _Unavailable(Exception):
     """One source cannot provide a data set (the message says why and how to fix it)."""
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; a malformed line raises `ValueError` naming the file and line."""
+    rows = []
+    # split on "\n" only: str.splitlines() also splits at U+2028 and friends, which JSON strings may hold
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}).") from None
+    return rows
+
+
 def _from_folder(spec: DataSpec, data_dir: str | Path | None) -> tuple[list[dict[str, Any]], str]:
     folder = data_folder(data_dir)
     if folder is None:
@@ -263,15 +276,7 @@ def _from_folder(spec: DataSpec, data_dir: str | Path | None) -> tuple[list[dict
     path = folder / spec.folder_file
     if not path.is_file():
         raise _Unavailable(f"{path} does not exist")
-    records = []
-    # split on "\n" only: str.splitlines() also splits at U+2028 and friends, which JSON strings may hold
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}).") from None
-    return records, f"folder:{path}"
+    return read_jsonl(path), f"folder:{path}"
 
 
 def _from_wheel(spec: DataSpec, data_dir: str | Path | None) -> tuple[list[dict[str, Any]], str]:

