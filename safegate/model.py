@@ -31,6 +31,7 @@ from .config import GateConfig, check_threshold
 from .fast_tokens import speed_up_trainable_tokens
 from .gate import SafetyGate, gate_pair_logits, unsafe_probability
 from .hooks import HiddenStateTap
+from .kv_cache import CACHE_KWARGS
 from .prefill import assistant_header, left_pad, prefix_lengths, special_ids
 from .processor import SafeGateLogitsProcessor
 from .streaming import SkipSafetyTokenStreamer
@@ -43,7 +44,7 @@ _UNSUPPORTED = {
     "assistant_model": "assisted decoding is not supported with a safety gate",
     "prompt_lookup_num_tokens": "prompt-lookup decoding is not supported with a safety gate",
     "prefill_chunk_size": "chunked prefill is not supported: the gate must see the whole prompt at once",
-    "past_key_values": "a user-supplied cache is not supported: the gate must see the whole prompt",
+    **dict.fromkeys(CACHE_KWARGS, "a user-supplied cache is not supported: the gate must see the whole prompt"),
 }
 
 

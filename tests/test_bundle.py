@@ -132,8 +132,8 @@ def test_adapter_loads_in_plain_peft(tmp_path, arch_name, no_pickle):
     plain = PeftModel.from_pretrained(base, folder / "adapter")
     inputs = chat(tok, PROMPTS)
     inputs["input_ids"][:, -1] = ids[1]  # read the unsafe token's embedding row as well
-    with torch.no_grad():
-        torch.testing.assert_close(plain(**inputs).logits, gated(**inputs).logits, rtol=0, atol=1e-6)
+    with torch.no_grad():  # fp32 tolerance: PEFT rebuilds the matrix, safegate computes the two columns apart
+        torch.testing.assert_close(plain(**inputs).logits, gated(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_token_ids_are_resolved_from_strings(tmp_path):

@@ -29,6 +29,7 @@ from safegate.defenses import (
 from safegate.defenses.decoding import StepRecorder, expanded_cache, next_step_kwargs
 from safegate.defenses.pixels import neutral_pixels
 from safegate.defenses.safecode import modulate_refusal, refusal_first_token_ids
+from safegate.kv_cache import cache_in
 from safegate.testing import chat, tiny_model_and_tokenizer
 from safegate.testing_multimodal import multimodal_batch, random_image, sample_inputs, tiny_multimodal
 
@@ -76,7 +77,7 @@ class ForwardLog:
         self.handle = module.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         if self.real_cache is None:
             self.real_cache = cache  # the first call is generate's own prefill
         self.events.append("R" if cache is self.real_cache else "N")
@@ -354,7 +355,7 @@ def test_candidate_scoring_batched_equals_sequential_and_real_step(arch, text_mo
                 last, candidates = recorder.last, scores.topk(5).indices
                 batched = steer.score_candidates(last, candidates, batched=True, recorder=recorder)
                 sequential = steer.score_candidates(last, candidates, batched=False, recorder=recorder)
-                greedy = next_step_kwargs(last, candidates[:, :1], expanded_cache(last["past_key_values"], 1))
+                greedy = next_step_kwargs(last, candidates[:, :1], expanded_cache(cache_in(last), 1))
                 checks.append((batched, sequential, steer._probe_states(greedy, recorder)))
                 return scores
 

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kv_cache import CACHE_KWARG, CACHE_KWARGS, without_cache
+
 try:  # the list `generate` itself uses; fall back to the 5.23 contents if it moves
     from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL as _PREFILL_ONLY
 except ImportError:  # pragma: no cover - depends on the transformers version
@@ -40,7 +42,7 @@ _UNSUPPORTED = {
     "assistant_model": "assisted decoding is not supported by decode-time defenses",
     "prompt_lookup_num_tokens": "prompt-lookup decoding is not supported by decode-time defenses",
     "prefill_chunk_size": "chunked prefill is not supported: the side passes need the whole prompt in one forward",
-    "past_key_values": "a user-supplied cache is not supported: each defense builds its caches from the prompt",
+    **dict.fromkeys(CACHE_KWARGS, "a user-supplied cache is not supported: each defense builds its own caches"),
     "inputs_embeds": "pass `input_ids`: the defenses read the prompt ids (judge text, image rows, prompt length)",
 }
 
@@ -161,9 +163,9 @@ def next_step_kwargs(last: dict[str, Any], tokens: torch.Tensor, cache: Any, rep
     (2-D or M-RoPE 3-D) advance by one, `mm_token_type_ids` get a text (0) entry, and prefill-only multimodal
     inputs are dropped. Each prompt row is repeated `repeats` times (candidate batches).
     """
-    kwargs = {k: v for k, v in last.items() if k not in PREFILL_ONLY_INPUTS and k != "past_key_values"}
+    kwargs = {k: v for k, v in without_cache(last).items() if k not in PREFILL_ONLY_INPUTS}
     kwargs["input_ids"] = tokens
-    kwargs["past_key_values"] = cache
+    kwargs[CACHE_KWARG] = cache
     mask = last.get("attention_mask")
     if isinstance(mask, torch.Tensor):
         if mask.dim() != 2:

@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from ..kv_cache import CACHE_KWARG, output_cache
+
 SAFE, UNSAFE = "safe", "unsafe"
 
 CAPTION_PROMPT = "Describe this image in one short, factual sentence."
@@ -308,8 +310,8 @@ class HFJudge(Judge):
             if len(tokens) > 1:
                 rest = torch.tensor([tokens], device=device)
                 mask = torch.ones(1, len(prefix_ids) + len(tokens) - 1, dtype=torch.long, device=device)
-                cache = expanded_cache(out.past_key_values, 1)
-                logits = self.model(input_ids=rest[:, :-1], attention_mask=mask, past_key_values=cache).logits[0]
+                cache = expanded_cache(output_cache(out), 1)
+                logits = self.model(input_ids=rest[:, :-1], attention_mask=mask, **{CACHE_KWARG: cache}).logits[0]
                 logits = logits.float()
                 logp = torch.log_softmax(logits, dim=-1)
                 total += float(logp.gather(1, rest[0, 1:].view(-1, 1)).sum())

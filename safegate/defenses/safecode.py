@@ -38,6 +38,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..arch import resolve
+from ..kv_cache import CACHE_KWARG, output_cache, without_cache
 from ..tokens import text_tokenizer
 from .decoding import (
     DropInSurface,
@@ -182,16 +183,18 @@ class SafeCoDeLogitsProcessor(LogitsProcessor):
             if kwargs.pop("mm_encoder_outputs", None) is not None or self.neutral_inputs:
                 kwargs.update({k: v for k, v in self.prefill_inputs.items() if k not in kwargs})
             kwargs.update(self.neutral_inputs)
-            kwargs["past_key_values"], kwargs["use_cache"] = None, True
+            kwargs = without_cache(kwargs)
+            kwargs[CACHE_KWARG], kwargs["use_cache"] = None, True
         else:
             if self.cache is None:
                 raise RuntimeError("the noised branch's cache was released before the last guided step")
-            kwargs["past_key_values"] = self.cache
+            kwargs = without_cache(kwargs)
+            kwargs[CACHE_KWARG] = self.cache
         with self.recorder.paused(), torch.no_grad():
             out = self.d.root(**kwargs)
         self.neutral_forwards += 1
         self.fed.append((last["input_ids"].detach().clone(), kwargs["input_ids"].detach().clone()))
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         return out.logits[:, -1].float()
 
     def release(self) -> None:

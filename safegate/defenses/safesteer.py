@@ -33,6 +33,7 @@ from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..arch import resolve
+from ..kv_cache import cache_in
 from ..tokens import text_tokenizer
 from .decoding import (
     DropInSurface,
@@ -268,7 +269,7 @@ class SafeSteer(DropInSurface):
         `batched=False` runs k forwards of B tokens (the reference the tests compare against). The real cache is
         never modified.
         """
-        cache = last.get("past_key_values")
+        cache = cache_in(last)
         if cache is None:
             raise RuntimeError("SafeSteer needs the KV cache of the decoding step (`use_cache=True`).")
         rows, k = candidates.shape
