@@ -44,3 +44,47 @@ class HiddenStateTap:
 
     def __exit__(self, *exc: object) -> None:
         self._handle.remove()  # idempotent
+
+
+class HeadRowSelector:
+    """Forward pre-hook that feeds the output head only the positions `(rows, cols)` of its input, in this thread.
+
+    A language model's head turns every position's state into vocabulary logits; a loss that reads a few positions
+    needs only those. With this hook the head receives `hidden[rows, cols]` as one `(1, M, d)` sequence, so the
+    model returns `(1, M, vocab)` logits, computed by the model's own head call (LoRA, trainable token rows, logit
+    post-processing and any distributed wrapper stay in charge) without a `(B, T, vocab)` tensor or its gradient.
+
+    Example:
+        >>> import torch
+        >>> head = torch.nn.Linear(2, 3)
+        >>> with HeadRowSelector(head, torch.tensor([1]), torch.tensor([0])):
+        ...     head(torch.ones(2, 4, 2)).shape
+        torch.Size([1, 1, 3])
+    """
+
+    def __init__(self, head: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        self.head = head
+        self.rows, self.cols = rows, cols
+        self.calls = 0
+        self._thread = threading.get_ident()
+        self._handle: Any = None
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if threading.get_ident() != self._thread or not args:
+            return None
+        hidden = args[0]
+        if hidden.dim() != 3:
+            raise RuntimeError(
+                f"the output head received a {hidden.dim()}-D input; expected (batch, positions, hidden)"
+            )
+        self.calls += 1
+        picked = hidden[self.rows.to(hidden.device), self.cols.to(hidden.device)]
+        return (picked.unsqueeze(0), *args[1:])
+
+    def __enter__(self) -> HeadRowSelector:
+        self._thread = threading.get_ident()
+        self._handle = self.head.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()

@@ -6,7 +6,9 @@ Each class term is the mean over that class's samples of
 
     CE2(gated pair at the safety step; target token) + token-mean CE of the response [+ aux * BCE(v_s, y)]
 
-The gated pair is computed exactly as at inference: gate input states are captured with `gated.tap()` in the same
+Only the rows the loss reads reach the output head (`HeadRowSelector`): the safety step of each row and the
+positions that predict a response token, so no `(batch, length, vocab)` logits are ever built. The gated pair is
+computed exactly as at inference: gate input states are captured with `gated.tap()` in the same
 forward, the gate reads the prompt positions only, and `gated.gated_pair` scales the (safe, unsafe) logits at the
 last prompt position. A class missing from a batch contributes nothing (its term is zero), so `beta` keeps its
 meaning when batches hold one sample (e.g. per-device batch 1 with gradient accumulation).
@@ -29,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .collate import BATCH_KEYS, check_method
-from .gate import unsafe_probability
+from .gate import gate_pair_logits, unsafe_probability
+from .hooks import HeadRowSelector
 
 
 @dataclass
@@ -76,25 +79,46 @@ def casa_loss(
     check_method(method)
     forward = forward if forward is not None else gated
     model_inputs = {k: v for k, v in batch.items() if k not in BATCH_KEYS or k in ("input_ids", "attention_mask")}
-    with gated.tap() as tap:
+    input_ids = batch["input_ids"]
+    device = input_ids.device
+    batch_size = input_ids.shape[0]
+    classes = batch["class_labels"].to(device)
+    labels = batch["labels"].to(device)
+    # the head projects only the positions the loss reads: the safety step of each row, then every position
+    # whose next token is a response target (one host sync, for the count); no (B, T, vocab) logits exist
+    owner, position = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    targets = labels[owner, position + 1]
+    step_rows = torch.arange(batch_size, device=device)
+    gated_step = method != "ssft"
+    rows = torch.cat([step_rows, owner]) if gated_step else owner
+    cols = torch.cat([batch["safety_index"].to(device), position]) if gated_step else position
+    head = gated.arch.root.get_output_embeddings()
+    with gated.tap() as tap, HeadRowSelector(head, rows, cols) as selector:
         outputs = forward(**model_inputs, use_cache=False)
+    if selector.calls != 1:
+        raise RuntimeError(f"the output head ran {selector.calls} times in one forward; expected exactly once")
     logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-    classes = batch["class_labels"].to(logits.device)
-    rows = torch.arange(logits.shape[0], device=logits.device)
+    logits = logits.view(-1, logits.shape[-1]).float()  # (rows, vocab); views only: no full-size copy in backward
+    n_steps = batch_size if gated_step else 0
+    # cross-entropy over every row (the safety steps ignored), sliced afterwards: slicing the (rows, vocab) logits
+    # would cost a full-size zero-filled gradient per slice in backward
+    ignored = torch.full((n_steps,), -100, dtype=targets.dtype, device=device)
+    token_ce = F.cross_entropy(logits, torch.cat([ignored, targets]), reduction="none")[n_steps:]
 
-    response = _response_token_mean(logits, batch["labels"].to(logits.device))
+    response = _per_sample_mean(token_ce, owner, batch_size)
     per_sample = response
     gate_loss = gate_acc = p_unsafe = aux = None
-    if method != "ssft":
-        step_logits = logits[rows, batch["safety_index"].to(logits.device)].float()
+    if gated_step:
         if method == "casa":
             if tap.states is None:
                 raise RuntimeError("the hidden-state tap saw no forward pass; cannot compute the gate")
             # the mask is zero after each prompt, so the gate reads exactly the prompt positions (no host sync)
             gate_logit = gated.gate_logit(tap.states, batch["prompt_mask"])
         else:
-            gate_logit = step_logits.new_zeros(step_logits.shape[0])
-        z_safe, z_unsafe = gated.gated_pair(step_logits, gate_logit)
+            gate_logit = logits.new_zeros(n_steps)
+        pair_ids = torch.tensor([gated.safe_token_id, gated.unsafe_token_id], device=device)
+        picked = logits.gather(1, pair_ids.expand(logits.shape[0], 2))[:n_steps]  # (steps, 2): safe, unsafe
+        z_safe, z_unsafe = gate_pair_logits(picked[:, 0], picked[:, 1], gate_logit, gated.gate_config.scaling)
         pair_ce = F.cross_entropy(torch.stack([z_safe, z_unsafe], -1).float(), classes, reduction="none")
         gate_mask = batch.get("gate_mask")
         gate_mask = torch.ones_like(pair_ce) if gate_mask is None else gate_mask.to(pair_ce.device, pair_ce.dtype)
@@ -119,16 +143,10 @@ def casa_loss(
     )
 
 
-def _response_token_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean token cross-entropy over the response targets (shifted: logits t predict labels t+1)."""
-    targets = labels[:, 1:]
-    selected = targets != -100
-    batch = logits.shape[0]
-    if not bool(selected.any()):
-        return logits.new_zeros(batch, dtype=torch.float32)
-    token_logits = logits[:, :-1][selected].float()  # only the scored positions: (N, V), not (B, L, V) in fp32
-    ce = F.cross_entropy(token_logits, targets[selected], reduction="none")
-    owner = torch.arange(batch, device=logits.device).unsqueeze(1).expand_as(targets)[selected]
-    sums = torch.zeros(batch, dtype=ce.dtype, device=ce.device).index_add(0, owner, ce)
-    counts = selected.sum(1).clamp(min=1).to(ce.dtype)
-    return sums / counts
+def _per_sample_mean(values: torch.Tensor, owner: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Mean of `values` (N,) per sample, value `i` belonging to sample `owner[i]`; 0 for a sample with none."""
+    sums = torch.zeros(batch_size, dtype=values.dtype, device=values.device).index_add(0, owner, values)
+    counts = torch.zeros(batch_size, dtype=values.dtype, device=values.device).index_add(
+        0, owner, torch.ones_like(values)
+    )
+    return sums / counts.clamp(min=1)
