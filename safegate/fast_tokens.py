@@ -3,7 +3,8 @@
 PEFT's `TrainableTokensLayer` rebuilds the whole embedding (and head) matrix with `index_copy` on every forward,
 so each generated token copies `vocab x hidden` values twice, and training back-propagates a dense gradient into
 that copy. Only two rows differ here, so safegate computes the base layer as usual and then overwrites only the
-affected outputs: embedding positions that hold a trained id, and logit columns of the trained ids.
+affected outputs: embedding positions that hold a trained id, and logit columns of the trained ids (overwritten at
+inference; in training the difference to the base columns is added, whose backward needs no full-size copy).
 `tests/test_fast_tokens.py` checks outputs and gradients against PEFT's own path.
 
 Example:
@@ -54,6 +55,42 @@ def _sparse_forward_adapters(self: Any, x: torch.Tensor, active_adapters: list[s
         return torch.where(match.any(-1, keepdim=True), values, out)
     if isinstance(base, nn.Linear):
         out = base(x, *args, **kwargs)
-        columns = F.linear(x, rows.to(x.dtype))
-        return out.index_copy_(-1, index, columns.to(out.dtype))  # in place: linear needs no output for backward
+        if not (torch.is_grad_enabled() and rows.requires_grad):
+            columns = F.linear(x, rows.to(x.dtype))
+            return out.index_copy_(-1, index, columns.to(out.dtype))  # in place: linear needs no output for backward
+        # training: add the difference to the base columns instead of overwriting them; the backward of an in-place
+        # add passes the gradient through unchanged, where overwriting clones the whole (positions, vocab) gradient
+        correction = F.linear(x, (rows - base.weight[index].detach()).to(x.dtype))
+        return out.index_add_(-1, index, correction.to(out.dtype))
     return self._safegate_peft_forward(x, active_adapters, *args, **kwargs)
+
+
+def output_rows(head: nn.Module, ids: list[int]) -> torch.Tensor | None:
+    """The weight rows by which `head` turns a state into the logits of `ids` (k, d), or `None` if it cannot tell.
+
+    Knows a bias-free `nn.Linear` and PEFT's trainable-token layer (or its wrapper) around one, merged or not, with
+    one active adapter:
+    the logits of a few ids then cost a (k, d) product instead of a full-vocabulary one.
+
+    Example:
+        >>> head = nn.Linear(4, 10, bias=False)
+        >>> torch.equal(output_rows(head, [3, 7]), head.weight[[3, 7]])
+        True
+    """
+    if type(head) is nn.Linear:
+        return head.weight[ids] if head.bias is None else None
+    if type(head).__name__ == "TrainableTokensWrapper":  # PEFT's wrapper forwards to its `token_adapter`
+        return None if head.disable_adapters else output_rows(head.token_adapter, ids)
+    if type(head).__name__ != "TrainableTokensLayer" or type(head.base_layer) is not nn.Linear:
+        return None
+    base = head.base_layer
+    if head.disable_adapters or base.bias is not None:
+        return None
+    if head.merged:  # merging copied the trained rows into the base weight
+        return base.weight[ids]
+    if len(head.active_adapters) != 1:
+        return None
+    name = head.active_adapters[0]
+    trained = list(head.token_indices[name])
+    delta = head.trainable_tokens_delta[name]
+    return torch.stack([delta[trained.index(i)] if i in trained else base.weight[i] for i in ids])
