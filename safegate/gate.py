@@ -26,7 +26,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from einops import einsum
 from torch import nn
 
 ATTENTION_SCALE = 0.05
@@ -71,11 +70,11 @@ class SafetyGate(nn.Module):
         h = hidden.detach().to(self.w_k.weight.dtype)  # stop-gradient: nothing flows back into the prompt
         q = self.w_q(self.query.to(h.dtype))  # (d_a,)
         key_query = q @ self.w_k.weight  # (d,) = W_K^T q~
-        scores = einsum(h, key_query, "b t d, d -> b t") * (ATTENTION_SCALE / math.sqrt(q.shape[-1]))
+        scores = (h @ key_query) * (ATTENTION_SCALE / math.sqrt(q.shape[-1]))  # (b, t)
         valid = mask.to(device=h.device, dtype=torch.bool)
         if self.aggregation == "attention":
             weights = scores.masked_fill(~valid, float("-inf")).softmax(-1)
-            pooled = self.w_v(einsum(weights, h, "b t, b t d -> b d"))
+            pooled = self.w_v((weights.unsqueeze(1) @ h).squeeze(1))  # (b, d) -> (b, d_a)
             return self.out(self.norm(pooled)).squeeze(-1)
         # mean_sigmoid / max_sigmoid: per-position probabilities, scaled by w_o's first weight (0 at start).
         probs = torch.sigmoid(scores * self.out.weight[0, 0] + self.out.bias[0])

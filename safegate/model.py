@@ -34,6 +34,7 @@ from .hooks import HiddenStateTap
 from .kv_cache import CACHE_KWARGS
 from .prefill import assistant_header, left_pad, prefix_lengths, special_ids
 from .processor import SafeGateLogitsProcessor
+from .speculative import generate_speculatively, probe
 from .streaming import SkipSafetyTokenStreamer
 from .tokens import add_safety_tokens, text_tokenizer, word_rows
 
@@ -54,6 +55,8 @@ class _Verdict:
 
     p_unsafe: torch.Tensor | None = None
     unsafe: torch.Tensor | None = None
+    scores: torch.Tensor | None = None  # speculative path: raw logits at the safety step, when they were computed
+    last_states: torch.Tensor | None = None  # speculative path: final states at the safety step
 
     @property
     def labels(self) -> list[str]:
@@ -111,7 +114,10 @@ class SafeGateModel(nn.Module):
         ).to(query.device)
         self._header = assistant_header(self.tokenizer, tokenizer_or_processor)
         self._special_ids = special_ids(self.tokenizer) - {self.safe_token_id, self.unsafe_token_id}
-        self.train(arch.root.training)
+        training = arch.root.training
+        self.train(False)
+        self._support = probe(self)
+        self.train(training)
 
     # ----------------------------------------------------------------------------------------------- setup
     def _peft_config(self) -> LoraConfig | TrainableTokensConfig:
@@ -196,6 +202,11 @@ class SafeGateModel(nn.Module):
         return self.peft_model(*args, **kwargs)
 
     @property
+    def speculative(self) -> bool:
+        """Whether `generate` may speculate the safety token on this model (it is causal: `safegate.speculative`)."""
+        return self._support.causal
+
+    @property
     def last_safety(self) -> list[str] | None:
         """Verdicts of this thread's most recent `generate` call (useful when it returned plain ids)."""
         return getattr(self._thread_state, "labels", None)
@@ -223,16 +234,35 @@ class SafeGateModel(nn.Module):
         with HiddenStateTap(self._tap_module) as tap:
             yield tap
 
+    def decide(
+        self, scores: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, threshold: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(p_unsafe, unsafe)` per row from the logits at the safety step and the tapped prompt states."""
+        return self.decide_pair(
+            scores[:, self.safe_token_id], scores[:, self.unsafe_token_id], states, mask, threshold
+        )
+
+    def decide_pair(
+        self,
+        z_safe: torch.Tensor,
+        z_unsafe: torch.Tensor,
+        states: torch.Tensor,
+        mask: torch.Tensor,
+        threshold: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(p_unsafe, unsafe)` per row from the raw (safe, unsafe) logits and the tapped prompt states."""
+        z_safe, z_unsafe = gate_pair_logits(z_safe, z_unsafe, self.gate_logit(states, mask), self.gate_config.scaling)
+        p = unsafe_probability(z_safe, z_unsafe)
+        unsafe = p >= threshold if threshold is not None else z_unsafe >= z_safe
+        return p, unsafe
+
     def _decide(self, tap: HiddenStateTap, mask: torch.Tensor, threshold: float | None, verdict: _Verdict) -> Any:
         def decide(scores: torch.Tensor) -> torch.Tensor:
             if tap.states is None:
                 raise RuntimeError("the hidden-state tap saw no prefill pass; the gate cannot decide")
-            z_safe, z_unsafe = self.gated_pair(scores, self.gate_logit(tap.states, mask))
-            p = unsafe_probability(z_safe, z_unsafe)
-            unsafe = p >= threshold if threshold is not None else z_unsafe >= z_safe
-            verdict.p_unsafe, verdict.unsafe = p, unsafe
+            verdict.p_unsafe, verdict.unsafe = self.decide(scores, tap.states, mask, threshold)
             ids = torch.tensor([self.safe_token_id, self.unsafe_token_id], device=scores.device)
-            return ids[unsafe.long()]
+            return ids[verdict.unsafe.long()]
 
         return decide
 
@@ -244,6 +274,7 @@ class SafeGateModel(nn.Module):
         *,
         safety_threshold: float | None = None,
         keep_safety_token: bool = False,
+        speculative: bool = True,
         **kwargs: Any,
     ) -> Any:
         """Drop-in for `model.generate`: safety token first (decided, never sampled), then the answer.
@@ -252,6 +283,9 @@ class SafeGateModel(nn.Module):
             safety_threshold (`float | None`): unsafe iff p(unsafe) >= threshold; `None` = config default,
                 and if that is `None` too, the argmax of the gated pair.
             keep_safety_token (`bool`): keep the safety token in the returned ids (streamers never show it).
+            speculative (`bool`): prefill `prompt, <|safe|>` and decide in that same pass, so a safe answer starts
+                as fast as without a gate (see `safegate.speculative`); an unsafe verdict costs one decode step.
+                `False`: the safety token is a decode step of its own. The verdict is the same either way.
             **kwargs: anything `model.generate` accepts. `max_new_tokens` counts answer tokens only.
 
         Returns:
@@ -267,13 +301,17 @@ class SafeGateModel(nn.Module):
         want_dict = kwargs.pop("return_dict_in_generate", None)
         if want_dict is None:
             want_dict = bool((kwargs.get("generation_config") or self.generation_config).return_dict_in_generate)
+        lengths = [0] * (input_ids.shape[0] if input_ids is not None else 0)
         if input_ids is not None and self._header is not None:
-            lengths = prefix_lengths(input_ids, attention_mask, self._header, self._special_ids)
-            if any(lengths):
-                out = self._generate_after_prefix(
-                    input_ids, attention_mask, lengths, threshold, keep_safety_token, kwargs
-                )
-                return out if want_dict else out.sequences
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            lengths = prefix_lengths(input_ids, mask, self._header, self._special_ids)
+        if speculative and self.speculative and input_ids is not None:
+            args = (input_ids, attention_mask, lengths, threshold, keep_safety_token, kwargs)
+            out = generate_speculatively(self, *args)
+            return out if want_dict else out.sequences
+        if any(lengths):
+            out = self._generate_after_prefix(input_ids, attention_mask, lengths, threshold, keep_safety_token, kwargs)
+            return out if want_dict else out.sequences
         self._extend_length_budget(kwargs)
         out = self._generate_gated(input_ids, attention_mask, threshold, keep_safety_token, kwargs)
         return out if want_dict else out.sequences
@@ -429,6 +467,18 @@ class SafeGateModel(nn.Module):
             value = kwargs.get(key, getattr(gen_config, key, None))
             if value:
                 kwargs[key] = value + 1
+
+    def _count_safety_token_in_length(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The safety token is part of the input: total-length budgets (`max_length`, `min_length`) grow by one."""
+        gen_config = kwargs.get("generation_config") or self.generation_config
+        kwargs = dict(kwargs)
+        if kwargs.get("max_new_tokens") is None and gen_config.max_new_tokens is None:
+            kwargs["max_length"] = (kwargs.get("max_length") or gen_config.max_length) + 1
+        if kwargs.get("min_new_tokens") is None and not gen_config.min_new_tokens:
+            value = kwargs.get("min_length", gen_config.min_length)
+            if value:
+                kwargs["min_length"] = value + 1
+        return kwargs
 
     def _per_token_kwargs(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> list[str]:
         return [

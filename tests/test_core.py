@@ -139,7 +139,8 @@ def test_use_cache_off_gives_same_verdict(gated):
     assert torch.equal(on.sequences, off.sequences)
 
 
-def test_user_logits_processor_and_stopping_criteria_still_apply(gated):
+@pytest.mark.parametrize("speculative", [True, False])
+def test_user_logits_processor_and_stopping_criteria_still_apply(gated, speculative):
     from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
     calls = []
@@ -162,8 +163,10 @@ def test_user_logits_processor_and_stopping_criteria_still_apply(gated):
         logits_processor=LogitsProcessorList([Count()]),
         stopping_criteria=StoppingCriteriaList([StopAfter()]),
         keep_safety_token=True,
+        speculative=speculative,
     )
-    assert out.shape[1] == n + 3 and calls == [n, n + 1, n + 2]
+    # speculated, the safety token is part of the prefill: user processors run at the answer steps only
+    assert out.shape[1] == n + 3 and calls == ([n + 1, n + 2] if speculative else [n, n + 1, n + 2])
 
 
 def test_injection_is_rejected(gated):

@@ -1,0 +1,329 @@
+"""Speculative safety token: prefill `prompt, <|safe|>` and let the gate decide inside that same forward pass.
+
+Without speculation the safety token is a decode step of its own before the first answer token, which doubles the
+time to the first answer token on a GPU. In a causal decoder nothing a position computes depends on the positions
+after it, so appending `<|safe|>` to the prompt leaves every state the gate reads, and the logits it scales at the
+last prompt position, exactly as they were. `SpeculativeDecision`, a forward hook on the generating module, takes
+the verdict from the prefill's own outputs:
+
+- every row safe (the usual case): that one pass has already produced the first answer token's logits;
+- any row unsafe: the pass stops right after the model ran (`SpeculationMiss`); the KV cache is cut back by one
+  position and generation resumes from the decided tokens (one decode step, the cost without speculation). Where the
+  cache cannot be cut (no cache, an assistant prefix, several return sequences, a cache that refuses), the batch is
+  generated again from `prompt, decided token` instead.
+
+The verdict itself never depends on the speculation: same states, same logits, same decision rule. The two logits
+the gate scales are the final states at the last prompt position times the head's two safety rows (a (2, d)
+product: projecting a second position onto the whole vocabulary would cost as much as the first answer token).
+`probe` checks at attach time that appending a token really leaves earlier states unchanged, and that those two
+logits are what the model itself computes; where the first fails `generate` does not speculate, where the second
+fails the prefill returns the logits of the last prompt position too.
+
+Example:
+    >>> import safegate
+    >>> from safegate.testing import chat, tiny_model_and_tokenizer
+    >>> model, tok = tiny_model_and_tokenizer("qwen2")
+    >>> gated = safegate.attach(model, tok, safegate.GateConfig(attention_dim=16, lora_r=4))
+    >>> inputs = chat(tok, ["How do I bake bread?"])
+    >>> fast = gated.generate(**inputs, max_new_tokens=4, return_dict_in_generate=True)
+    >>> slow = gated.generate(**inputs, max_new_tokens=4, speculative=False, return_dict_in_generate=True)
+    >>> fast.safety == slow.safety, bool((fast.sequences == slow.sequences).all())
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fast_tokens import output_rows
+from .hooks import HiddenStateTap
+from .kv_cache import CACHE_KWARG, output_cache
+
+try:  # the inputs `generate` feeds only to the prefill; fall back to the 5.23 contents if the name moves
+    from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL as _PREFILL_ONLY
+except ImportError:  # pragma: no cover - depends on the transformers version
+    _PREFILL_ONLY = ("pixel_values", "pixel_values_videos", "input_features", "image_sizes", "pixel_attention_mask")
+
+if TYPE_CHECKING:
+    from .model import SafeGateModel, _Verdict
+
+#: Inputs that only the prefill reads: a resumed generation must not see them again.
+PREFILL_ONLY_INPUTS: tuple[str, ...] = tuple(_PREFILL_ONLY) + ("feature_attention_mask",)
+
+
+class SpeculationMiss(Exception):  # noqa: N818 - control flow, not an error the caller sees
+    """Raised from the prefill when a row is unsafe; carries the KV cache the prefill filled."""
+
+    def __init__(self, cache: Any) -> None:
+        super().__init__("the gate decided unsafe: the speculated <|safe|> token is replaced")
+        self.cache = cache
+
+
+@dataclass
+class SpeculativePlan:
+    """The prefill input `prompt, <|safe|>, assistant prefix` (left-padded) and where the gate reads it.
+
+    `prompt_mask` is the attention mask with the safety token and any prefix zeroed: the positions the gate pools.
+    `tails[i]` counts the positions after row i's last prompt position (1 + its prefix length).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_mask: torch.Tensor
+    tails: torch.Tensor
+    kwargs: dict[str, Any]
+
+
+def build_plan(
+    gated: SafeGateModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prefix_lengths: list[int],
+    kwargs: dict[str, Any],
+) -> SpeculativePlan:
+    """Insert `<|safe|>` after each row's prompt (before any assistant prefix) and record the gate's positions."""
+    rows = len(prefix_lengths)
+    ids, mask, new_kwargs = gated._insert_tokens(
+        input_ids, attention_mask, prefix_lengths, [gated.safe_token_id] * rows, kwargs, [True] * rows
+    )
+    tails = torch.tensor(prefix_lengths, device=ids.device) + 1
+    columns = torch.arange(ids.shape[1], device=ids.device)
+    prompt_mask = mask * (columns < ids.shape[1] - tails.unsqueeze(1))
+    return SpeculativePlan(ids, mask, prompt_mask, tails, new_kwargs)
+
+
+class SpeculativeDecision:
+    """Forward hook on the generating module: decide the verdict from the first forward (the prefill) in this thread.
+
+    Reads the tapped prompt states and the pair of safety logits at each row's last prompt position (from the final
+    states when `final` taps them, else from the returned logits), fills `verdict`, and raises `SpeculationMiss`
+    when any row is unsafe. Removes itself after that first forward.
+    """
+
+    def __init__(
+        self,
+        gated: SafeGateModel,
+        tap: HiddenStateTap,
+        final: HiddenStateTap | None,
+        plan: SpeculativePlan,
+        threshold: float | None,
+        verdict: _Verdict,
+    ) -> None:
+        self.gated, self.tap, self.final, self.plan = gated, tap, final, plan
+        self.threshold, self.verdict = threshold, verdict
+        self._thread = threading.get_ident()
+        self._handle: Any = None
+
+    def __enter__(self) -> SpeculativeDecision:
+        self._thread = threading.get_ident()
+        self._handle = self.gated.arch.root.register_forward_hook(self, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()  # idempotent
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        if threading.get_ident() != self._thread:
+            return
+        self._handle.remove()  # decided once: no per-token work while decoding
+        if self.tap.states is None:
+            raise RuntimeError("the hidden-state tap saw no prefill pass; the gate cannot decide")
+        gated = self.gated
+        rows = self.tap.states.shape[0]
+        expand = rows // self.plan.tails.shape[0]  # num_return_sequences expands rows before the prefill
+        tails = self.plan.tails.to(self.tap.states.device).repeat_interleave(expand)
+        every = torch.arange(rows, device=tails.device)
+        pair = None
+        if self.final is not None and self.final.states is not None:
+            weight = output_rows(gated.arch.root.get_output_embeddings(), [gated.safe_token_id, gated.unsafe_token_id])
+            if weight is not None:
+                states = self.final.states
+                last = states[every, states.shape[1] - 1 - tails]
+                self.verdict.last_states = last
+                pair = F.linear(last, weight.to(last.dtype)).float()
+        if pair is None:
+            logits = output.logits if hasattr(output, "logits") else output[0]
+            index = logits.shape[1] - 1 - tails.to(logits.device)
+            if bool((index < 0).any()):
+                raise RuntimeError(f"the prefill returned logits for {logits.shape[1]} positions; the gate needs more")
+            scores = logits[every.to(logits.device), index].float()
+            self.verdict.scores = scores
+            pair = scores[:, [gated.safe_token_id, gated.unsafe_token_id]]
+        mask = self.plan.prompt_mask.repeat_interleave(expand, dim=0)
+        p_unsafe, unsafe = gated.decide_pair(pair[:, 0], pair[:, 1], self.tap.states, mask, self.threshold)
+        self.verdict.p_unsafe, self.verdict.unsafe = p_unsafe, unsafe
+        if bool(unsafe.any()):
+            raise SpeculationMiss(output_cache(output))
+
+
+def logits_to_keep(gated: SafeGateModel, plan: SpeculativePlan) -> int | None:
+    """Trailing positions the prefill must return logits for when the pair is read from them; `None`: the default."""
+    if (
+        gated._support.pair_from_states
+        or "logits_to_keep" not in inspect.signature(gated.arch.root.forward).parameters
+    ):
+        return None
+    return int(plan.tails.max()) + 1
+
+
+def resume_from_cache(
+    gated: SafeGateModel, plan: SpeculativePlan, tokens: torch.Tensor, cache: Any, kwargs: dict[str, Any]
+) -> Any | None:
+    """Cut the speculated token from `cache` and continue from `tokens` in its place; `None` if that cannot be done.
+
+    Needs every row to end with the safety token (no assistant prefix) and one cache row per prompt row.
+    """
+    if cache is None or tokens.shape[0] != plan.input_ids.shape[0] or bool((plan.tails != 1).any()):
+        return None
+    if not getattr(cache, "is_croppable", True):
+        return None
+    try:
+        cache.crop(-1)
+    except (RuntimeError, ValueError, NotImplementedError, AttributeError):
+        return None
+    ids = plan.input_ids.clone()
+    ids[:, -1] = tokens.to(ids.device)
+    resumed = {k: v for k, v in kwargs.items() if k not in PREFILL_ONLY_INPUTS}
+    resumed[CACHE_KWARG] = cache
+    return gated.peft_model.generate(
+        input_ids=ids, attention_mask=plan.attention_mask, return_dict_in_generate=True, **resumed
+    )
+
+
+@dataclass(frozen=True)
+class SpeculationSupport:
+    """What `probe` found: whether `generate` may speculate, and where it reads the safety pair."""
+
+    causal: bool
+    pair_from_states: bool
+
+
+@torch.no_grad()
+def probe(gated: SafeGateModel) -> SpeculationSupport:
+    """Check on a short sentence that appending a token changes no earlier state or logit (a causal decoder), and
+    that the safety pair's logits equal the final states times the head's two rows (no logit post-processing)."""
+    root, device = gated.arch.root, gated.device
+    ids = gated.tokenizer("Speculation needs a causal decoder.", add_special_tokens=False, return_tensors="pt")
+    ids = ids["input_ids"].to(device)
+    longer = torch.cat([ids, torch.tensor([[gated.safe_token_id]], device=device)], dim=1)
+    n = ids.shape[1]
+    seen = []
+    for probe_ids in (ids, longer):
+        with HiddenStateTap(gated._tap_module) as tap, HiddenStateTap(gated.arch.norm) as final:
+            logits = root(input_ids=probe_ids, attention_mask=torch.ones_like(probe_ids)).logits
+        assert tap.states is not None and final.states is not None
+        seen.append((tap.states[:, :n].float(), logits[:, n - 1].float(), final.states[:, n - 1]))
+    (states, logits, last), (states_long, logits_long, _) = seen
+    causal = _close(states, states_long) and _close(logits, logits_long)
+    ids_pair = [gated.safe_token_id, gated.unsafe_token_id]
+    weight = output_rows(root.get_output_embeddings(), ids_pair)
+    from_states = weight is not None and not logit_post_processing(root.config)
+    from_states = from_states and _close(F.linear(last, weight.to(last.dtype)).float(), logits[:, ids_pair])
+    return SpeculationSupport(causal=causal, pair_from_states=from_states)
+
+
+def logit_post_processing(config: Any) -> list[str]:
+    """Config fields that change logits after the head (soft-capping, scaling): the head's rows alone do not give
+    them. Small random logits hide such a change from a numeric check, so the config is read as well."""
+    configs = [config, *(getattr(config, name, None) for name in ("text_config", "thinker_config"))]
+    found = []
+    for cfg in filter(None, configs):
+        for key, value in cfg.to_dict().items() if hasattr(cfg, "to_dict") else ():
+            if "logit" in key and value not in (None, 1, 1.0, False) and not isinstance(value, dict | list):
+                found.append(key)
+    return found
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the rounding of a different sequence length (1 % of the largest magnitude)."""
+    return bool((a - b).abs().max() <= 1e-2 * a.abs().max().clamp(min=1e-6))
+
+
+def generate_speculatively(
+    gated: SafeGateModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    prefix_lengths: list[int],
+    threshold: float | None,
+    keep_safety_token: bool,
+    kwargs: dict[str, Any],
+) -> Any:
+    """`SafeGateModel.generate` with the safety token speculated in the prefill (see the module docstring)."""
+    from .model import _Verdict
+    from .streaming import SkipSafetyTokenStreamer
+
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    kwargs = gated._count_safety_token_in_length(kwargs)
+    plan = build_plan(gated, input_ids, mask, prefix_lengths, kwargs)
+    keep = logits_to_keep(gated, plan)
+    if keep is not None and "logits_to_keep" not in plan.kwargs:
+        plan.kwargs["logits_to_keep"] = keep
+    streamer = None
+    if plan.kwargs.get("streamer") is not None:
+        streamer = plan.kwargs["streamer"] = SkipSafetyTokenStreamer(plan.kwargs["streamer"], prompt=input_ids)
+    verdict = _Verdict()
+    width = plan.input_ids.shape[1]
+    try:
+        with contextlib.ExitStack() as stack:
+            tap = stack.enter_context(HiddenStateTap(gated._tap_module))
+            final = None
+            if gated._support.pair_from_states:  # the final norm's states give the pair (often the gate's tap too)
+                same = gated.arch.norm is gated._tap_module
+                final = tap if same else stack.enter_context(HiddenStateTap(gated.arch.norm))
+            stack.enter_context(SpeculativeDecision(gated, tap, final, plan, threshold, verdict))
+            out = gated.peft_model.generate(
+                input_ids=plan.input_ids, attention_mask=plan.attention_mask, return_dict_in_generate=True,
+                **plan.kwargs,
+            )  # fmt: skip
+    except SpeculationMiss as miss:
+        assert verdict.unsafe is not None
+        tokens = torch.where(verdict.unsafe, gated.unsafe_token_id, gated.safe_token_id)
+        if streamer is not None:
+            streamer.restart()
+        out = resume_from_cache(gated, plan, tokens, miss.cache, plan.kwargs)
+        if out is None:  # generate again from `prompt, decided token` (and the prefix where it is kept)
+            per_prompt = tokens[:: tokens.shape[0] // input_ids.shape[0]].tolist()
+            drop = gated.gate_config.unsafe_prefix == "drop"
+            kept = [not (drop and t == gated.unsafe_token_id) for t in per_prompt]
+            ids, new_mask, new_kwargs = gated._insert_tokens(input_ids, mask, prefix_lengths, per_prompt, kwargs, kept)
+            new_kwargs.pop("logits_to_keep", None)
+            if streamer is not None:
+                new_kwargs["streamer"] = streamer
+            width = ids.shape[1]
+            out = gated.peft_model.generate(
+                input_ids=ids, attention_mask=new_mask, return_dict_in_generate=True, **new_kwargs
+            )
+    if verdict.unsafe is None:
+        raise RuntimeError("generation ended before the prefill; the gate did not run")
+    return _finish(gated, out, input_ids, width, verdict, keep_safety_token)
+
+
+def _finish(
+    gated: SafeGateModel, out: Any, input_ids: torch.Tensor, width: int, verdict: _Verdict, keep_safety_token: bool
+) -> Any:
+    """Drop the safety token (unless kept), or prepend the safety step to `scores` / `logits` when it is kept."""
+    if keep_safety_token:
+        chosen = torch.where(verdict.unsafe, gated.unsafe_token_id, gated.safe_token_id)
+        raw = verdict.scores
+        wanted = [name for name in ("scores", "logits") if getattr(out, name, None) is not None]
+        if wanted and raw is None:  # the pair came from the states: project that one position now, only on request
+            with torch.no_grad():
+                raw = gated.arch.root.get_output_embeddings()(verdict.last_states).float()
+        if wanted:
+            assert raw is not None
+            forced = torch.full_like(raw, float("-inf")).scatter_(1, chosen.unsqueeze(1).to(raw.device), 0.0)
+            for name, first in (("scores", forced), ("logits", raw)):
+                if name in wanted:
+                    setattr(out, name, (first.to(out.sequences.device), *getattr(out, name)))
+    else:
+        prompt = input_ids.repeat_interleave(out.sequences.shape[0] // input_ids.shape[0], dim=0)
+        out.sequences = torch.cat([prompt, out.sequences[:, width:]], dim=1)
+    return gated._attach_verdict(out, verdict)
