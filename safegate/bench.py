@@ -1,10 +1,13 @@
-"""`safegate bench`: measured overhead of the gate, as paired and interleaved ratios (A B A B ..., median).
+"""`safegate bench`: measured overhead of the gate, as paired and interleaved ratios (A B, B A, ..., median).
 
-Measures on a random-initialised backbone of realistic shape (default: Qwen2.5-0.5B; `--shape tiny` for a
-smoke run): gated/plain `generate` wall time (batch 1 and 8; 256-token prompt, 64 new answer tokens),
-time-to-first-answer-token, gate FLOPs vs prefill FLOPs (computed), the CASA training step vs a plain PEFT LoRA
-step on the same batch, peak memory, and bundle bytes for Qwen2.5-Omni-3B/7B shapes (computed on the `meta`
-device, no weights). Writes JSON; absolute times depend on the machine, ratios are what to compare.
+Measures on a random-initialised backbone of realistic shape (default: Qwen2.5-0.5B on a GPU, SmolLM2-135M on a
+CPU; `--shape tiny` for a smoke run): gated/plain `generate` wall time (batch 1 and 8; 256-token prompt, 64 new
+answer tokens) and time to the first answer token, each for a benign request (the gate says safe: the usual path)
+and a harmful one (unsafe: the speculated `<|safe|>` is replaced, one extra decode step); gate FLOPs vs prefill
+FLOPs (computed); the CASA training step vs a plain PEFT LoRA step (same LoRA config, same batch, prompt labels
+masked as in supervised fine-tuning) for a prompt-heavy and a response-heavy batch; peak memory (CUDA); bundle bytes
+for Qwen2.5-Omni-3B/7B shapes (computed on the `meta` device, no weights). Writes JSON; absolute times depend on
+the machine, ratios are what to compare.
 
 Example:
     >>> omni_bundle_bytes("7b")["total_bytes"] < 30e6
@@ -31,6 +34,10 @@ SHAPES: dict[str, dict[str, Any]] = {
         hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
     ),
+    "smollm2-135m": dict(
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+    ),
     "small": dict(
         hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True,
@@ -50,7 +57,12 @@ OMNI_TEXT = {
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="measure the gate's overhead (ratios gated/plain)")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default=None,
+        help="backbone shape (default: qwen2.5-0.5b on CUDA, smollm2-135m on CPU)",
+    )
     parser.add_argument("--pairs", type=int, default=5, help="A/B pairs per measurement (median reported)")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -61,8 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    shape = args.shape or ("qwen2.5-0.5b" if args.device.startswith("cuda") else "smollm2-135m")
     results = benchmark(
-        shape=args.shape, pairs=args.pairs, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+        shape=shape, pairs=args.pairs, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
         batch_sizes=[int(b) for b in args.batch_sizes.split(",")], device=args.device,
     )  # fmt: skip
     out = Path(args.out)
@@ -76,15 +89,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _backbone(shape: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from .testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    config = Qwen2Config(max_position_embeddings=4096, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         bos_token_id=None, **SHAPES[shape])  # fmt: skip
-    model = Qwen2ForCausalLM(config).to(device=device, dtype=dtype).eval()
+    fields = dict(SHAPES[shape])
+    llama = fields.pop("model_type", "qwen2") == "llama"
+    config_class, model_class = (LlamaConfig, LlamaForCausalLM) if llama else (Qwen2Config, Qwen2ForCausalLM)
+    config = config_class(max_position_embeddings=4096, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                          bos_token_id=None, **fields)  # fmt: skip
+    model = model_class(config).to(device=device, dtype=dtype).eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
 
@@ -110,8 +126,14 @@ def _paired(a: Callable[[], Any], b: Callable[[], Any], pairs: int, device: str)
         times_a.append(elapsed[a])
         times_b.append(elapsed[b])
         ratios.append(elapsed[b] / elapsed[a])
-    return {"ratio": statistics.median(ratios), "plain_s": statistics.median(times_a),
-            "gated_s": statistics.median(times_b), "ratios": ratios}  # fmt: skip
+    return _summary(ratios, times_a, times_b)
+
+
+def _summary(ratios: list[float], plain: list[float], gated: list[float]) -> dict[str, Any]:
+    """Median ratio with its interquartile range (the noise of the machine), median times, every pair's ratio."""
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"ratio": statistics.median(ratios), "ratio_iqr": [quartiles[0], quartiles[2]],
+            "plain_s": statistics.median(plain), "gated_s": statistics.median(gated), "ratios": ratios}  # fmt: skip
 
 
 class _FirstTokenClock:
@@ -129,6 +151,10 @@ class _FirstTokenClock:
 
     def end(self) -> None:
         pass
+
+
+#: What the gate decides in each measured path: a confident gate (read-out bias) stands in for a trained one.
+VERDICTS = {"benign": ("safe", -30.0), "harmful": ("unsafe", 30.0)}
 
 
 def benchmark(
@@ -161,34 +187,48 @@ def benchmark(
         "ttft": {},
     }
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    batches = {}
     for batch in batch_sizes or [1, 8]:
         torch.manual_seed(batch)
         header = gated._header or []  # prompts end with the assistant header, as chat prompts do
         ids = torch.randint(4, vocab, (batch, prompt_tokens - len(header)), device=device)
         ids = torch.cat([ids, torch.tensor([header] * batch, dtype=ids.dtype, device=device)], dim=1)
-        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+        batches[batch] = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    for path, (label, bias) in VERDICTS.items():
         with torch.no_grad():
-            results["generate"][f"batch_{batch}"] = _paired(
-                lambda inputs=inputs: plain.generate(**inputs, **gen),
-                lambda inputs=inputs: gated.generate(**inputs, **gen),
-                pairs,
-                device,
-            )
-
-            def ttft(fn: Callable[..., Any], inputs: dict[str, Any] = inputs) -> float:
-                clock = _FirstTokenClock()
-                _sync(device)
-                fn(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, streamer=clock)
-                return clock.first or float("nan")
-
-            if batch == 1:  # transformers streamers take one row
-                results["ttft"][f"batch_{batch}"] = _paired_values(
-                    lambda: ttft(plain.generate), lambda: ttft(gated.generate), pairs
+            gated.gate.out.bias.fill_(bias)
+        results["generate"][path], results["ttft"][path] = {}, {}
+        for batch, inputs in batches.items():
+            with torch.no_grad():
+                decided = gated.generate(**inputs, max_new_tokens=1, return_dict_in_generate=True).safety
+                if set(decided) != {label}:
+                    raise RuntimeError(f"the {path} path should decide {label!r}, the gate said {decided}")
+                results["generate"][path][f"batch_{batch}"] = _paired(
+                    lambda inputs=inputs: plain.generate(**inputs, **gen),
+                    lambda inputs=inputs: gated.generate(**inputs, **gen),
+                    pairs,
+                    device,
                 )
-    results["memory"] = _memory(device, plain, gated, inputs, gen)
+
+                def ttft(fn: Callable[..., Any], inputs: dict[str, Any] = inputs) -> float:
+                    clock = _FirstTokenClock()
+                    _sync(device)
+                    clock.start = time.perf_counter()
+                    fn(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, streamer=clock)
+                    return clock.first or float("nan")
+
+                results["ttft"][path][f"batch_{batch}"] = _paired_values(
+                    lambda ttft=ttft: ttft(plain.generate), lambda ttft=ttft: ttft(gated.generate), pairs
+                )
+    with torch.no_grad():
+        gated.gate.out.bias.fill_(VERDICTS["benign"][1])
+    results["memory"] = _memory(device, plain, gated, batches[max(batches)], gen)
     results["flops"] = gate_flops(model.config.hidden_size, gated.gate_config.attention_dim, prompt_tokens,
                                   sum(p.numel() for p in plain.parameters()))  # fmt: skip
-    results["training_step"] = training_step_ratio(gated, plain, tok, vocab, device, pairs)
+    results["training_step"] = {
+        f"prompt_{prompt}_response_{128 - prompt}": training_step_ratio(gated, plain, vocab, device, pairs, prompt)
+        for prompt in (96, 16)
+    }
     results["bundle_bytes"] = {name: omni_bundle_bytes(name) for name in OMNI_TEXT}
     return results
 
@@ -203,9 +243,7 @@ def _paired_values(a: Callable[[], float], b: Callable[[], float], pairs: int) -
         else:
             vb.append(b())
             va.append(a())
-    ratios = [y / x for x, y in zip(va, vb, strict=True)]
-    return {"ratio": statistics.median(ratios), "plain_s": statistics.median(va), "gated_s": statistics.median(vb),
-            "ratios": ratios}  # fmt: skip
+    return _summary([y / x for x, y in zip(va, vb, strict=True)], va, vb)
 
 
 def gate_flops(hidden: int, attention_dim: int, prompt_tokens: int, params: int) -> dict[str, float]:
@@ -215,33 +253,41 @@ def gate_flops(hidden: int, attention_dim: int, prompt_tokens: int, params: int)
     return {"gate": float(gate), "prefill": float(prefill), "ratio": gate / prefill}
 
 
-def training_step_ratio(gated: Any, plain: Any, tok: Any, vocab: int, device: str, pairs: int) -> dict[str, Any]:
-    """CASA step (safegate.training's loss) vs a plain PEFT LoRA step with the same LoRA config and batch."""
+def training_step_ratio(
+    gated: Any, plain: Any, vocab: int, device: str, pairs: int, prompt: int, length: int = 128, batch: int = 8
+) -> dict[str, Any]:
+    """CASA step (`safegate.objective.casa_loss`) vs a plain PEFT LoRA step: same LoRA config, batch and targets.
+
+    Each row holds `prompt` prompt tokens, the safety token and `length - prompt - 1` response tokens; half the rows
+    are harmful. The plain step is supervised fine-tuning as PEFT users run it: `labels` with the prompt masked
+    (-100), transformers' own loss.
+    """
     from peft import LoraConfig, get_peft_model
 
     from .objective import casa_loss
 
+    config = gated.gate_config
     gated.unmerge_adapter()
     gated.train()
-    lora = get_peft_model(copy.deepcopy(plain), LoraConfig(r=gated.gate_config.lora_r,
-                          lora_alpha=gated.gate_config.lora_alpha, target_modules=gated.arch.lora_target))  # fmt: skip
+    lora = get_peft_model(copy.deepcopy(plain), LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout, target_modules=gated.arch.lora_target))  # fmt: skip
     lora.train()
     torch.manual_seed(0)
-    ids = torch.randint(4, vocab, (8, 128), device=device)
-    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
-    prompt = 96  # 96 prompt tokens, the safety token, 31 response tokens; half the rows harmful
-    ids[:, prompt] = torch.tensor([gated.safe_token_id, gated.unsafe_token_id] * 4, device=device)
+    ids = torch.randint(4, vocab, (batch, length), device=device)
+    ids[:, prompt] = torch.tensor([gated.safe_token_id, gated.unsafe_token_id] * (batch // 2), device=device)
     labels = ids.clone()
     labels[:, : prompt + 1] = -100
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     casa_batch = dict(
-        batch, labels=labels, prompt_mask=(torch.arange(128, device=device) < prompt).long().expand(8, -1),
-        class_labels=torch.tensor([0, 1] * 4, device=device), safety_index=torch.full((8,), prompt - 1, device=device),
+        inputs, labels=labels, prompt_mask=(torch.arange(length, device=device) < prompt).long().expand(batch, -1),
+        class_labels=torch.tensor([0, 1] * (batch // 2), device=device),
+        safety_index=torch.full((batch,), prompt - 1, device=device),
     )  # fmt: skip
     opt_plain = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
     opt_gated = torch.optim.AdamW([p for p in gated.parameters() if p.requires_grad], lr=1e-4)
 
     def plain_step() -> None:
-        out = lora(**batch, labels=ids, use_cache=False)
+        out = lora(**inputs, labels=labels, use_cache=False)
         out.loss.backward()
         opt_plain.step()
         opt_plain.zero_grad()
@@ -253,7 +299,9 @@ def training_step_ratio(gated: Any, plain: Any, tok: Any, vocab: int, device: st
         opt_gated.zero_grad()
 
     result = _paired(plain_step, gated_step, pairs, device)
+    result["logit_rows"] = {"plain": batch * length, "gated": batch + int((labels[:, 1:] != -100).sum())}
     gated.eval()
+    gated.merge_adapter()
     return result
 
 
@@ -312,24 +360,27 @@ def _machine(device: str) -> dict[str, Any]:
 
 def format_table(results: dict[str, Any]) -> str:
     lines = [f"safegate bench — {results['shape']} on {results['machine']['device']} ({results['dtype']})", ""]
-    lines.append(f"{'measurement':<44}{'plain':>10}{'gated':>10}{'ratio':>9}")
-    for key, row in results["generate"].items():
-        name = f"generate {key} (s)"
-        lines.append(f"{name:<44}{row['plain_s']:>10.3f}{row['gated_s']:>10.3f}{row['ratio']:>9.3f}")
-    for key, row in results["ttft"].items():
-        name = f"time to first answer token {key} (s)"
-        lines.append(f"{name:<44}{row['plain_s']:>10.3f}{row['gated_s']:>10.3f}{row['ratio']:>9.3f}")
-    step = results["training_step"]
-    if "ratio" in step:
-        lines.append(f"{'training step vs plain LoRA (s)':<44}{step['plain_s']:>10.3f}{step['gated_s']:>10.3f}"
-                     f"{step['ratio']:>9.3f}")  # fmt: skip
-    lines.append(f"{'gate FLOPs / prefill FLOPs':<44}{'':>20}{results['flops']['ratio']:>9.2e}")
+    lines.append(f"{'measurement':<52}{'plain':>10}{'gated':>10}{'ratio':>9}{'IQR':>16}")
+
+    def row(name: str, r: dict[str, Any]) -> None:
+        low, high = r.get("ratio_iqr", [r["ratio"], r["ratio"]])
+        iqr = f"{low:.3f}-{high:.3f}"
+        lines.append(f"{name:<52}{r['plain_s']:>10.3f}{r['gated_s']:>10.3f}{r['ratio']:>9.3f}{iqr:>16}")
+
+    for path in results["generate"]:
+        for key, r in results["generate"][path].items():
+            row(f"generate, {path}, {key} (s)", r)
+        for key, r in results["ttft"][path].items():
+            row(f"time to first answer token, {path}, {key} (s)", r)
+    for key, r in results["training_step"].items():
+        row(f"training step vs plain LoRA, {key} (s)", r)
+    lines.append(f"{'gate FLOPs / prefill FLOPs':<52}{'':>20}{results['flops']['ratio']:>9.2e}")
     if "ratio" in results["memory"]:
         mem = results["memory"]
         name = "peak generate memory above resident (MB)"
         plain_mb, gated_mb = mem["plain_peak_extra_bytes"] / 1e6, mem["gated_peak_extra_bytes"] / 1e6
-        lines.append(f"{name:<44}{plain_mb:>10.1f}{gated_mb:>10.1f}{mem['ratio']:>9.3f}")
+        lines.append(f"{name:<52}{plain_mb:>10.1f}{gated_mb:>10.1f}{mem['ratio']:>9.3f}")
     for name, b in results["bundle_bytes"].items():
         label = f"bundle bytes, Qwen2.5-Omni-{name.upper()}"
-        lines.append(f"{label:<44}{'':>20}{b['total_bytes'] / 1e6:>7.1f}MB")
+        lines.append(f"{label:<52}{'':>20}{b['total_bytes'] / 1e6:>7.1f}MB")
     return "\n".join(lines)

@@ -5,14 +5,23 @@ import json
 from safegate.cli import main
 
 
-def test_bench_smoke_writes_valid_json(tmp_path):
+def test_bench_smoke_writes_valid_json(tmp_path, capsys):
     out = tmp_path / "results.json"
     code = main(["bench", "--shape", "tiny", "--pairs", "1", "--prompt-tokens", "16", "--new-tokens", "2",
                  "--batch-sizes", "1,2", "--device", "cpu", "--out", str(out)])  # fmt: skip
     assert code == 0
     results = json.loads(out.read_text())
-    assert set(results["generate"]) == {"batch_1", "batch_2"} and "batch_1" in results["ttft"]
-    for row in [*results["generate"].values(), *results["ttft"].values(), results["training_step"]]:
+    assert set(results["generate"]) == set(results["ttft"]) == {"benign", "harmful"}
+    rows = [*results["training_step"].values()]
+    for path in ("benign", "harmful"):
+        assert set(results["generate"][path]) == set(results["ttft"][path]) == {"batch_1", "batch_2"}
+        rows += [*results["generate"][path].values(), *results["ttft"][path].values()]
+    assert set(results["training_step"]) == {"prompt_96_response_32", "prompt_16_response_112"}
+    for row in rows:
         assert row["ratio"] > 0 and row["plain_s"] > 0 and row["gated_s"] > 0
+        assert row["ratio_iqr"][0] <= row["ratio"] <= row["ratio_iqr"][1] and len(row["ratios"]) == 1
+    step = results["training_step"]["prompt_96_response_32"]["logit_rows"]
+    assert step == {"plain": 8 * 128, "gated": 8 + 8 * 31}
     assert 0 < results["flops"]["ratio"] < 1
     assert results["bundle_bytes"]["7b"]["total_bytes"] > results["bundle_bytes"]["3b"]["total_bytes"] > 1e6
+    assert "time to first answer token, harmful, batch_2" in capsys.readouterr().out
