@@ -154,6 +154,7 @@ class _FirstTokenClock:
 
 
 #: What the gate decides in each measured path: a confident gate (read-out bias) stands in for a trained one.
+#: The results also hold a `control` path: the plain model against a copy of itself (the noise floor).
 VERDICTS = {"benign": ("safe", -30.0), "harmful": ("unsafe", 30.0)}
 
 
@@ -201,25 +202,21 @@ def benchmark(
         for batch, inputs in batches.items():
             with torch.no_grad():
                 decided = gated.generate(**inputs, max_new_tokens=1, return_dict_in_generate=True).safety
-                if set(decided) != {label}:
-                    raise RuntimeError(f"the {path} path should decide {label!r}, the gate said {decided}")
-                results["generate"][path][f"batch_{batch}"] = _paired(
-                    lambda inputs=inputs: plain.generate(**inputs, **gen),
-                    lambda inputs=inputs: gated.generate(**inputs, **gen),
-                    pairs,
-                    device,
-                )
-
-                def ttft(fn: Callable[..., Any], inputs: dict[str, Any] = inputs) -> float:
-                    clock = _FirstTokenClock()
-                    _sync(device)
-                    clock.start = time.perf_counter()
-                    fn(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, streamer=clock)
-                    return clock.first or float("nan")
-
-                results["ttft"][path][f"batch_{batch}"] = _paired_values(
-                    lambda ttft=ttft: ttft(plain.generate), lambda ttft=ttft: ttft(gated.generate), pairs
-                )
+            if set(decided) != {label}:
+                raise RuntimeError(f"the {path} path should decide {label!r}, the gate said {decided}")
+            key = f"batch_{batch}"
+            results["generate"][path][key], results["ttft"][path][key] = _generate_pair(
+                plain.generate, gated.generate, inputs, gen, pairs, device
+            )
+    # A/A control: the plain model against an identical copy of itself shows how far the machine's noise reaches
+    twin = copy.deepcopy(plain)
+    results["generate"]["control"], results["ttft"]["control"] = {}, {}
+    for batch, inputs in batches.items():
+        key = f"batch_{batch}"
+        results["generate"]["control"][key], results["ttft"]["control"][key] = _generate_pair(
+            plain.generate, twin.generate, inputs, gen, pairs, device
+        )
+    del twin
     with torch.no_grad():
         gated.gate.out.bias.fill_(VERDICTS["benign"][1])
     results["memory"] = _memory(device, plain, gated, batches[max(batches)], gen)
@@ -231,6 +228,24 @@ def benchmark(
     }
     results["bundle_bytes"] = {name: omni_bundle_bytes(name) for name in OMNI_TEXT}
     return results
+
+
+def _generate_pair(
+    a: Callable[..., Any], b: Callable[..., Any], inputs: dict[str, Any], gen: dict[str, Any], pairs: int, device: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Paired wall times of two `generate` callables: the whole answer, and the time to its first token."""
+
+    def ttft(fn: Callable[..., Any]) -> float:
+        clock = _FirstTokenClock()
+        _sync(device)
+        clock.start = time.perf_counter()
+        fn(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, streamer=clock)
+        return clock.first or float("nan")
+
+    with torch.no_grad():
+        whole = _paired(lambda: a(**inputs, **gen), lambda: b(**inputs, **gen), pairs, device)
+        first = _paired_values(lambda: ttft(a), lambda: ttft(b), pairs)
+    return whole, first
 
 
 def _paired_values(a: Callable[[], float], b: Callable[[], float], pairs: int) -> dict[str, float]:

@@ -354,7 +354,7 @@ class SafeGateModel(nn.Module):
             kwargs["streamer"] = SkipSafetyTokenStreamer(kwargs["streamer"])
         with HiddenStateTap(self._tap_module) as tap:
             processors.append(SafeGateLogitsProcessor(prompt_length, self._decide(tap, mask, threshold, verdict)))
-            out = self.peft_model.generate(
+            out = self.base_generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 logits_processor=processors,
@@ -370,6 +370,14 @@ class SafeGateModel(nn.Module):
                 if getattr(out, name, None) is not None:
                     setattr(out, name, getattr(out, name)[1:])
         return self._attach_verdict(out, verdict)
+
+    def base_generate(self, **kwargs: Any) -> Any:
+        """The adapted model's own `generate` (LoRA and token rows active, no gate).
+
+        LoRA and trainable tokens live inside the backbone's modules, so its `generate` runs them directly; PEFT's
+        wrapper around it only adds per-step work (it re-parses library versions at every step).
+        """
+        return self.arch.root.generate(**kwargs)
 
     def _attach_verdict(self, out: Any, verdict: _Verdict) -> Any:
         out.safety = verdict.labels
@@ -403,7 +411,7 @@ class SafeGateModel(nn.Module):
         new_ids, new_mask, new_kwargs = self._insert_tokens(input_ids, attention_mask, lengths, tokens, kwargs, keep)
         if new_kwargs.get("streamer") is not None:
             new_kwargs["streamer"] = SkipSafetyTokenStreamer(new_kwargs["streamer"], prompt=input_ids)
-        out = self.peft_model.generate(
+        out = self.base_generate(
             input_ids=new_ids, attention_mask=new_mask, return_dict_in_generate=True, **new_kwargs
         )
         if not keep_safety_token:

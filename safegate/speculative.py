@@ -91,6 +91,19 @@ def build_plan(
 ) -> SpeculativePlan:
     """Insert `<|safe|>` after each row's prompt (before any assistant prefix) and record the gate's positions."""
     rows = len(prefix_lengths)
+    if not any(prefix_lengths):  # the common case: append one column, no per-row work
+        column = input_ids.new_full((rows, 1), gated.safe_token_id)
+        ones, zeros = attention_mask.new_ones(rows, 1), attention_mask.new_zeros(rows, 1)
+        new_kwargs = dict(kwargs)
+        for key in gated._per_token_kwargs(input_ids, kwargs):
+            new_kwargs[key] = torch.cat([kwargs[key], kwargs[key].new_zeros(rows, 1)], dim=1)
+        return SpeculativePlan(
+            torch.cat([input_ids, column], dim=1),
+            torch.cat([attention_mask, ones], dim=1),
+            torch.cat([attention_mask, zeros], dim=1),
+            torch.ones(rows, dtype=torch.long, device=input_ids.device),
+            new_kwargs,
+        )
     ids, mask, new_kwargs = gated._insert_tokens(
         input_ids, attention_mask, prefix_lengths, [gated.safe_token_id] * rows, kwargs, [True] * rows
     )
@@ -193,7 +206,7 @@ def resume_from_cache(
     ids[:, -1] = tokens.to(ids.device)
     resumed = {k: v for k, v in kwargs.items() if k not in PREFILL_ONLY_INPUTS}
     resumed[CACHE_KWARG] = cache
-    return gated.peft_model.generate(
+    return gated.base_generate(
         input_ids=ids, attention_mask=plan.attention_mask, return_dict_in_generate=True, **resumed
     )
 
@@ -279,7 +292,7 @@ def generate_speculatively(
                 same = gated.arch.norm is gated._tap_module
                 final = tap if same else stack.enter_context(HiddenStateTap(gated.arch.norm))
             stack.enter_context(SpeculativeDecision(gated, tap, final, plan, threshold, verdict))
-            out = gated.peft_model.generate(
+            out = gated.base_generate(
                 input_ids=plan.input_ids, attention_mask=plan.attention_mask, return_dict_in_generate=True,
                 **plan.kwargs,
             )  # fmt: skip
@@ -298,7 +311,7 @@ def generate_speculatively(
             if streamer is not None:
                 new_kwargs["streamer"] = streamer
             width = ids.shape[1]
-            out = gated.peft_model.generate(
+            out = gated.base_generate(
                 input_ids=ids, attention_mask=new_mask, return_dict_in_generate=True, **new_kwargs
             )
     if verdict.unsafe is None:

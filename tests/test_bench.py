@@ -11,9 +11,9 @@ def test_bench_smoke_writes_valid_json(tmp_path, capsys):
                  "--batch-sizes", "1,2", "--device", "cpu", "--out", str(out)])  # fmt: skip
     assert code == 0
     results = json.loads(out.read_text())
-    assert set(results["generate"]) == set(results["ttft"]) == {"benign", "harmful"}
+    assert set(results["generate"]) == set(results["ttft"]) == {"benign", "harmful", "control"}
     rows = [*results["training_step"].values()]
-    for path in ("benign", "harmful"):
+    for path in ("benign", "harmful", "control"):
         assert set(results["generate"][path]) == set(results["ttft"][path]) == {"batch_1", "batch_2"}
         rows += [*results["generate"][path].values(), *results["ttft"][path].values()]
     assert set(results["training_step"]) == {"prompt_96_response_32", "prompt_16_response_112"}

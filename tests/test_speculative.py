@@ -207,3 +207,25 @@ def test_the_pair_from_the_states_equals_the_pair_from_the_logits(gated):
     from_states = gated.generate(**inputs, **GEN, **threshold)
     gated._support = SpeculationSupport(causal=True, pair_from_states=False)
     assert_same(from_states, gated.generate(**inputs, **GEN, **threshold))
+
+
+@pytest.mark.parametrize("verdict", ["safe", "unsafe"])
+def test_no_gate_work_after_the_prefill(gated, verdict, monkeypatch):
+    """After the prefill no safegate hook or logits processor runs: decoding costs what the plain model costs."""
+    from safegate.processor import SafeGateLogitsProcessor
+
+    set_gate(gated, verdict)
+    root, tap = gated.arch.root, gated._tap_module
+    before = len(root._forward_hooks) + len(tap._forward_hooks)
+    hooks = []
+    handle = root.register_forward_pre_hook(
+        lambda m, a, k: hooks.append(len(root._forward_hooks) + len(tap._forward_hooks) - before), with_kwargs=True
+    )
+    processed = []
+    monkeypatch.setattr(SafeGateLogitsProcessor, "__call__", lambda self, ids, scores: processed.append(1) or scores)
+    try:
+        gated.generate(**chat(gated.tokenizer, PROMPTS), **GEN)
+    finally:
+        handle.remove()
+    assert hooks[0] >= 1 and hooks[1:] and set(hooks[1:]) == {0}, hooks
+    assert processed == [], "the speculative path needs no logits processor"
