@@ -88,3 +88,41 @@ class HeadRowSelector:
 
     def __exit__(self, *exc: object) -> None:
         self._handle.remove()
+
+
+class ContiguousHeadInput:
+    """Pre-hook that hands the output head a contiguous input on its first call in this thread (the prefill).
+
+    `generate` projects only the last prompt position, a strided slice of the final states. With frozen head
+    weights (as under PEFT) PyTorch's `matmul` does not fold such a slice into one matrix product and runs a batched
+    product that reads the whole head matrix once per row: at batch 8 on a CPU the head then costs about 2x, and a
+    plain model whose weights still require grad does not pay it. Decode steps feed contiguous states; the hook
+    removes itself after the prefill.
+
+    Example:
+        >>> head = torch.nn.Linear(4, 6).requires_grad_(False)
+        >>> with ContiguousHeadInput(head):
+        ...     head(torch.ones(2, 5, 4)[:, -1:]).shape, len(head._forward_pre_hooks)
+        (torch.Size([2, 1, 6]), 0)
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        self.head = head
+        self._thread = threading.get_ident()
+        self._handle: Any = None
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if threading.get_ident() != self._thread:
+            return None
+        self._handle.remove()
+        if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+            return (args[0].contiguous(), *args[1:])
+        return None
+
+    def __enter__(self) -> ContiguousHeadInput:
+        self._thread = threading.get_ident()
+        self._handle = self.head.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()

@@ -30,7 +30,7 @@ from .arch import MULTIMODAL_INPUTS, check_required_inputs, resolve
 from .config import GateConfig, check_threshold
 from .fast_tokens import speed_up_trainable_tokens
 from .gate import SafetyGate, gate_pair_logits, unsafe_probability
-from .hooks import HiddenStateTap
+from .hooks import ContiguousHeadInput, HiddenStateTap
 from .kv_cache import CACHE_KWARGS
 from .prefill import assistant_header, left_pad, prefix_lengths, special_ids
 from .processor import SafeGateLogitsProcessor
@@ -375,9 +375,11 @@ class SafeGateModel(nn.Module):
         """The adapted model's own `generate` (LoRA and token rows active, no gate).
 
         LoRA and trainable tokens live inside the backbone's modules, so its `generate` runs them directly; PEFT's
-        wrapper around it only adds per-step work (it re-parses library versions at every step).
+        wrapper around it only adds per-step work (it re-parses library versions at every step). The prefill's head
+        gets a contiguous input (`ContiguousHeadInput`: frozen weights would otherwise take a slow batched product).
         """
-        return self.arch.root.generate(**kwargs)
+        with ContiguousHeadInput(self.arch.root.get_output_embeddings()):
+            return self.arch.root.generate(**kwargs)
 
     def _attach_verdict(self, out: Any, verdict: _Verdict) -> Any:
         out.safety = verdict.labels

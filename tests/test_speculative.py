@@ -215,12 +215,14 @@ def test_no_gate_work_after_the_prefill(gated, verdict, monkeypatch):
     from safegate.processor import SafeGateLogitsProcessor
 
     set_gate(gated, verdict)
-    root, tap = gated.arch.root, gated._tap_module
-    before = len(root._forward_hooks) + len(tap._forward_hooks)
+    root, tap, head = gated.arch.root, gated._tap_module, gated.arch.root.get_output_embeddings()
+
+    def installed(with_head=False):  # the gate's hooks, and the prefill's contiguous-head-input hook
+        return len(root._forward_hooks) + len(tap._forward_hooks) + with_head * len(head._forward_pre_hooks)
+
+    before, before_all = installed(), installed(with_head=True)
     hooks = []
-    handle = root.register_forward_pre_hook(
-        lambda m, a, k: hooks.append(len(root._forward_hooks) + len(tap._forward_hooks) - before), with_kwargs=True
-    )
+    handle = root.register_forward_pre_hook(lambda m, a, k: hooks.append(installed() - before), with_kwargs=True)
     processed = []
     monkeypatch.setattr(SafeGateLogitsProcessor, "__call__", lambda self, ids, scores: processed.append(1) or scores)
     try:
@@ -228,4 +230,5 @@ def test_no_gate_work_after_the_prefill(gated, verdict, monkeypatch):
     finally:
         handle.remove()
     assert hooks[0] >= 1 and hooks[1:] and set(hooks[1:]) == {0}, hooks
+    assert installed(with_head=True) == before_all, "every hook is gone after the call"
     assert processed == [], "the speculative path needs no logits processor"
