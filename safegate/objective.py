@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from .collate import BATCH_KEYS, check_method
+from .fast_tokens import output_rows
 from .gate import gate_pair_logits, unsafe_probability
-from .hooks import HeadRowSelector
+from .hooks import HeadRowSelector, HiddenStateTap
 
 
 @dataclass
@@ -84,23 +86,33 @@ def casa_loss(
     batch_size = input_ids.shape[0]
     classes = batch["class_labels"].to(device)
     labels = batch["labels"].to(device)
-    # the head projects only the positions the loss reads: the safety step of each row, then every position
-    # whose next token is a response target (one host sync, for the count); no (B, T, vocab) logits exist
+    # the head projects only the positions the loss reads: every position whose next token is a response target
+    # (one host sync, for the count), and the safety step of each row unless its two logits come from the final
+    # states times the head's two safety rows (a (2, d) product); no (B, T, vocab) logits exist
     owner, position = (labels[:, 1:] != -100).nonzero(as_tuple=True)
     targets = labels[owner, position + 1]
-    step_rows = torch.arange(batch_size, device=device)
     gated_step = method != "ssft"
-    rows = torch.cat([step_rows, owner]) if gated_step else owner
-    cols = torch.cat([batch["safety_index"].to(device), position]) if gated_step else position
     head = gated.arch.root.get_output_embeddings()
-    with gated.tap() as tap, HeadRowSelector(head, rows, cols) as selector:
+    pair_ids = [gated.safe_token_id, gated.unsafe_token_id]
+    pair_rows = output_rows(head, pair_ids) if gated_step and gated._support.pair_from_states else None
+    n_steps = batch_size if gated_step and pair_rows is None else 0
+    step_index = batch["safety_index"].to(device)
+    rows = torch.cat([torch.arange(n_steps, device=device), owner])
+    cols = torch.cat([step_index[:n_steps], position])
+    with contextlib.ExitStack() as stack:
+        tap = stack.enter_context(gated.tap())
+        final = None
+        if pair_rows is not None:
+            final = (
+                tap if gated.arch.norm is gated._tap_module else stack.enter_context(HiddenStateTap(gated.arch.norm))
+            )
+        selector = stack.enter_context(HeadRowSelector(head, rows, cols))
         outputs = forward(**model_inputs, use_cache=False)
     if selector.calls != 1:
         raise RuntimeError(f"the output head ran {selector.calls} times in one forward; expected exactly once")
     logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
     logits = logits.view(-1, logits.shape[-1]).float()  # (rows, vocab); views only: no full-size copy in backward
-    n_steps = batch_size if gated_step else 0
-    # cross-entropy over every row (the safety steps ignored), sliced afterwards: slicing the (rows, vocab) logits
+    # cross-entropy over every row (any safety steps ignored), sliced afterwards: slicing the (rows, vocab) logits
     # would cost a full-size zero-filled gradient per slice in backward
     ignored = torch.full((n_steps,), -100, dtype=targets.dtype, device=device)
     token_ce = F.cross_entropy(logits, torch.cat([ignored, targets]), reduction="none")[n_steps:]
@@ -115,9 +127,14 @@ def casa_loss(
             # the mask is zero after each prompt, so the gate reads exactly the prompt positions (no host sync)
             gate_logit = gated.gate_logit(tap.states, batch["prompt_mask"])
         else:
-            gate_logit = logits.new_zeros(n_steps)
-        pair_ids = torch.tensor([gated.safe_token_id, gated.unsafe_token_id], device=device)
-        picked = logits.gather(1, pair_ids.expand(logits.shape[0], 2))[:n_steps]  # (steps, 2): safe, unsafe
+            gate_logit = logits.new_zeros(batch_size)
+        if final is not None:
+            assert final.states is not None and pair_rows is not None
+            steps = final.states[torch.arange(batch_size, device=device), step_index]
+            picked = F.linear(steps, pair_rows.to(steps.dtype)).float()  # (steps, 2): safe, unsafe
+        else:
+            index = torch.tensor(pair_ids, device=device).expand(logits.shape[0], 2)
+            picked = logits.gather(1, index)[:n_steps]
         z_safe, z_unsafe = gate_pair_logits(picked[:, 0], picked[:, 1], gate_logit, gated.gate_config.scaling)
         pair_ce = F.cross_entropy(torch.stack([z_safe, z_unsafe], -1).float(), classes, reduction="none")
         gate_mask = batch.get("gate_mask")

@@ -8,6 +8,7 @@ import safegate
 from safegate.collate import CASACollator
 from safegate.gate import gate_pair_logits
 from safegate.objective import casa_loss, class_weighted_mean
+from safegate.speculative import SpeculationSupport
 from safegate.testing import tiny_model_and_tokenizer
 from safegate.training import encode_records
 
@@ -66,17 +67,22 @@ def test_loss_and_gradients_equal_the_full_logits_reference(arch_name, method):
         torch.testing.assert_close(fast_grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_the_head_sees_only_the_rows_the_loss_reads():
+@pytest.mark.parametrize("pair_from_states", [True, False])
+def test_the_head_sees_only_the_rows_the_loss_reads(pair_from_states):
     model, tok = tiny_model_and_tokenizer("qwen2")
     gated = safegate.attach(model, tok, safegate.GateConfig(**SMALL))
+    assert gated._support.pair_from_states
+    gated._support = SpeculationSupport(causal=True, pair_from_states=pair_from_states)
     examples, _ = encode_records(gated, RECORDS, method="casa")
     batch = CASACollator(pad_token_id=tok.pad_token_id)(examples)
     shapes = []
     handle = gated.arch.root.get_output_embeddings().register_forward_hook(lambda m, a, out: shapes.append(out.shape))
     try:
-        casa_loss(gated, batch)
+        loss = casa_loss(gated, batch).loss
     finally:
         handle.remove()
     response_targets = int((batch["labels"][:, 1:] != -100).sum())
-    assert shapes == [torch.Size([1, len(RECORDS) + response_targets, gated.config.vocab_size])]
+    steps = 0 if pair_from_states else len(RECORDS)  # the safety steps' two logits come from the final states
+    assert shapes == [torch.Size([1, steps + response_targets, gated.config.vocab_size])]
     assert response_targets + len(RECORDS) < batch["input_ids"].numel()
+    torch.testing.assert_close(loss, reference_loss(gated, batch, "casa"), atol=1e-5, rtol=1e-5)
