@@ -366,8 +366,12 @@ def omni_bundle_bytes(size: str, lora_r: int = 8, attention_dim: int = 256) -> d
 
 
 def _machine(device: str) -> dict[str, Any]:
+    import peft
+    import transformers
+
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "device": device, "threads": torch.get_num_threads()}  # fmt: skip
+            "transformers": transformers.__version__, "peft": peft.__version__, "device": device,
+            "threads": torch.get_num_threads()}  # fmt: skip
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
