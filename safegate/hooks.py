@@ -1,4 +1,7 @@
-"""`HiddenStateTap`: capture a module's output during one call, in one thread, and always unhook.
+"""Hooks that act during one call, in one thread, and always unhook: state capture and head-input rewrites.
+
+`HiddenStateTap` keeps a module's first output (the prefill), `HeadRowSelector` feeds the output head only the
+positions a loss reads, `ContiguousHeadInput` gives the prefill's head a contiguous input.
 
 Example:
     >>> import torch
@@ -18,35 +21,62 @@ import torch
 from torch import nn
 
 
-class HiddenStateTap:
-    """Forward hook that keeps the first output `module` produces (the prefill pass) in the calling thread.
+class ThreadHook:
+    """A hook on `module` that acts only in the thread that entered it, and is removed on exit, also on error.
 
-    Other threads running the same module concurrently are ignored, so each call owns its own states.
-    The hook is removed on exit, also when the body raises.
+    Subclasses implement `_act`; `PRE` chooses a forward pre-hook (`_act(module, args)`, may return new args) over
+    a forward hook (`_act(module, args, output)`). `_remove()` unhooks early (e.g. once the prefill is seen).
     """
+
+    PRE = False
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.states: torch.Tensor | None = None
         self._thread = threading.get_ident()
         self._handle: Any = None
 
-    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.states is None and threading.get_ident() == self._thread:
-            self.states = output[0] if isinstance(output, (tuple, list)) else output
-            self._handle.remove()  # prefill captured: no per-token hook cost while decoding
+    def _call(self, module: nn.Module, *rest: Any) -> Any:
+        if threading.get_ident() != self._thread:  # another thread running the same module: not ours
+            return None
+        return self._act(module, *rest)
 
-    def __enter__(self) -> HiddenStateTap:
+    def _act(self, module: nn.Module, *rest: Any) -> Any:
+        raise NotImplementedError
+
+    def _remove(self) -> None:
+        self._handle.remove()  # idempotent
+
+    def __enter__(self) -> Any:
         self._thread = threading.get_ident()
-        self.states = None
-        self._handle = self.module.register_forward_hook(self._hook)
+        register = self.module.register_forward_pre_hook if self.PRE else self.module.register_forward_hook
+        self._handle = register(self._call)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._handle.remove()  # idempotent
+        self._remove()
 
 
-class HeadRowSelector:
+class HiddenStateTap(ThreadHook):
+    """Forward hook that keeps the first output `module` produces (the prefill pass) in the calling thread.
+
+    Other threads running the same module concurrently are ignored, so each call owns its own states.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self.states: torch.Tensor | None = None
+
+    def _act(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.states is None:
+            self.states = output[0] if isinstance(output, (tuple, list)) else output
+            self._remove()  # prefill captured: no per-token hook cost while decoding
+
+    def __enter__(self) -> HiddenStateTap:
+        self.states = None
+        return super().__enter__()
+
+
+class HeadRowSelector(ThreadHook):
     """Forward pre-hook that feeds the output head only the positions `(rows, cols)` of its input, in this thread.
 
     A language model's head turns every position's state into vocabulary logits; a loss that reads a few positions
@@ -62,35 +92,25 @@ class HeadRowSelector:
         torch.Size([1, 1, 3])
     """
 
+    PRE = True
+
     def __init__(self, head: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        self.head = head
+        super().__init__(head)
         self.rows, self.cols = rows, cols
         self.calls = 0
-        self._thread = threading.get_ident()
-        self._handle: Any = None
 
-    def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        if threading.get_ident() != self._thread or not args:
+    def _act(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if not args:
             return None
         hidden = args[0]
         if hidden.dim() != 3:
-            raise RuntimeError(
-                f"the output head received a {hidden.dim()}-D input; expected (batch, positions, hidden)"
-            )
+            raise RuntimeError(f"the output head got a {hidden.dim()}-D input; expected (batch, positions, hidden)")
         self.calls += 1
         picked = hidden[self.rows.to(hidden.device), self.cols.to(hidden.device)]
         return (picked.unsqueeze(0), *args[1:])
 
-    def __enter__(self) -> HeadRowSelector:
-        self._thread = threading.get_ident()
-        self._handle = self.head.register_forward_pre_hook(self._hook)
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
-
-
-class ContiguousHeadInput:
+class ContiguousHeadInput(ThreadHook):
     """Pre-hook that hands the output head a contiguous input on its first call in this thread (the prefill).
 
     `generate` projects only the last prompt position, a strided slice of the final states. With frozen head
@@ -106,23 +126,10 @@ class ContiguousHeadInput:
         (torch.Size([2, 1, 6]), 0)
     """
 
-    def __init__(self, head: nn.Module) -> None:
-        self.head = head
-        self._thread = threading.get_ident()
-        self._handle: Any = None
+    PRE = True
 
-    def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        if threading.get_ident() != self._thread:
-            return None
-        self._handle.remove()
+    def _act(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        self._remove()
         if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
             return (args[0].contiguous(), *args[1:])
         return None
-
-    def __enter__(self) -> ContiguousHeadInput:
-        self._thread = threading.get_ident()
-        self._handle = self.head.register_forward_pre_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.remove()

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from .collate import BATCH_KEYS, check_method
-from .fast_tokens import output_rows
 from .gate import gate_pair_logits, unsafe_probability
 from .hooks import HeadRowSelector, HiddenStateTap
+from .speculative import pair_weight
 
 
 @dataclass
@@ -94,7 +94,7 @@ def casa_loss(
     gated_step = method != "ssft"
     head = gated.arch.root.get_output_embeddings()
     pair_ids = [gated.safe_token_id, gated.unsafe_token_id]
-    pair_rows = output_rows(head, pair_ids) if gated_step and gated._support.pair_from_states else None
+    pair_rows = pair_weight(gated) if gated_step else None
     n_steps = batch_size if gated_step and pair_rows is None else 0
     step_index = batch["safety_index"].to(device)
     rows = torch.cat([torch.arange(n_steps, device=device), owner])

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fast_tokens import output_rows
-from .hooks import HiddenStateTap
+from .hooks import HiddenStateTap, ThreadHook
 from .kv_cache import CACHE_KWARG, output_cache
 
 try:  # the inputs `generate` feeds only to the prefill; fall back to the 5.23 contents if the name moves
@@ -113,7 +112,7 @@ def build_plan(
     return SpeculativePlan(ids, mask, prompt_mask, tails, new_kwargs)
 
 
-class SpeculativeDecision:
+class SpeculativeDecision(ThreadHook):
     """Forward hook on the generating module: decide the verdict from the first forward (the prefill) in this thread.
 
     Reads the tapped prompt states and the pair of safety logits at each row's last prompt position (from the final
@@ -130,23 +129,13 @@ class SpeculativeDecision:
         threshold: float | None,
         verdict: _Verdict,
     ) -> None:
+        super().__init__(gated.arch.root)
         self.gated, self.tap, self.final, self.plan = gated, tap, final, plan
         self.threshold, self.verdict = threshold, verdict
-        self._thread = threading.get_ident()
-        self._handle: Any = None
+        self.pair_weight = pair_weight(gated) if final is not None else None
 
-    def __enter__(self) -> SpeculativeDecision:
-        self._thread = threading.get_ident()
-        self._handle = self.gated.arch.root.register_forward_hook(self, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.remove()  # idempotent
-
-    def __call__(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-        if threading.get_ident() != self._thread:
-            return
-        self._handle.remove()  # decided once: no per-token work while decoding
+    def _act(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._remove()  # decided once: no per-token work while decoding
         if self.tap.states is None:
             raise RuntimeError("the hidden-state tap saw no prefill pass; the gate cannot decide")
         gated = self.gated
@@ -154,15 +143,14 @@ class SpeculativeDecision:
         expand = rows // self.plan.tails.shape[0]  # num_return_sequences expands rows before the prefill
         tails = self.plan.tails.to(self.tap.states.device).repeat_interleave(expand)
         every = torch.arange(rows, device=tails.device)
-        pair = None
-        if self.final is not None and self.final.states is not None:
-            weight = output_rows(gated.arch.root.get_output_embeddings(), [gated.safe_token_id, gated.unsafe_token_id])
-            if weight is not None:
-                states = self.final.states
-                last = states[every, states.shape[1] - 1 - tails]
-                self.verdict.last_states = last
-                pair = F.linear(last, weight.to(last.dtype)).float()
-        if pair is None:
+        if self.final is not None and self.pair_weight is not None:
+            if self.final.states is None:
+                raise RuntimeError("the final-norm tap saw no prefill pass; the gate cannot decide")
+            states = self.final.states
+            last = states[every, states.shape[1] - 1 - tails]
+            self.verdict.last_states = last
+            pair = F.linear(last, self.pair_weight.to(last.dtype)).float()
+        else:
             logits = output.logits if hasattr(output, "logits") else output[0]
             index = logits.shape[1] - 1 - tails.to(logits.device)
             if bool((index < 0).any()):
@@ -177,12 +165,16 @@ class SpeculativeDecision:
             raise SpeculationMiss(output_cache(output))
 
 
+def pair_weight(gated: SafeGateModel) -> torch.Tensor | None:
+    """The head's two safety rows, when the pair's logits are the final states times them (see `probe`)."""
+    if not gated._support.pair_from_states:
+        return None
+    return output_rows(gated.arch.root.get_output_embeddings(), [gated.safe_token_id, gated.unsafe_token_id])
+
+
 def logits_to_keep(gated: SafeGateModel, plan: SpeculativePlan) -> int | None:
-    """Trailing positions the prefill must return logits for when the pair is read from them; `None`: the default."""
-    if (
-        gated._support.pair_from_states
-        or "logits_to_keep" not in inspect.signature(gated.arch.root.forward).parameters
-    ):
+    """Trailing positions whose logits the prefill must return to read the pair from them; `None`: the default."""
+    if "logits_to_keep" not in inspect.signature(gated.arch.root.forward).parameters:
         return None
     return int(plan.tails.max()) + 1
 
@@ -276,7 +268,8 @@ def generate_speculatively(
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     kwargs = gated._count_safety_token_in_length(kwargs)
     plan = build_plan(gated, input_ids, mask, prefix_lengths, kwargs)
-    keep = logits_to_keep(gated, plan)
+    from_states = pair_weight(gated) is not None  # else the prefill returns the last prompt position's logits too
+    keep = None if from_states else logits_to_keep(gated, plan)
     if keep is not None and "logits_to_keep" not in plan.kwargs:
         plan.kwargs["logits_to_keep"] = keep
     streamer = None
@@ -288,7 +281,7 @@ def generate_speculatively(
         with contextlib.ExitStack() as stack:
             tap = stack.enter_context(HiddenStateTap(gated._tap_module))
             final = None
-            if gated._support.pair_from_states:  # the final norm's states give the pair (often the gate's tap too)
+            if from_states:  # the final norm's states give the pair (often the gate's tap too)
                 same = gated.arch.norm is gated._tap_module
                 final = tap if same else stack.enter_context(HiddenStateTap(gated.arch.norm))
             stack.enter_context(SpeculativeDecision(gated, tap, final, plan, threshold, verdict))
