@@ -5,7 +5,7 @@ CPU; `--shape tiny` for a smoke run): gated/plain `generate` wall time (batch 1 
 answer tokens) and time to the first answer token, each for a benign request (the gate says safe: the usual path)
 and a harmful one (unsafe: the speculated `<|safe|>` is replaced, one extra decode step); gate FLOPs vs prefill
 FLOPs (computed); the CASA training step vs a plain PEFT LoRA step (same LoRA config, same batch, prompt labels
-masked as in supervised fine-tuning) for a prompt-heavy and a response-heavy batch; peak memory (CUDA); bundle bytes
+masked as in supervised fine-tuning) for a prompt-heavy and a response-heavy batch; peak memory; bundle bytes
 for Qwen2.5-Omni-3B/7B shapes (computed on the `meta` device, no weights). Writes JSON; absolute times depend on
 the machine, ratios are what to compare.
 
@@ -24,6 +24,7 @@ import statistics
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -321,20 +322,48 @@ def training_step_ratio(
 
 
 def _memory(device: str, plain: Any, gated: Any, inputs: dict[str, Any], gen: dict[str, Any]) -> dict[str, Any]:
-    """Peak CUDA memory of one generate call (last batch size) above what is resident before it."""
-    if not device.startswith("cuda"):
-        return {"note": "peak memory is measured on CUDA (torch.cuda.max_memory_allocated) only"}
+    """Peak memory of one generate call (last batch size) above what is resident before it.
+
+    CUDA: `torch.cuda.max_memory_allocated`. CPU: the torch profiler's allocation records, summed in time order
+    (allocations net of frees within each op, so a peak inside one op is seen at its end).
+    """
     peaks = {}
     for name, fn in (("plain", plain.generate), ("gated", gated.generate)):
-        torch.cuda.synchronize()
-        resident = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
-            fn(**inputs, **gen)
-        torch.cuda.synchronize()
-        peaks[name] = torch.cuda.max_memory_allocated() - resident
+            call = partial(fn, **inputs, **gen)
+            peaks[name] = cuda_peak_bytes(call) if device.startswith("cuda") else cpu_peak_bytes(call)
+    method = "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "torch.profiler(profile_memory=True)"
     return {"plain_peak_extra_bytes": peaks["plain"], "gated_peak_extra_bytes": peaks["gated"],
-            "ratio": peaks["gated"] / max(peaks["plain"], 1)}  # fmt: skip
+            "ratio": peaks["gated"] / max(peaks["plain"], 1), "method": method}  # fmt: skip
+
+
+def cuda_peak_bytes(call: Callable[[], Any]) -> int:
+    """Peak CUDA memory allocated during `call()` above what was allocated before it."""
+    torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - resident
+
+
+def cpu_peak_bytes(call: Callable[[], Any]) -> int:
+    """Peak CPU memory torch allocates during `call()` (profiler records: net per op, summed in time order).
+
+    Example:
+        >>> cpu_peak_bytes(lambda: torch.ones(1000, 1000).sum()) >= 4_000_000
+        True
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for event in events:
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
 
 
 def omni_bundle_bytes(size: str, lora_r: int = 8, attention_dim: int = 256) -> dict[str, Any]:

@@ -2,6 +2,9 @@
 
 import json
 
+import torch
+
+from safegate.bench import cpu_peak_bytes
 from safegate.cli import main
 
 
@@ -23,5 +26,17 @@ def test_bench_smoke_writes_valid_json(tmp_path, capsys):
     step = results["training_step"]["prompt_96_response_32"]["logit_rows"]
     assert step == {"plain": 8 * 128, "gated": 8 + 8 * 31}
     assert 0 < results["flops"]["ratio"] < 1
+    memory = results["memory"]
+    assert memory["plain_peak_extra_bytes"] > 0 and memory["gated_peak_extra_bytes"] > 0 and memory["ratio"] > 0
     assert results["bundle_bytes"]["7b"]["total_bytes"] > results["bundle_bytes"]["3b"]["total_bytes"] > 1e6
     assert "time to first answer token, harmful, batch_2" in capsys.readouterr().out
+
+
+def test_cpu_peak_counts_what_is_alive_at_once():
+    def call() -> torch.Tensor:
+        big = torch.ones(2_000_000)  # 8 MB
+        del big
+        return torch.ones(1_000_000)  # 4 MB, allocated after the 8 MB were freed
+
+    peak = cpu_peak_bytes(call)
+    assert 8_000_000 <= peak < 12_000_000
