@@ -525,15 +525,20 @@ class SafeGateModel(nn.Module):
         out_kwargs = dict(kwargs)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-        def insert(t: torch.Tensor, values: list[int], value_pad: int) -> torch.Tensor:
+        def insert(t: torch.Tensor, values: list[int] | None, value_pad: int) -> torch.Tensor:
+            """`values=None`: positions; the inserted token takes the next one and any prefix moves up by one."""
             rows = []
-            for row, k, v, kept in zip(t, lengths, values, keep):
+            for i, (row, k, kept) in enumerate(zip(t, lengths, keep)):
                 cut = row.shape[0] - k
-                rows.append(torch.cat([row[:cut], row.new_tensor([v]), row[cut:] if kept else row[:0]]))
+                if values is None:
+                    new, tail = row[cut - 1 : cut] + 1 if cut else row.new_zeros(1), row[cut:] + 1
+                else:
+                    new, tail = row.new_tensor([values[i]]), row[cut:]
+                rows.append(torch.cat([row[:cut], new, tail if kept else row[:0]]))
             return left_pad(rows, value_pad)
 
         for key in keys:
-            out_kwargs[key] = insert(kwargs[key], [0] * len(tokens), 0)
+            out_kwargs[key] = insert(kwargs[key], None if key == "position_ids" else [0] * len(tokens), 0)
         return insert(input_ids, tokens, pad), insert(attention_mask, [1] * len(tokens), 0), out_kwargs
 
     # ------------------------------------------------------------------------------- bundles, LoRA merging

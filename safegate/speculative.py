@@ -95,7 +95,8 @@ def build_plan(
         ones, zeros = attention_mask.new_ones(rows, 1), attention_mask.new_zeros(rows, 1)
         new_kwargs = dict(kwargs)
         for key in gated._per_token_kwargs(input_ids, kwargs):
-            new_kwargs[key] = torch.cat([kwargs[key], kwargs[key].new_zeros(rows, 1)], dim=1)
+            value = kwargs[key][:, -1:] + 1 if key == "position_ids" else kwargs[key].new_zeros(rows, 1)
+            new_kwargs[key] = torch.cat([kwargs[key], value], dim=1)
         return SpeculativePlan(
             torch.cat([input_ids, column], dim=1),
             torch.cat([attention_mask, ones], dim=1),

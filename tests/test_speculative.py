@@ -104,6 +104,19 @@ def test_assistant_prefix_is_speculated_too(gated, verdict):
     assert len(prefills) == (1 if verdict == "safe" else 2), "a miss with a prefix generates again"
 
 
+@pytest.mark.parametrize("verdict", ["safe", "mixed"])
+@pytest.mark.parametrize("prefix", ["", "Sure, here is how"])
+@pytest.mark.parametrize("speculative", [True, False])
+def test_explicit_position_ids_give_the_answers_of_implicit_ones(gated, verdict, prefix, speculative):
+    threshold = set_gate(gated, verdict)
+    inputs = chat(gated.tokenizer, PROMPTS, prefix=prefix)
+    mask = inputs["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # what `generate` derives from the mask
+    kw = dict(GEN, keep_safety_token=True, output_logits=True, speculative=speculative, **threshold)
+    implicit = gated.generate(**inputs, **kw)
+    assert_same(gated.generate(**inputs, position_ids=positions, **kw), implicit)
+
+
 @pytest.mark.parametrize("verdict", ["unsafe", "mixed"])
 def test_fallbacks_without_a_cache_or_with_several_return_sequences(gated, verdict):
     threshold = set_gate(gated, verdict)
