@@ -216,9 +216,7 @@ def resolve(
     return ResolvedArch(spec, root, decoder_path, decoder, layers, norm, embed, head, target)
 
 
-def _default_lora_target(
-    decoder_path: str, layers_attr: str, layers: nn.ModuleList, modules: tuple[str, ...]
-) -> str:
+def _default_lora_target(decoder_path: str, layers_attr: str, layers: nn.ModuleList, modules: tuple[str, ...]) -> str:
     """Regex over the Linear layers named in `modules` inside the decoder layers, and nothing outside them.
 
     Falls back to every Linear of the layer when none of `modules` exists (e.g. fused `c_attn` projections).

@@ -46,7 +46,9 @@ def _tokenizer_json(multimodal: bool) -> str:
     tok.decoder = decoders.ByteLevel()
     specials = SPECIAL_TOKENS + (MULTIMODAL_TOKENS if multimodal else [])
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=600,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer)

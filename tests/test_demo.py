@@ -11,8 +11,18 @@ def test_quick_demo_runs(capsys):
 
 
 def _row(dataset, attack, n_harmful, n_benign, **values):
-    row = dict(dataset=dataset, attack=attack, n=n_harmful + n_benign, n_harmful=n_harmful, n_benign=n_benign,
-               asr=None, base_asr=None, asr_relative_reduction=None, refusal_rate=None, base_refusal_rate=None)
+    row = dict(
+        dataset=dataset,
+        attack=attack,
+        n=n_harmful + n_benign,
+        n_harmful=n_harmful,
+        n_benign=n_benign,
+        asr=None,
+        base_asr=None,
+        asr_relative_reduction=None,
+        refusal_rate=None,
+        base_refusal_rate=None,
+    )
     row.update(values)
     return row
 
