@@ -22,6 +22,7 @@ import json
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
@@ -166,8 +167,11 @@ def benchmark(
     new_tokens: int = 64,
     batch_sizes: list[int] | None = None,
     device: str = "cpu",
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Run every measurement and return a JSON-able dict."""
+    """Run every measurement and return a JSON-able dict (`progress`: a tqdm bar on stderr)."""
+    from tqdm.auto import tqdm
+
     import safegate
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -196,6 +200,8 @@ def benchmark(
         ids = torch.randint(4, vocab, (batch, prompt_tokens - len(header)), device=device)
         ids = torch.cat([ids, torch.tensor([header] * batch, dtype=ids.dtype, device=device)], dim=1)
         batches[batch] = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    total = 2 * (len(VERDICTS) + 1) * len(batches) + 2  # generate + first token per path and batch; training
+    bar = tqdm(total=total, desc="safegate bench", unit="measurement", disable=not progress)
     for path, (label, bias) in VERDICTS.items():
         with torch.no_grad():
             gated.gate.out.bias.fill_(bias)
@@ -206,27 +212,34 @@ def benchmark(
             if set(decided) != {label}:
                 raise RuntimeError(f"the {path} path should decide {label!r}, the gate said {decided}")
             key = f"batch_{batch}"
+            bar.set_postfix_str(f"{path}, {key}")
             results["generate"][path][key], results["ttft"][path][key] = _generate_pair(
                 plain.generate, gated.generate, inputs, gen, pairs, device
             )
+            bar.update(2)
     # A/A control: the plain model against an identical copy of itself shows how far the machine's noise reaches
     twin = copy.deepcopy(plain)
     results["generate"]["control"], results["ttft"]["control"] = {}, {}
     for batch, inputs in batches.items():
         key = f"batch_{batch}"
+        bar.set_postfix_str(f"control, {key}")
         results["generate"]["control"][key], results["ttft"]["control"][key] = _generate_pair(
             plain.generate, twin.generate, inputs, gen, pairs, device
         )
+        bar.update(2)
     del twin
     with torch.no_grad():
         gated.gate.out.bias.fill_(VERDICTS["benign"][1])
     results["memory"] = _memory(device, plain, gated, batches[max(batches)], gen)
     results["flops"] = gate_flops(model.config.hidden_size, gated.gate_config.attention_dim, prompt_tokens,
                                   sum(p.numel() for p in plain.parameters()))  # fmt: skip
-    results["training_step"] = {
-        f"prompt_{prompt}_response_{128 - prompt}": training_step_ratio(gated, plain, vocab, device, pairs, prompt)
-        for prompt in (96, 16)
-    }
+    results["training_step"] = {}
+    for prompt in (96, 16):
+        key = f"prompt_{prompt}_response_{128 - prompt}"
+        bar.set_postfix_str(f"training step, {key}")
+        results["training_step"][key] = training_step_ratio(gated, plain, vocab, device, pairs, prompt)
+        bar.update()
+    bar.close()
     results["bundle_bytes"] = {name: omni_bundle_bytes(name) for name in OMNI_TEXT}
     return results
 
@@ -285,8 +298,10 @@ def training_step_ratio(
     config = gated.gate_config
     gated.unmerge_adapter()
     gated.train()
-    lora = get_peft_model(copy.deepcopy(plain), LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                          lora_dropout=config.lora_dropout, target_modules=gated.arch.lora_target))  # fmt: skip
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        lora = get_peft_model(copy.deepcopy(plain), LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                              lora_dropout=config.lora_dropout, target_modules=gated.arch.lora_target))  # fmt: skip
     lora.train()
     torch.manual_seed(0)
     ids = torch.randint(4, vocab, (batch, length), device=device)
