@@ -66,11 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="backbone shape (default: qwen2.5-0.5b on CUDA, smollm2-135m on CPU)",
     )
     parser.add_argument("--pairs", type=int, default=5, help="A/B pairs per measurement (median reported)")
-    parser.add_argument("--prompt-tokens", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--batch-sizes", default="1,8")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="benchmarks/results.json")
+    parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in tokens (default: 256)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="answer tokens per generate (default: 64)")
+    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default: 1,8)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--out", default="benchmarks/results.json", help="where to write the JSON results")
     parser.set_defaults(func=run)
 
 
