@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from .collate import BATCH_KEYS, check_method
 from .gate import gate_pair_logits, unsafe_probability
-from .hooks import HeadRowSelector, HiddenStateTap
-from .speculative import pair_weight
+from .hooks import HeadRowSelector
+from .speculative import final_states_tap, pair_weight
 
 
 @dataclass
@@ -101,11 +101,7 @@ def casa_loss(
     cols = torch.cat([step_index[:n_steps], position])
     with contextlib.ExitStack() as stack:
         tap = stack.enter_context(gated.tap())
-        final = None
-        if pair_rows is not None:
-            final = (
-                tap if gated.arch.norm is gated._tap_module else stack.enter_context(HiddenStateTap(gated.arch.norm))
-            )
+        final = final_states_tap(gated, tap, stack) if pair_rows is not None else None
         selector = stack.enter_context(HeadRowSelector(head, rows, cols))
         outputs = forward(**model_inputs, use_cache=False)
     if selector.calls != 1:

@@ -117,23 +117,22 @@ class SpeculativeDecision(ThreadHook):
     """Forward hook on the generating module: decide the verdict from the first forward (the prefill) in this thread.
 
     Reads the tapped prompt states and the pair of safety logits at each row's last prompt position (from the final
-    states when `final` taps them, else from the returned logits), fills `verdict`, and raises `SpeculationMiss`
-    when any row is unsafe. Removes itself after that first forward.
+    states times the head's two safety rows when `pair_from` gives them, else from the returned logits), fills
+    `verdict`, and raises `SpeculationMiss` when any row is unsafe. Removes itself after that first forward.
     """
 
     def __init__(
         self,
         gated: SafeGateModel,
         tap: HiddenStateTap,
-        final: HiddenStateTap | None,
+        pair_from: tuple[HiddenStateTap, torch.Tensor] | None,
         plan: SpeculativePlan,
         threshold: float | None,
         verdict: _Verdict,
     ) -> None:
         super().__init__(gated.arch.root)
-        self.gated, self.tap, self.final, self.plan = gated, tap, final, plan
+        self.gated, self.tap, self.pair_from, self.plan = gated, tap, pair_from, plan
         self.threshold, self.verdict = threshold, verdict
-        self.pair_weight = pair_weight(gated) if final is not None else None
 
     def _act(self, module: nn.Module, args: Any, output: Any) -> None:
         self._remove()  # decided once: no per-token work while decoding
@@ -144,13 +143,13 @@ class SpeculativeDecision(ThreadHook):
         expand = rows // self.plan.tails.shape[0]  # num_return_sequences expands rows before the prefill
         tails = self.plan.tails.to(self.tap.states.device).repeat_interleave(expand)
         every = torch.arange(rows, device=tails.device)
-        if self.final is not None and self.pair_weight is not None:
-            if self.final.states is None:
+        if self.pair_from is not None:
+            final, weight = self.pair_from
+            if final.states is None:
                 raise RuntimeError("the final-norm tap saw no prefill pass; the gate cannot decide")
-            states = self.final.states
-            last = states[every, states.shape[1] - 1 - tails]
+            last = final.states[every, final.states.shape[1] - 1 - tails]
             self.verdict.last_states = last
-            pair = F.linear(last, self.pair_weight.to(last.dtype)).float()
+            pair = F.linear(last, weight.to(last.dtype)).float()
         else:
             logits = output.logits if hasattr(output, "logits") else output[0]
             index = logits.shape[1] - 1 - tails.to(logits.device)
@@ -171,6 +170,11 @@ def pair_weight(gated: SafeGateModel) -> torch.Tensor | None:
     if not gated._support.pair_from_states:
         return None
     return output_rows(gated.arch.root.get_output_embeddings(), [gated.safe_token_id, gated.unsafe_token_id])
+
+
+def final_states_tap(gated: SafeGateModel, tap: HiddenStateTap, stack: contextlib.ExitStack) -> HiddenStateTap:
+    """A tap on the final norm (the states the head projects): the gate's own `tap` when it is on that module."""
+    return tap if gated.arch.norm is gated._tap_module else stack.enter_context(HiddenStateTap(gated.arch.norm))
 
 
 def logits_to_keep(gated: SafeGateModel, plan: SpeculativePlan) -> int | None:
@@ -269,8 +273,8 @@ def generate_speculatively(
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     kwargs = gated._count_safety_token_in_length(kwargs)
     plan = build_plan(gated, input_ids, mask, prefix_lengths, kwargs)
-    from_states = pair_weight(gated) is not None  # else the prefill returns the last prompt position's logits too
-    keep = None if from_states else logits_to_keep(gated, plan)
+    weight = pair_weight(gated)  # None: the prefill returns the last prompt position's logits too
+    keep = None if weight is not None else logits_to_keep(gated, plan)
     if keep is not None and "logits_to_keep" not in plan.kwargs:
         plan.kwargs["logits_to_keep"] = keep
     streamer = None
@@ -281,11 +285,8 @@ def generate_speculatively(
     try:
         with contextlib.ExitStack() as stack:
             tap = stack.enter_context(HiddenStateTap(gated._tap_module))
-            final = None
-            if from_states:  # the final norm's states give the pair (often the gate's tap too)
-                same = gated.arch.norm is gated._tap_module
-                final = tap if same else stack.enter_context(HiddenStateTap(gated.arch.norm))
-            stack.enter_context(SpeculativeDecision(gated, tap, final, plan, threshold, verdict))
+            pair_from = None if weight is None else (final_states_tap(gated, tap, stack), weight)
+            stack.enter_context(SpeculativeDecision(gated, tap, pair_from, plan, threshold, verdict))
             out = gated.base_generate(
                 input_ids=plan.input_ids, attention_mask=plan.attention_mask, return_dict_in_generate=True,
                 **plan.kwargs,
