@@ -32,7 +32,7 @@ from .fast_tokens import speed_up_trainable_tokens
 from .gate import SafetyGate, gate_pair_logits, unsafe_probability
 from .hooks import ContiguousHeadInput, HiddenStateTap
 from .kv_cache import CACHE_KWARGS
-from .prefill import assistant_header, left_pad, prefix_lengths, special_ids
+from .prefill import assistant_header, inserted_token_value, left_pad, prefix_lengths, special_ids
 from .processor import SafeGateLogitsProcessor
 from .speculative import generate_speculatively, probe
 from .streaming import SkipSafetyTokenStreamer
@@ -525,20 +525,21 @@ class SafeGateModel(nn.Module):
         out_kwargs = dict(kwargs)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-        def insert(t: torch.Tensor, values: list[int] | None, value_pad: int) -> torch.Tensor:
-            """`values=None`: positions; the inserted token takes the next one and any prefix moves up by one."""
+        def insert(t: torch.Tensor, values: list[int] | None, value_pad: int, key: str = "") -> torch.Tensor:
+            """`values=None`: the per-token input `key`'s own value for an inserted token (`inserted_token_value`)."""
             rows = []
             for i, (row, k, kept) in enumerate(zip(t, lengths, keep)):
                 cut = row.shape[0] - k
                 if values is None:
-                    new, tail = row[cut - 1 : cut] + 1 if cut else row.new_zeros(1), row[cut:] + 1
+                    new, shift = inserted_token_value(key, row[max(cut - 1, 0) : cut])
+                    tail = row[cut:] + shift
                 else:
                     new, tail = row.new_tensor([values[i]]), row[cut:]
                 rows.append(torch.cat([row[:cut], new, tail if kept else row[:0]]))
             return left_pad(rows, value_pad)
 
         for key in keys:
-            out_kwargs[key] = insert(kwargs[key], None if key == "position_ids" else [0] * len(tokens), 0)
+            out_kwargs[key] = insert(kwargs[key], None, 0, key)
         return insert(input_ids, tokens, pad), insert(attention_mask, [1] * len(tokens), 0), out_kwargs
 
     # ------------------------------------------------------------------------------- bundles, LoRA merging

@@ -68,6 +68,22 @@ def _last_index(tokens: list[int], pattern: list[int]) -> int:
     return -1
 
 
+def inserted_token_value(key: str, before: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """What a token inserted after `before` (the row's values up to it, last one on the last axis; may be empty)
+    gets in the per-token input `key`, and how much the values after it move: the next position in
+    `position_ids`, 0 (text) in any other per-token input such as `mm_token_type_ids`.
+
+    Example:
+        >>> inserted_token_value("position_ids", torch.tensor([[3, 4]])[:, -1:])
+        (tensor([[5]]), 1)
+    """
+    if key == "position_ids":
+        if before.shape[-1] == 0:
+            return before.new_zeros((*before.shape[:-1], 1)), 1
+        return before[..., -1:] + 1, 1
+    return before.new_zeros((*before.shape[:-1], 1)), 0
+
+
 def left_pad(rows: list[torch.Tensor], value: float | int) -> torch.Tensor:
     """Stack 1-D (or (n, ...)) rows into one tensor, padding on the left with `value`."""
     width = max(r.shape[0] for r in rows)

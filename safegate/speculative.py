@@ -45,6 +45,7 @@ from torch import nn
 from .fast_tokens import output_rows
 from .hooks import HiddenStateTap, ThreadHook
 from .kv_cache import CACHE_KWARG, output_cache
+from .prefill import inserted_token_value
 
 try:  # the inputs `generate` feeds only to the prefill; fall back to the 5.23 contents if the name moves
     from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL as _PREFILL_ONLY
@@ -95,8 +96,7 @@ def build_plan(
         ones, zeros = attention_mask.new_ones(rows, 1), attention_mask.new_zeros(rows, 1)
         new_kwargs = dict(kwargs)
         for key in gated._per_token_kwargs(input_ids, kwargs):
-            value = kwargs[key][:, -1:] + 1 if key == "position_ids" else kwargs[key].new_zeros(rows, 1)
-            new_kwargs[key] = torch.cat([kwargs[key], value], dim=1)
+            new_kwargs[key] = torch.cat([kwargs[key], inserted_token_value(key, kwargs[key])[0]], dim=1)
         return SpeculativePlan(
             torch.cat([input_ids, column], dim=1),
             torch.cat([attention_mask, ones], dim=1),
