@@ -22,7 +22,6 @@ import json
 import platform
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
@@ -113,22 +112,19 @@ def _sync(device: str) -> None:
 
 
 def _paired(a: Callable[[], Any], b: Callable[[], Any], pairs: int, device: str) -> dict[str, float]:
-    """Median of b/a over interleaved pairs (A B, B A, ... alternating order), after one warm-up each."""
-    a(), b()
-    ratios, times_a, times_b = [], [], []
-    for i in range(pairs):
-        order = (a, b) if i % 2 == 0 else (b, a)
-        elapsed = {}
-        for fn in order:
+    """Median of b/a wall-time ratios over interleaved pairs (A B, B A, ...), after one warm-up each."""
+
+    def timed(fn: Callable[[], Any]) -> Callable[[], float]:
+        def run() -> float:
             _sync(device)
             start = time.perf_counter()
             fn()
             _sync(device)
-            elapsed[fn] = time.perf_counter() - start
-        times_a.append(elapsed[a])
-        times_b.append(elapsed[b])
-        ratios.append(elapsed[b] / elapsed[a])
-    return _summary(ratios, times_a, times_b)
+            return time.perf_counter() - start
+
+        return run
+
+    return _paired_values(timed(a), timed(b), pairs)
 
 
 def _summary(ratios: list[float], plain: list[float], gated: list[float]) -> dict[str, Any]:
@@ -263,6 +259,7 @@ def _generate_pair(
 
 
 def _paired_values(a: Callable[[], float], b: Callable[[], float], pairs: int) -> dict[str, float]:
+    """Median of b()/a() over interleaved pairs (A B, B A, ...) of measured values, after one warm-up each."""
     a(), b()
     va, vb = [], []
     for i in range(pairs):
@@ -291,17 +288,16 @@ def training_step_ratio(
     are harmful. The plain step is supervised fine-tuning as PEFT users run it: `labels` with the prompt masked
     (-100), transformers' own loss.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
+    from .model import quiet_get_peft_model
     from .objective import casa_loss
 
     config = gated.gate_config
     gated.unmerge_adapter()
     gated.train()
-    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        lora = get_peft_model(copy.deepcopy(plain), LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                              lora_dropout=config.lora_dropout, target_modules=gated.arch.lora_target))  # fmt: skip
+    lora = quiet_get_peft_model(copy.deepcopy(plain), LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                lora_dropout=config.lora_dropout, target_modules=gated.arch.lora_target))  # fmt: skip
     lora.train()
     torch.manual_seed(0)
     ids = torch.randint(4, vocab, (batch, length), device=device)

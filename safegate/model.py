@@ -64,6 +64,14 @@ class _Verdict:
         return [UNSAFE if u else SAFE for u in self.unsafe.tolist()]
 
 
+def quiet_get_peft_model(model: nn.Module, config: Any) -> PeftModel:
+    """`peft.get_peft_model` without the FutureWarning peft raises by reading transformers' deprecated
+    `is_gradient_checkpointing` property (nothing for a user to act on)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        return get_peft_model(model, config)
+
+
 class SafeGateModel(nn.Module):
     """A model that first emits a safety token (`safe`/`unsafe`) chosen by a CASA gate, then answers.
 
@@ -104,9 +112,7 @@ class SafeGateModel(nn.Module):
         self.__dict__["_tap_module"] = arch.tap_module(config.layer)
         query = self._descriptor_query(config.descriptor)
         rows = self._initial_rows()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            self.peft_model = get_peft_model(arch.root, self._peft_config())
+        self.peft_model = quiet_get_peft_model(arch.root, self._peft_config())
         speed_up_trainable_tokens(self.peft_model)
         self._set_token_rows(rows)
         self.gate = SafetyGate(
