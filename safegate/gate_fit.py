@@ -104,7 +104,7 @@ def cache_prompts(
             extras = _merge_extras([b["model_inputs"] for b in built])
             device = gated.device
             kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False, **extras}
-            if _accepts_logits_to_keep(gated):
+            if gated._support.accepts_logits_to_keep:
                 kwargs["logits_to_keep"] = last.unsqueeze(1).to(device)
             with gated.tap() as tap, HiddenStateTap(gated.arch.norm) as norm_tap:
                 out = gated(**kwargs)
@@ -318,15 +318,6 @@ def _scores(gated: Any, cache: PromptCache, prefix: str, rows: tuple | None = No
     if labels.min() != labels.max():
         out[f"{prefix}_auroc"] = auroc(scores, labels)
     return out
-
-
-def _accepts_logits_to_keep(gated: Any) -> bool:
-    import inspect
-
-    try:
-        return "logits_to_keep" in inspect.signature(gated.arch.root.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _merge_extras(extras: list[dict[str, Any]]) -> dict[str, Any]:

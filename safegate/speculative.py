@@ -141,7 +141,9 @@ class SpeculativeDecision(ThreadHook):
         gated = self.gated
         rows = self.tap.states.shape[0]
         expand = rows // self.plan.tails.shape[0]  # num_return_sequences expands rows before the prefill
-        tails = self.plan.tails.to(self.tap.states.device).repeat_interleave(expand)
+        tails, mask = self.plan.tails.to(self.tap.states.device), self.plan.prompt_mask
+        if expand > 1:
+            tails, mask = tails.repeat_interleave(expand), mask.repeat_interleave(expand, dim=0)
         every = torch.arange(rows, device=tails.device)
         if self.pair_from is not None:
             final, weight = self.pair_from
@@ -158,7 +160,6 @@ class SpeculativeDecision(ThreadHook):
             scores = logits[every.to(logits.device), index].float()
             self.verdict.scores = scores
             pair = scores[:, [gated.safe_token_id, gated.unsafe_token_id]]
-        mask = self.plan.prompt_mask.repeat_interleave(expand, dim=0)
         p_unsafe, unsafe = gated.decide_pair(pair[:, 0], pair[:, 1], self.tap.states, mask, self.threshold)
         self.verdict.p_unsafe, self.verdict.unsafe = p_unsafe, unsafe
         if bool(unsafe.any()):
@@ -179,9 +180,7 @@ def final_states_tap(gated: SafeGateModel, tap: HiddenStateTap, stack: contextli
 
 def logits_to_keep(gated: SafeGateModel, plan: SpeculativePlan) -> int | None:
     """Trailing positions whose logits the prefill must return to read the pair from them; `None`: the default."""
-    if "logits_to_keep" not in inspect.signature(gated.arch.root.forward).parameters:
-        return None
-    return int(plan.tails.max()) + 1
+    return int(plan.tails.max()) + 1 if gated._support.accepts_logits_to_keep else None
 
 
 def resume_from_cache(
@@ -210,10 +209,12 @@ def resume_from_cache(
 
 @dataclass(frozen=True)
 class SpeculationSupport:
-    """What `probe` found: whether `generate` may speculate, and where it reads the safety pair."""
+    """What `probe` found: whether `generate` may speculate, where it reads the safety pair, and whether the
+    model's forward takes `logits_to_keep` (read once here, not per call)."""
 
     causal: bool
     pair_from_states: bool
+    accepts_logits_to_keep: bool
 
 
 @torch.no_grad()
@@ -237,7 +238,15 @@ def probe(gated: SafeGateModel) -> SpeculationSupport:
     weight = output_rows(root.get_output_embeddings(), ids_pair)
     from_states = weight is not None and not logit_post_processing(root.config)
     from_states = from_states and _close(F.linear(last, weight.to(last.dtype)).float(), logits[:, ids_pair])
-    return SpeculationSupport(causal=causal, pair_from_states=from_states)
+    return SpeculationSupport(causal, from_states, accepts_logits_to_keep(root))
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether `model.forward` takes `logits_to_keep` (so a pass can return the logits of chosen positions only)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def logit_post_processing(config: Any) -> list[str]:

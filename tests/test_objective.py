@@ -1,5 +1,7 @@
 """The CASA loss projects only the rows it reads and equals the loss written over full logits (values, gradients)."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,6 @@ import safegate
 from safegate.collate import CASACollator
 from safegate.gate import gate_pair_logits
 from safegate.objective import casa_loss, class_weighted_mean
-from safegate.speculative import SpeculationSupport
 from safegate.testing import tiny_model_and_tokenizer
 from safegate.training import encode_records
 
@@ -72,7 +73,7 @@ def test_the_head_sees_only_the_rows_the_loss_reads(pair_from_states):
     model, tok = tiny_model_and_tokenizer("qwen2")
     gated = safegate.attach(model, tok, safegate.GateConfig(**SMALL))
     assert gated._support.pair_from_states
-    gated._support = SpeculationSupport(causal=True, pair_from_states=pair_from_states)
+    gated._support = dataclasses.replace(gated._support, pair_from_states=pair_from_states)
     examples, _ = encode_records(gated, RECORDS, method="casa")
     batch = CASACollator(pad_token_id=tok.pad_token_id)(examples)
     shapes = []

@@ -1,5 +1,7 @@
 """Speculative safety token: same verdicts and answers as the plain two-step path, fewer forward passes."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import TextIteratorStreamer
@@ -214,11 +216,11 @@ def test_logit_post_processing_reads_the_pair_from_the_logits():
 def test_the_pair_from_the_states_equals_the_pair_from_the_logits(gated):
     from safegate.speculative import SpeculationSupport
 
-    assert gated._support == SpeculationSupport(causal=True, pair_from_states=True)
+    assert gated._support == SpeculationSupport(causal=True, pair_from_states=True, accepts_logits_to_keep=True)
     threshold = set_gate(gated, "mixed")
     inputs = chat(gated.tokenizer, PROMPTS)
     from_states = gated.generate(**inputs, **GEN, **threshold)
-    gated._support = SpeculationSupport(causal=True, pair_from_states=False)
+    gated._support = dataclasses.replace(gated._support, pair_from_states=False)
     assert_same(from_states, gated.generate(**inputs, **GEN, **threshold))
 
 
