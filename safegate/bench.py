@@ -65,6 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="backbone shape (default: qwen2.5-0.5b on CUDA, smollm2-135m on CPU)",
     )
     parser.add_argument("--pairs", type=int, default=5, help="A/B pairs per measurement (median reported)")
+    parser.add_argument(
+        "--ttft-pairs",
+        type=int,
+        default=None,
+        help="A/B pairs per time-to-first-token measurement (default: 3 x --pairs; one call costs a prefill only)",
+    )
     parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in tokens (default: 256)")
     parser.add_argument("--new-tokens", type=int, default=64, help="answer tokens per generate (default: 64)")
     parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default: 1,8)")
@@ -76,8 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     shape = args.shape or ("qwen2.5-0.5b" if args.device.startswith("cuda") else "smollm2-135m")
     results = benchmark(
-        shape=shape, pairs=args.pairs, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-        batch_sizes=[int(b) for b in args.batch_sizes.split(",")], device=args.device,
+        shape=shape, pairs=args.pairs, ttft_pairs=args.ttft_pairs, prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens, batch_sizes=[int(b) for b in args.batch_sizes.split(",")], device=args.device,
     )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,13 +170,22 @@ def benchmark(
     batch_sizes: list[int] | None = None,
     device: str = "cpu",
     progress: bool = True,
+    ttft_pairs: int | None = None,
 ) -> dict[str, Any]:
-    """Run every measurement and return a JSON-able dict (`progress`: a tqdm bar on stderr)."""
+    """Run every measurement and return a JSON-able dict (`progress`: a tqdm bar on stderr).
+
+    `ttft_pairs` (default `3 * pairs`): pairs for the time to the first answer token, which costs one prefill per
+    call, so more pairs narrow its median where a few-percent target sits inside the machine's noise.
+    """
     from tqdm.auto import tqdm
 
     import safegate
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    ttft_pairs = 3 * pairs if ttft_pairs is None else ttft_pairs
+    for name, value in (("pairs", pairs), ("ttft_pairs", ttft_pairs)):
+        if value < 1:
+            raise ValueError(f"{name}={value}: a median needs at least one pair; pass {name} >= 1")
     model, tok = _backbone(shape, device, dtype)
     plain = copy.deepcopy(model)
     gated = safegate.attach(model, tok)
@@ -185,6 +200,7 @@ def benchmark(
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "pairs": pairs,
+        "ttft_pairs": ttft_pairs,
         "generate": {},
         "ttft": {},
     }
@@ -210,7 +226,7 @@ def benchmark(
             key = f"batch_{batch}"
             bar.set_postfix_str(f"{path}, {key}")
             results["generate"][path][key], results["ttft"][path][key] = _generate_pair(
-                plain.generate, gated.generate, inputs, gen, pairs, device
+                plain.generate, gated.generate, inputs, gen, (pairs, ttft_pairs), device
             )
             bar.update(2)
     # A/A control: the plain model against an identical copy of itself shows how far the machine's noise reaches
@@ -220,7 +236,7 @@ def benchmark(
         key = f"batch_{batch}"
         bar.set_postfix_str(f"control, {key}")
         results["generate"]["control"][key], results["ttft"]["control"][key] = _generate_pair(
-            plain.generate, twin.generate, inputs, gen, pairs, device
+            plain.generate, twin.generate, inputs, gen, (pairs, ttft_pairs), device
         )
         bar.update(2)
     del twin
@@ -241,9 +257,15 @@ def benchmark(
 
 
 def _generate_pair(
-    a: Callable[..., Any], b: Callable[..., Any], inputs: dict[str, Any], gen: dict[str, Any], pairs: int, device: str
+    a: Callable[..., Any],
+    b: Callable[..., Any],
+    inputs: dict[str, Any],
+    gen: dict[str, Any],
+    pairs: tuple[int, int],
+    device: str,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Paired wall times of two `generate` callables: the whole answer, and the time to its first token."""
+    """Paired wall times of two `generate` callables: the whole answer, and the time to its first token
+    (`pairs`: how many pairs for each)."""
 
     def ttft(fn: Callable[..., Any]) -> float:
         clock = _FirstTokenClock()
@@ -253,8 +275,8 @@ def _generate_pair(
         return clock.first or float("nan")
 
     with torch.no_grad():
-        whole = _paired(lambda: a(**inputs, **gen), lambda: b(**inputs, **gen), pairs, device)
-        first = _paired_values(lambda: ttft(a), lambda: ttft(b), pairs)
+        whole = _paired(lambda: a(**inputs, **gen), lambda: b(**inputs, **gen), pairs[0], device)
+        first = _paired_values(lambda: ttft(a), lambda: ttft(b), pairs[1])
     return whole, first
 
 

@@ -2,23 +2,25 @@
 
 import json
 
+import pytest
 import torch
 
-from safegate.bench import cpu_peak_bytes
+from safegate.bench import benchmark, cpu_peak_bytes
 from safegate.cli import main
 
 
 def test_bench_smoke_writes_valid_json(tmp_path, capsys):
     out = tmp_path / "results.json"
-    code = main(["bench", "--shape", "tiny", "--pairs", "1", "--prompt-tokens", "16", "--new-tokens", "2",
-                 "--batch-sizes", "1,2", "--device", "cpu", "--out", str(out)])  # fmt: skip
+    code = main(["bench", "--shape", "tiny", "--pairs", "1", "--ttft-pairs", "2", "--prompt-tokens", "16",
+                 "--new-tokens", "2", "--batch-sizes", "1,2", "--device", "cpu", "--out", str(out)])  # fmt: skip
     assert code == 0
     results = json.loads(out.read_text())
     assert set(results["generate"]) == set(results["ttft"]) == {"benign", "harmful", "control"}
     rows = [*results["training_step"].values()]
     for path in ("benign", "harmful", "control"):
         assert set(results["generate"][path]) == set(results["ttft"][path]) == {"batch_1", "batch_2"}
-        rows += [*results["generate"][path].values(), *results["ttft"][path].values()]
+        rows += [*results["generate"][path].values()]
+        assert all(len(row["ratios"]) == 2 for row in results["ttft"][path].values())
     assert set(results["training_step"]) == {"prompt_96_response_32", "prompt_16_response_112"}
     for row in rows:
         assert row["ratio"] > 0 and row["plain_s"] > 0 and row["gated_s"] > 0
@@ -30,6 +32,11 @@ def test_bench_smoke_writes_valid_json(tmp_path, capsys):
     assert memory["plain_peak_extra_bytes"] > 0 and memory["gated_peak_extra_bytes"] > 0 and memory["ratio"] > 0
     assert results["bundle_bytes"]["7b"]["total_bytes"] > results["bundle_bytes"]["3b"]["total_bytes"] > 1e6
     assert "time to first answer token, harmful, batch_2" in capsys.readouterr().out
+
+
+def test_bench_refuses_zero_pairs_before_building_anything():
+    with pytest.raises(ValueError, match="ttft_pairs=0"):
+        benchmark(shape="tiny", pairs=1, ttft_pairs=0, progress=False)
 
 
 def test_cpu_peak_counts_what_is_alive_at_once():
