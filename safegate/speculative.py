@@ -341,6 +341,7 @@ def _finish(
                 if name in wanted:
                     setattr(out, name, (first.to(out.sequences.device), *getattr(out, name)))
     else:
-        prompt = input_ids.repeat_interleave(out.sequences.shape[0] // input_ids.shape[0], dim=0)
+        expand = out.sequences.shape[0] // input_ids.shape[0]
+        prompt = input_ids.repeat_interleave(expand, dim=0) if expand > 1 else input_ids
         out.sequences = torch.cat([prompt, out.sequences[:, width:]], dim=1)
     return gated._attach_verdict(out, verdict)
