@@ -5,9 +5,10 @@ CPU; `--shape tiny` for a smoke run): gated/plain `generate` wall time (batch 1 
 answer tokens) and time to the first answer token, each for a benign request (the gate says safe: the usual path)
 and a harmful one (unsafe: the speculated `<|safe|>` is replaced, one extra decode step); gate FLOPs vs prefill
 FLOPs (computed); the CASA training step vs a plain PEFT LoRA step (same LoRA config, same batch, prompt labels
-masked as in supervised fine-tuning) for a prompt-heavy and a response-heavy batch; peak memory; bundle bytes
-for Qwen2.5-Omni-3B/7B shapes (computed on the `meta` device, no weights). Writes JSON; absolute times depend on
-the machine, ratios are what to compare.
+masked as in supervised fine-tuning) for a prompt-heavy and a response-heavy batch; peak memory; the torch ops and
+module calls of one `generate` and of each decode step (counted, `safegate.op_count`: the host-side cost that
+bounds a small model on a GPU, the same on every run); bundle bytes for Qwen2.5-Omni-3B/7B shapes (computed on
+the `meta` device, no weights). Writes JSON; absolute times depend on the machine, ratios are what to compare.
 
 Example:
     >>> omni_bundle_bytes("7b")["total_bytes"] < 30e6
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .op_count import generate_call_counts
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": dict(
@@ -243,6 +246,9 @@ def benchmark(
     with torch.no_grad():
         gated.gate.out.bias.fill_(VERDICTS["benign"][1])
     results["memory"] = _memory(device, plain, gated, batches[max(batches)], gen)
+    smallest = batches[min(batches)]
+    results["calls"] = {name: generate_call_counts(fn, smallest) for name, fn in (("plain", plain.generate),
+                        ("gated", gated.generate))}  # fmt: skip
     results["flops"] = gate_flops(model.config.hidden_size, gated.gate_config.attention_dim, prompt_tokens,
                                   sum(p.numel() for p in plain.parameters()))  # fmt: skip
     results["training_step"] = {}
@@ -456,6 +462,12 @@ def format_table(results: dict[str, Any]) -> str:
     for key, r in results["training_step"].items():
         row(f"training step vs plain LoRA, {key} (s)", r)
     lines.append(f"{'gate FLOPs / prefill FLOPs':<52}{'':>20}{results['flops']['ratio']:>9.2e}")
+    plain_calls, gated_calls = results["calls"]["plain"], results["calls"]["gated"]
+    for kind, label in (("aten_ops", "aten ops"), ("module_calls", "module calls")):
+        for when in ("per_call", "per_step"):
+            name = f"{label} {'per call (prefill)' if when == 'per_call' else 'per decode step'}, batch 1"
+            a, b = plain_calls[kind][when], gated_calls[kind][when]
+            lines.append(f"{name:<52}{a:>10.0f}{b:>10.0f}{b / max(a, 1):>9.3f}")
     if "ratio" in results["memory"]:
         mem = results["memory"]
         name = "peak generate memory above resident (MB)"
