@@ -74,7 +74,7 @@ class SafetyGate(nn.Module):
         valid = mask.to(device=h.device, dtype=torch.bool)
         if self.aggregation == "attention":
             weights = scores.masked_fill(~valid, float("-inf")).softmax(-1)
-            pooled = self.w_v((weights.unsqueeze(1) @ h).squeeze(1))  # (b, d) -> (b, d_a)
+            pooled = self.w_v(torch.bmm(weights.unsqueeze(1), h).squeeze(1))  # (b, d) -> (b, d_a)
             return self.out(self.norm(pooled)).squeeze(-1)
         # mean_sigmoid / max_sigmoid: per-position probabilities, scaled by w_o's first weight (0 at start).
         probs = torch.sigmoid(scores * self.out.weight[0, 0] + self.out.bias[0])

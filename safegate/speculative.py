@@ -71,8 +71,10 @@ class SpeculationMiss(Exception):  # noqa: N818 - control flow, not an error the
 class SpeculativePlan:
     """The prefill input `prompt, <|safe|>, assistant prefix` (left-padded) and where the gate reads it.
 
-    `prompt_mask` is the attention mask with the safety token and any prefix zeroed: the positions the gate pools.
-    `tails[i]` counts the positions after row i's last prompt position (1 + its prefix length).
+    `prompt_mask` marks the positions the gate pools among the first `prompt_mask.shape[1]`: without prefixes the
+    prompt's own mask (the gate reads the prompt columns only), else the full-width mask with the safety token and
+    the prefixes zeroed. `tails[i]` counts the positions after row i's last prompt position (1 + its prefix length);
+    `tail` is that count when every row shares it (1 without prefixes), else `None`.
     """
 
     input_ids: torch.Tensor
@@ -80,6 +82,7 @@ class SpeculativePlan:
     prompt_mask: torch.Tensor
     tails: torch.Tensor
     kwargs: dict[str, Any]
+    tail: int | None = None
 
 
 def build_plan(
@@ -93,16 +96,16 @@ def build_plan(
     rows = len(prefix_lengths)
     if not any(prefix_lengths):  # the common case: append one column, no per-row work
         column = input_ids.new_full((rows, 1), gated.safe_token_id)
-        ones, zeros = attention_mask.new_ones(rows, 1), attention_mask.new_zeros(rows, 1)
         new_kwargs = dict(kwargs)
         for key in gated._per_token_kwargs(input_ids, kwargs):
             new_kwargs[key] = torch.cat([kwargs[key], inserted_token_value(key, kwargs[key])[0]], dim=1)
         return SpeculativePlan(
             torch.cat([input_ids, column], dim=1),
-            torch.cat([attention_mask, ones], dim=1),
-            torch.cat([attention_mask, zeros], dim=1),
+            torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1),
+            attention_mask,
             torch.ones(rows, dtype=torch.long, device=input_ids.device),
             new_kwargs,
+            tail=1,
         )
     ids, mask, new_kwargs = gated._insert_tokens(
         input_ids, attention_mask, prefix_lengths, [gated.safe_token_id] * rows, kwargs, [True] * rows
@@ -139,31 +142,40 @@ class SpeculativeDecision(ThreadHook):
         if self.tap.states is None:
             raise RuntimeError("the hidden-state tap saw no prefill pass; the gate cannot decide")
         gated = self.gated
+        plan = self.plan
         rows = self.tap.states.shape[0]
-        expand = rows // self.plan.tails.shape[0]  # num_return_sequences expands rows before the prefill
-        tails, mask = self.plan.tails.to(self.tap.states.device), self.plan.prompt_mask
+        expand = rows // plan.tails.shape[0]  # num_return_sequences expands rows before the prefill
+        tails, mask = plan.tails.to(self.tap.states.device), plan.prompt_mask
         if expand > 1:
             tails, mask = tails.repeat_interleave(expand), mask.repeat_interleave(expand, dim=0)
-        every = torch.arange(rows, device=tails.device)
         if self.pair_from is not None:
             final, weight = self.pair_from
             if final.states is None:
                 raise RuntimeError("the final-norm tap saw no prefill pass; the gate cannot decide")
-            last = final.states[every, final.states.shape[1] - 1 - tails]
+            last = _last_prompt_position(final.states, plan.tail, tails)
             self.verdict.last_states = last
             pair = F.linear(last, weight.to(last.dtype)).float()
         else:
             logits = output.logits if hasattr(output, "logits") else output[0]
-            index = logits.shape[1] - 1 - tails.to(logits.device)
-            if bool((index < 0).any()):
+            longest = plan.tail if plan.tail is not None else int(tails.max())
+            if logits.shape[1] <= longest:
                 raise RuntimeError(f"the prefill returned logits for {logits.shape[1]} positions; the gate needs more")
-            scores = logits[every.to(logits.device), index].float()
+            scores = _last_prompt_position(logits, plan.tail, tails.to(logits.device)).float()
             self.verdict.scores = scores
             pair = scores[:, [gated.safe_token_id, gated.unsafe_token_id]]
-        p_unsafe, unsafe = gated.decide_pair(pair[:, 0], pair[:, 1], self.tap.states, mask, self.threshold)
+        states = self.tap.states[:, : mask.shape[1]]  # the prompt columns the mask covers
+        p_unsafe, unsafe = gated.decide_pair(pair[:, 0], pair[:, 1], states, mask, self.threshold)
         self.verdict.p_unsafe, self.verdict.unsafe = p_unsafe, unsafe
         if bool(unsafe.any()):
             raise SpeculationMiss(output_cache(output))
+
+
+def _last_prompt_position(values: torch.Tensor, tail: int | None, tails: torch.Tensor) -> torch.Tensor:
+    """Each row's values (B, T, ...) at its last prompt position, `tails` positions before the end (one view when
+    every row shares `tail`)."""
+    if tail is not None:
+        return values[:, values.shape[1] - 1 - tail]
+    return values[torch.arange(values.shape[0], device=values.device), values.shape[1] - 1 - tails]
 
 
 def pair_weight(gated: SafeGateModel) -> torch.Tensor | None:
@@ -180,7 +192,9 @@ def final_states_tap(gated: SafeGateModel, tap: HiddenStateTap, stack: contextli
 
 def logits_to_keep(gated: SafeGateModel, plan: SpeculativePlan) -> int | None:
     """Trailing positions whose logits the prefill must return to read the pair from them; `None`: the default."""
-    return int(plan.tails.max()) + 1 if gated._support.accepts_logits_to_keep else None
+    if not gated._support.accepts_logits_to_keep:
+        return None
+    return (plan.tail if plan.tail is not None else int(plan.tails.max())) + 1
 
 
 def resume_from_cache(
@@ -190,7 +204,7 @@ def resume_from_cache(
 
     Needs every row to end with the safety token (no assistant prefix) and one cache row per prompt row.
     """
-    if cache is None or tokens.shape[0] != plan.input_ids.shape[0] or bool((plan.tails != 1).any()):
+    if cache is None or tokens.shape[0] != plan.input_ids.shape[0] or plan.tail != 1:
         return None
     if not getattr(cache, "is_croppable", True):
         return None

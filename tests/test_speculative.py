@@ -213,15 +213,18 @@ def test_logit_post_processing_reads_the_pair_from_the_logits():
         assert fast.safety == [verdict] * len(PROMPTS)
 
 
-def test_the_pair_from_the_states_equals_the_pair_from_the_logits(gated):
+@pytest.mark.parametrize("prefix", ["", "Sure, here is how"])
+def test_the_pair_from_the_states_equals_the_pair_from_the_logits(gated, prefix):
     from safegate.speculative import SpeculationSupport
 
     assert gated._support == SpeculationSupport(causal=True, pair_from_states=True, accepts_logits_to_keep=True)
     threshold = set_gate(gated, "mixed")
-    inputs = chat(gated.tokenizer, PROMPTS)
+    inputs = chat(gated.tokenizer, PROMPTS, prefix=prefix)
     from_states = gated.generate(**inputs, **GEN, **threshold)
     gated._support = dataclasses.replace(gated._support, pair_from_states=False)
-    assert_same(from_states, gated.generate(**inputs, **GEN, **threshold))
+    from_logits = gated.generate(**inputs, **GEN, **threshold)
+    assert_same(from_states, from_logits)
+    assert_same(from_logits, gated.generate(**inputs, **GEN, speculative=False, **threshold))
 
 
 @pytest.mark.parametrize("verdict", ["safe", "unsafe"])
