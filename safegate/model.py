@@ -39,7 +39,9 @@ from .streaming import SkipSafetyTokenStreamer
 from .tokens import add_safety_tokens, text_tokenizer, word_rows
 
 SAFE, UNSAFE = "safe", "unsafe"
-_SINGLE_STEP_DROPS = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "do_sample", "streamer")
+_SINGLE_STEP_DROPS = (
+    "max_new_tokens", "min_new_tokens", "max_length", "min_length", "do_sample", "streamer", "num_return_sequences",
+)  # fmt: skip
 _UNSUPPORTED = {
     "num_beams": "beam search is not supported with a safety gate; use greedy decoding or sampling",
     "assistant_model": "assisted decoding is not supported with a safety gate",
@@ -260,7 +262,7 @@ class SafeGateModel(nn.Module):
         z_safe, z_unsafe = gate_pair_logits(z_safe, z_unsafe, self.gate_logit(states, mask), self.gate_config.scaling)
         p = unsafe_probability(z_safe, z_unsafe)
         unsafe = p >= threshold if threshold is not None else z_unsafe >= z_safe
-        return p, unsafe
+        return p, unsafe | p.isnan()  # a score that is not a number fails closed
 
     def _decide(self, tap: HiddenStateTap, mask: torch.Tensor, threshold: float | None, verdict: _Verdict) -> Any:
         def decide(scores: torch.Tensor) -> torch.Tensor:
@@ -422,6 +424,12 @@ class SafeGateModel(nn.Module):
         out = self.base_generate(
             input_ids=new_ids, attention_mask=new_mask, return_dict_in_generate=True, **new_kwargs
         )
+        per_prompt = out.sequences.shape[0] // input_ids.shape[0]  # num_return_sequences: one verdict per sequence
+        if per_prompt > 1:
+            assert verdict.p_unsafe is not None and verdict.unsafe is not None
+            n = per_prompt
+            verdict = _Verdict(verdict.p_unsafe.repeat_interleave(n), verdict.unsafe.repeat_interleave(n))
+            input_ids = input_ids.repeat_interleave(per_prompt, dim=0)
         if not keep_safety_token:
             out.sequences = torch.cat([input_ids, out.sequences[:, new_ids.shape[1] :]], dim=1)
         return self._attach_verdict(out, verdict)
