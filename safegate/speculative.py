@@ -113,7 +113,8 @@ def build_plan(
     tails = torch.tensor(prefix_lengths, device=ids.device) + 1
     columns = torch.arange(ids.shape[1], device=ids.device)
     prompt_mask = mask * (columns < ids.shape[1] - tails.unsqueeze(1))
-    return SpeculativePlan(ids, mask, prompt_mask, tails, new_kwargs)
+    shared = prefix_lengths[0] + 1 if len(set(prefix_lengths)) == 1 else None
+    return SpeculativePlan(ids, mask, prompt_mask, tails, new_kwargs, tail=shared)
 
 
 class SpeculativeDecision(ThreadHook):
@@ -143,6 +144,13 @@ class SpeculativeDecision(ThreadHook):
             raise RuntimeError("the hidden-state tap saw no prefill pass; the gate cannot decide")
         gated = self.gated
         plan = self.plan
+        taps = [("gate", self.tap)] + ([("final-norm", self.pair_from[0])] if self.pair_from is not None else [])
+        for name, tap in taps:
+            if tap.states is not None and tap.states.shape[1] != plan.input_ids.shape[1]:
+                raise RuntimeError(
+                    f"the {name} tap saw {tap.states.shape[1]} positions but the prefill has "
+                    f"{plan.input_ids.shape[1]} input ids: the gate cannot tell which positions are the prompt"
+                )
         rows = self.tap.states.shape[0]
         expand = rows // plan.tails.shape[0]  # num_return_sequences expands rows before the prefill
         tails, mask = plan.tails.to(self.tap.states.device), plan.prompt_mask
@@ -298,8 +306,14 @@ def generate_speculatively(
     plan = build_plan(gated, input_ids, mask, prefix_lengths, kwargs)
     weight = pair_weight(gated)  # None: the prefill returns the last prompt position's logits too
     keep = None if weight is not None else logits_to_keep(gated, plan)
-    if keep is not None and "logits_to_keep" not in plan.kwargs:
-        plan.kwargs["logits_to_keep"] = keep
+    if keep is not None:
+        asked = plan.kwargs.get("logits_to_keep")
+        if asked is not None and not (isinstance(asked, int) and (asked == 0 or asked >= keep)):
+            raise ValueError(
+                f"`logits_to_keep={asked!r}`: the gate reads the logits of the last {keep} positions of the prefill "
+                f"on this model; pass an int >= {keep}, 0 (all), or leave it out."
+            )
+        plan.kwargs.setdefault("logits_to_keep", keep)
     streamer = None
     if plan.kwargs.get("streamer") is not None:
         streamer = plan.kwargs["streamer"] = SkipSafetyTokenStreamer(plan.kwargs["streamer"], prompt=input_ids)
