@@ -129,6 +129,41 @@ def test_fallbacks_without_a_cache_or_with_several_return_sequences(gated, verdi
         assert_same(gated.generate(**inputs, **kw), gated.generate(**inputs, speculative=False, **kw))
 
 
+@pytest.mark.parametrize("verdict", ["safe", "unsafe", "mixed"])
+@pytest.mark.parametrize("pair_from_states", [True, False])
+def test_rows_with_different_prefixes_and_return_sequences(gated, verdict, pair_from_states):
+    threshold = set_gate(gated, verdict)
+    gated._support = dataclasses.replace(gated._support, pair_from_states=pair_from_states)
+    tok = gated.tokenizer
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) + prefix
+        for p, prefix in zip(PROMPTS, ["", "Sure", "Sure, here is how"], strict=True)
+    ]
+    inputs = dict(tok(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+    for extra in ({}, dict(num_return_sequences=2, do_sample=True, top_k=1)):
+        kw = dict(GEN, keep_safety_token=True, **threshold, **extra)
+        assert_same(gated.generate(**inputs, **kw), gated.generate(**inputs, speculative=False, **kw))
+
+
+def test_a_score_that_is_not_a_number_is_unsafe(gated):
+    with torch.no_grad():
+        gated.gate.out.bias.fill_(float("nan"))
+    inputs = chat(gated.tokenizer, PROMPTS)
+    for speculative in (True, False):
+        out = gated.generate(**inputs, **GEN, speculative=speculative)
+        assert out.safety == ["unsafe"] * len(PROMPTS)
+
+
+def test_a_logits_to_keep_that_hides_the_prompt_position_is_refused(gated):
+    set_gate(gated, "safe")
+    gated._support = dataclasses.replace(gated._support, pair_from_states=False)  # the pair comes from the logits
+    inputs = chat(gated.tokenizer, PROMPTS)
+    for asked in (1, torch.tensor([3])):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            gated.generate(**inputs, **GEN, logits_to_keep=asked)
+    assert_same(gated.generate(**inputs, **GEN, logits_to_keep=0), gated.generate(**inputs, **GEN))
+
+
 @pytest.mark.parametrize("verdict", ["safe", "unsafe"])
 def test_streamer_sees_the_prompt_once_and_never_a_safety_token(gated, verdict):
     set_gate(gated, verdict)
