@@ -67,10 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="backbone shape (default: qwen2.5-0.5b on CUDA, smollm2-135m on CPU)",
     )
-    parser.add_argument("--pairs", type=int, default=5, help="A/B pairs per measurement (median reported)")
+    parser.add_argument("--pairs", type=_positive_int, default=5, help="A/B pairs per measurement (median reported)")
     parser.add_argument(
         "--ttft-pairs",
-        type=int,
+        type=_positive_int,
         default=None,
         help="A/B pairs per time-to-first-token measurement (default: 3 x --pairs; one call costs a prefill only)",
     )
@@ -80,6 +80,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--out", default="benchmarks/results.json", help="where to write the JSON results")
     parser.set_defaults(func=run)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: a median needs at least one pair; pass 1 or more")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,9 +253,10 @@ def benchmark(
     with torch.no_grad():
         gated.gate.out.bias.fill_(VERDICTS["benign"][1])
     results["memory"] = _memory(device, plain, gated, batches[max(batches)], gen)
-    smallest = batches[min(batches)]
-    results["calls"] = {name: generate_call_counts(fn, smallest) for name, fn in (("plain", plain.generate),
-                        ("gated", gated.generate))}  # fmt: skip
+    smallest = min(batches)
+    results["calls"] = {"batch": smallest}
+    for name, fn in (("plain", plain.generate), ("gated", gated.generate)):
+        results["calls"][name] = generate_call_counts(fn, batches[smallest])
     results["flops"] = gate_flops(model.config.hidden_size, gated.gate_config.attention_dim, prompt_tokens,
                                   sum(p.numel() for p in plain.parameters()))  # fmt: skip
     results["training_step"] = {}
@@ -462,10 +470,10 @@ def format_table(results: dict[str, Any]) -> str:
     for key, r in results["training_step"].items():
         row(f"training step vs plain LoRA, {key} (s)", r)
     lines.append(f"{'gate FLOPs / prefill FLOPs':<52}{'':>20}{results['flops']['ratio']:>9.2e}")
-    plain_calls, gated_calls = results["calls"]["plain"], results["calls"]["gated"]
+    plain_calls, gated_calls, calls_batch = (results["calls"][key] for key in ("plain", "gated", "batch"))
     for kind, label in (("aten_ops", "aten ops"), ("module_calls", "module calls")):
         for when in ("per_call", "per_step"):
-            name = f"{label} {'per call (prefill)' if when == 'per_call' else 'per decode step'}, batch 1"
+            name = f"{label} {'per call (prefill)' if when == 'per_call' else 'per decode step'}, batch {calls_batch}"
             a, b = plain_calls[kind][when], gated_calls[kind][when]
             lines.append(f"{name:<52}{a:>10.0f}{b:>10.0f}{b / max(a, 1):>9.3f}")
     if "ratio" in results["memory"]:

@@ -19,12 +19,12 @@ def test_bench_smoke_writes_valid_json(tmp_path, capsys):
     rows = [*results["training_step"].values()]
     for path in ("benign", "harmful", "control"):
         assert set(results["generate"][path]) == set(results["ttft"][path]) == {"batch_1", "batch_2"}
-        rows += [*results["generate"][path].values()]
+        rows += [*results["generate"][path].values(), *results["ttft"][path].values()]
         assert all(len(row["ratios"]) == 2 for row in results["ttft"][path].values())
     assert set(results["training_step"]) == {"prompt_96_response_32", "prompt_16_response_112"}
     for row in rows:
         assert row["ratio"] > 0 and row["plain_s"] > 0 and row["gated_s"] > 0
-        assert row["ratio_iqr"][0] <= row["ratio"] <= row["ratio_iqr"][1] and len(row["ratios"]) == 1
+        assert row["ratio_iqr"][0] <= row["ratio"] <= row["ratio_iqr"][1] and len(row["ratios"]) in (1, 2)
     step = results["training_step"]["prompt_96_response_32"]["logit_rows"]
     assert step == {"plain": 8 * 128, "gated": 8 + 8 * 31}
     assert 0 < results["flops"]["ratio"] < 1
@@ -37,9 +37,17 @@ def test_bench_smoke_writes_valid_json(tmp_path, capsys):
     assert "time to first answer token, harmful, batch_2" in capsys.readouterr().out
 
 
-def test_bench_refuses_zero_pairs_before_building_anything():
+def test_bench_refuses_zero_pairs_before_building_anything(monkeypatch, capsys):
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("built a backbone before checking the pair counts")
+
+    monkeypatch.setattr("safegate.bench._backbone", no_backbone)
     with pytest.raises(ValueError, match="ttft_pairs=0"):
         benchmark(shape="tiny", pairs=1, ttft_pairs=0, progress=False)
+    with pytest.raises(SystemExit):
+        main(["bench", "--shape", "tiny", "--ttft-pairs", "0"])
+    err = capsys.readouterr().err
+    assert "argument --ttft-pairs" in err and "at least one pair" in err
 
 
 def test_cpu_peak_counts_what_is_alive_at_once():
