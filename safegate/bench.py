@@ -203,6 +203,7 @@ def benchmark(
     vocab = min(len(tok) - 2, model.config.vocab_size)
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": _commit(),
         "machine": _machine(device),
         "shape": shape,
         "config": SHAPES[shape],
@@ -439,6 +440,18 @@ def omni_bundle_bytes(size: str, lora_r: int = 8, attention_dim: int = 256) -> d
     total = 4 * lora + 4 * gate + 4 * rows
     return {"lora_params": lora, "gate_params": gate, "token_row_params": rows, "total_bytes": total,
             "note": "float32 tensors; json/README add a few KB"}  # fmt: skip
+
+
+def _commit() -> str | None:
+    """The safegate checkout's git commit the numbers come from (`None` outside a git checkout)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
 
 
 def _machine(device: str) -> dict[str, Any]:

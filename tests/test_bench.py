@@ -28,6 +28,7 @@ def test_bench_smoke_writes_valid_json(tmp_path, capsys):
     step = results["training_step"]["prompt_96_response_32"]["logit_rows"]
     assert step == {"plain": 8 * 128, "gated": 8 + 8 * 31}
     assert 0 < results["flops"]["ratio"] < 1
+    assert results["commit"] is None or len(results["commit"]) >= 7
     plain, gated = results["calls"]["plain"], results["calls"]["gated"]
     assert gated["aten_ops"]["per_step"] == plain["aten_ops"]["per_step"] > 0, "no gate work after the prefill"
     assert gated["aten_ops"]["per_call"] > plain["aten_ops"]["per_call"] > 0
