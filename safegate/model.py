@@ -32,7 +32,7 @@ from .fast_tokens import speed_up_trainable_tokens
 from .gate import SafetyGate, gate_pair_logits, unsafe_probability
 from .hooks import ContiguousHeadInput, HiddenStateTap
 from .kv_cache import CACHE_KWARGS
-from .prefill import assistant_header, inserted_token_value, left_pad, prefix_lengths, special_ids
+from .prefill import assistant_header, inserted_token_value, left_pad, prefix_lengths, repeat_rows, special_ids
 from .processor import SafeGateLogitsProcessor
 from .speculative import generate_speculatively, probe
 from .streaming import SkipSafetyTokenStreamer
@@ -222,8 +222,7 @@ class SafeGateModel(nn.Module):
     # -------------------------------------------------------------------------------------------- gate math
     def gate_logit(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Gate logit `x` (v_s = sigmoid(x)) from tapped prompt states and the prompt mask."""
-        if hidden.shape[0] != mask.shape[0]:  # num_return_sequences expands rows before the prefill
-            mask = mask.repeat_interleave(hidden.shape[0] // mask.shape[0], dim=0)
+        mask = repeat_rows(mask, hidden.shape[0] // mask.shape[0])  # num_return_sequences expands rows
         if hidden.shape[1] != mask.shape[1]:
             raise RuntimeError(
                 f"the gate saw {hidden.shape[1]} prompt positions but the attention mask has {mask.shape[1]}"
@@ -425,11 +424,8 @@ class SafeGateModel(nn.Module):
             input_ids=new_ids, attention_mask=new_mask, return_dict_in_generate=True, **new_kwargs
         )
         per_prompt = out.sequences.shape[0] // input_ids.shape[0]  # num_return_sequences: one verdict per sequence
-        if per_prompt > 1:
-            assert verdict.p_unsafe is not None and verdict.unsafe is not None
-            n = per_prompt
-            verdict = _Verdict(verdict.p_unsafe.repeat_interleave(n), verdict.unsafe.repeat_interleave(n))
-            input_ids = input_ids.repeat_interleave(per_prompt, dim=0)
+        verdict = _Verdict(repeat_rows(verdict.p_unsafe, per_prompt), repeat_rows(verdict.unsafe, per_prompt))
+        input_ids = repeat_rows(input_ids, per_prompt)
         if not keep_safety_token:
             out.sequences = torch.cat([input_ids, out.sequences[:, new_ids.shape[1] :]], dim=1)
         return self._attach_verdict(out, verdict)

@@ -84,6 +84,19 @@ def inserted_token_value(key: str, before: torch.Tensor) -> tuple[torch.Tensor, 
     return before.new_zeros((*before.shape[:-1], 1)), 0
 
 
+def repeat_rows(value: Any, repeats: int, dim: int = 0) -> Any:
+    """Each row of a tensor `value` repeated `repeats` times along `dim` (`num_return_sequences` expands rows so);
+    `value` itself when there is nothing to repeat or it is not a tensor.
+
+    Example:
+        >>> repeat_rows(torch.tensor([1, 2]), 2)
+        tensor([1, 1, 2, 2])
+    """
+    if repeats == 1 or not isinstance(value, torch.Tensor):
+        return value
+    return value.repeat_interleave(repeats, dim=dim)
+
+
 def left_pad(rows: list[torch.Tensor], value: float | int) -> torch.Tensor:
     """Stack 1-D (or (n, ...)) rows into one tensor, padding on the left with `value`."""
     width = max(r.shape[0] for r in rows)

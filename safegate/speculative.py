@@ -45,7 +45,7 @@ from torch import nn
 from .fast_tokens import output_rows
 from .hooks import HiddenStateTap, ThreadHook
 from .kv_cache import CACHE_KWARG, output_cache
-from .prefill import inserted_token_value
+from .prefill import inserted_token_value, repeat_rows
 
 try:  # the inputs `generate` feeds only to the prefill; fall back to the 5.23 contents if the name moves
     from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL as _PREFILL_ONLY
@@ -153,9 +153,8 @@ class SpeculativeDecision(ThreadHook):
                 )
         rows = self.tap.states.shape[0]
         expand = rows // plan.tails.shape[0]  # num_return_sequences expands rows before the prefill
-        tails, mask = plan.tails.to(self.tap.states.device), plan.prompt_mask
-        if expand > 1:
-            tails, mask = tails.repeat_interleave(expand), mask.repeat_interleave(expand, dim=0)
+        tails = repeat_rows(plan.tails.to(self.tap.states.device), expand)
+        mask = plan.prompt_mask  # gate_logit repeats its rows
         if self.pair_from is not None:
             final, weight = self.pair_from
             if final.states is None:
@@ -369,7 +368,6 @@ def _finish(
                 if name in wanted:
                     setattr(out, name, (first.to(out.sequences.device), *getattr(out, name)))
     else:
-        expand = out.sequences.shape[0] // input_ids.shape[0]
-        prompt = input_ids.repeat_interleave(expand, dim=0) if expand > 1 else input_ids
+        prompt = repeat_rows(input_ids, out.sequences.shape[0] // input_ids.shape[0])
         out.sequences = torch.cat([prompt, out.sequences[:, width:]], dim=1)
     return gated._attach_verdict(out, verdict)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..kv_cache import CACHE_KWARG, CACHE_KWARGS, without_cache
+from ..prefill import repeat_rows
 
 try:  # the list `generate` itself uses; fall back to the 5.23 contents if it moves
     from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL as _PREFILL_ONLY
@@ -130,12 +131,6 @@ class StepRecorder:
         self.last = None  # drop the reference to the real cache
 
 
-def _repeat_rows(value: Any, repeats: int, dim: int = 0) -> Any:
-    if repeats == 1 or not isinstance(value, torch.Tensor):
-        return value
-    return value.repeat_interleave(repeats, dim=dim)
-
-
 def expanded_cache(cache: Any, repeats: int) -> Any:
     """A copy of a dynamic KV cache with each row repeated `repeats` times; the original is never written to.
 
@@ -173,15 +168,15 @@ def next_step_kwargs(last: dict[str, Any], tokens: torch.Tensor, cache: Any, rep
                 "a 4-D attention mask reached the model (static or compiled cache); decode-time defenses need the "
                 "default dynamic cache: drop `cache_implementation`."
             )
-        kwargs["attention_mask"] = _repeat_rows(torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1), repeats)
+        kwargs["attention_mask"] = repeat_rows(torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1), repeats)
     positions = last.get("position_ids")
     if isinstance(positions, torch.Tensor):
-        kwargs["position_ids"] = _repeat_rows(positions[..., -1:] + 1, repeats, dim=positions.dim() - 2)
+        kwargs["position_ids"] = repeat_rows(positions[..., -1:] + 1, repeats, dim=positions.dim() - 2)
     for key in ("mm_token_type_ids", "token_type_ids"):
         value = last.get(key)
         if isinstance(value, torch.Tensor):
             step = value.new_zeros(value.shape[0], 1) if key == "mm_token_type_ids" else value[:, -1:]
-            kwargs[key] = _repeat_rows(step, repeats)
+            kwargs[key] = repeat_rows(step, repeats)
     return kwargs
 
 
