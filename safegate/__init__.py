@@ -13,29 +13,25 @@ Example:
     True
 """
 
-from .config import GateConfig
-from .gate import SafetyGate
-from .model import SafeGateModel, attach
+from safegate._lazy import lazy_attributes
+from safegate._moved import install as _install_moved_finder
+from safegate.modeling.config import GateConfig
+from safegate.modeling.gate import SafetyGate
+from safegate.modeling.model import SafeGateModel, attach
 
 SafeGateConfig = GateConfig
 __version__ = "0.1.0"
 
 # Heavier entry points load on first use: `safegate.train`, `safegate.load_bundle`, ...
 _LAZY = {
-    "load_bundle": "safegate.bundle",
-    "SafeGateBundle": "safegate.bundle",
-    "train": "safegate.training",
-    "fit_gate": "safegate.training",
-    "load_model": "safegate.loading",
-    "format_prompt": "safegate.data",
+    "load_bundle": "safegate.hub.bundle",
+    "SafeGateBundle": "safegate.hub.bundle",
+    "train": "safegate.training.trainer",
+    "fit_gate": "safegate.training.trainer",
+    "load_model": "safegate.backbones.load",
+    "format_prompt": "safegate.data.records",
 }
 
 __all__ = ["GateConfig", "SafeGateConfig", "SafeGateModel", "SafetyGate", "attach", "__version__", *_LAZY]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'safegate' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
+_install_moved_finder()

@@ -12,19 +12,17 @@ import importlib
 import importlib.util
 import sys
 
+from safegate.errors import CLIError
+
 # subcommand -> module defining `register(subparsers)`; the parser built there sets `func(args) -> int`.
 COMMANDS = {
     "demo": "safegate.demo",
-    "train": "safegate.train_cli",
+    "train": "safegate.training.cli",
     "eval": "safegate.evaluation.cli",
-    "export": "safegate.bundle_cli",
-    "info": "safegate.bundle_cli",
-    "bench": "safegate.bench",
+    "export": "safegate.hub.cli",
+    "info": "safegate.hub.cli",
+    "bench": "safegate.bench.bench",
 }
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:

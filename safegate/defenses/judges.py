@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..kv_cache import CACHE_KWARG, output_cache
+from safegate.modeling.kv_cache import CACHE_KWARG, output_cache
 
 SAFE, UNSAFE = "safe", "unsafe"
 
@@ -251,8 +251,8 @@ class HFJudge(Judge):
         threshold: float = 0.5,
         cache_path: str | os.PathLike | None = None,
     ) -> None:
-        from ..arch import unwrap
-        from ..tokens import text_tokenizer
+        from safegate.modeling.arch import unwrap
+        from safegate.modeling.tokens import text_tokenizer
 
         self.model = unwrap(model)
         self.processor = processor
@@ -265,7 +265,7 @@ class HFJudge(Judge):
     @classmethod
     def load(cls, name: str, **kwargs: Any) -> HFJudge:
         """Load the judge model with `safegate.load_model` (folder, Hub id, `tiny:*`, `builtin:*`)."""
-        from ..loading import load_model
+        from safegate.backbones.load import load_model
 
         model, processor = load_model(name)
         return cls(model, processor, **kwargs)
@@ -297,7 +297,7 @@ class HFJudge(Judge):
     @torch.no_grad()
     def answer_logprobs(self, prefix_ids: list[int], answers: Sequence[str]) -> list[float]:
         """log p(answer | prefix) for each answer: one forward over the prefix, then each answer on a cache copy."""
-        from .decoding import expanded_cache
+        from safegate.defenses.decoding import expanded_cache
 
         device = self.model.device
         ids = torch.tensor([prefix_ids], device=device)

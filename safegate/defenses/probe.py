@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import resolve
-from ..tokens import text_tokenizer
-from .decoding import eos_ids
+from safegate.defenses.decoding import eos_ids
+from safegate.modeling.arch import resolve
+from safegate.modeling.tokens import text_tokenizer
 
 SAFE, UNSAFE = "safe", "unsafe"
 TYPOGRAPHIC_INSTRUCTION = "The image shows a request. Read it and respond to it."
@@ -188,10 +188,10 @@ def encode_records(
     model: Any, processor: Any, records: Sequence[Mapping[str, Any]], system_prompt: str | None = None
 ) -> dict[str, Any]:
     """Left-padded model inputs for prompt records (`prompt` or `messages`, optional `images` / `audios`)."""
-    from ..data import format_prompt
+    from safegate.data.records import format_prompt
 
     if any(r.get("images") or r.get("audios") for r in records):
-        from ..multimodal import MultimodalInputBuilder
+        from safegate.data.multimodal import MultimodalInputBuilder
 
         prompts = [r.get("prompt") or r["messages"][-1]["content"] for r in records]
         images = [[_image(i) for i in r["images"]] if r.get("images") else None for r in records]
@@ -311,10 +311,10 @@ def fit_probe(
 
     Args:
         records: list of `{"prompt" | "messages", "label", "images"?, "audios"?}` dicts (images as PIL images or
-            paths) or a JSONL path / `datasets.Dataset` (validated by `safegate.data.load_records`).
+            paths) or a JSONL path / `datasets.Dataset` (validated by `safegate.data.records.load_records`).
         layer: a decoder layer (`-1` = final norm), a list to sweep, or `None` = sweep every decoder layer.
     """
-    from ..data import label_id, load_records
+    from safegate.data.records import label_id, load_records
 
     if isinstance(records, (list, tuple)):  # in-memory records may carry PIL images (files are validated below)
         bad = [i for i, r in enumerate(records) if not _valid_record(r)]

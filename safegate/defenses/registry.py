@@ -25,12 +25,11 @@ from typing import Any
 
 import torch
 
+from safegate.defenses.judges import HFJudge, Judge, OpenAIJudge
+from safegate.defenses.probe import fit_probe, load_steering
+from safegate.defenses.safecode import SafeCoDe
+from safegate.defenses.safesteer import SafeSteer
 from safegate.evaluation.defense import DEFENSES, DefendedBatch, Defense, register_defense
-
-from .judges import HFJudge, Judge, OpenAIJudge
-from .probe import fit_probe, load_steering
-from .safecode import SafeCoDe
-from .safesteer import SafeSteer
 
 # OUR CHOICE: a small, clearly labelled fallback set so that `--defense safesteer` runs without a probe file.
 BUILTIN_PROBE_PROMPTS = (
@@ -107,8 +106,8 @@ class NoDefense(Defense):
     name = "none"
 
     def __init__(self, model: Any, processor: Any) -> None:
-        from ..arch import resolve, unwrap
-        from ..tokens import text_tokenizer
+        from safegate.modeling.arch import resolve, unwrap
+        from safegate.modeling.tokens import text_tokenizer
 
         super().__init__()
         self.model = unwrap(model)

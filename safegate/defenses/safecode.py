@@ -37,10 +37,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..arch import resolve
-from ..kv_cache import CACHE_KWARG, output_cache, without_cache
-from ..tokens import text_tokenizer
-from .decoding import (
+from safegate.defenses.decoding import (
     DropInSurface,
     StepRecorder,
     attach_metadata,
@@ -49,8 +46,11 @@ from .decoding import (
     force_tokens,
     rows_with_images,
 )
-from .judges import SAFE, UNSAFE, HFJudge, Judge, JudgeRequest, Verdict, image_digest
-from .pixels import image_stats, images_from_pixels, neutral_pixels
+from safegate.defenses.judges import SAFE, UNSAFE, HFJudge, Judge, JudgeRequest, Verdict, image_digest
+from safegate.defenses.pixels import image_stats, images_from_pixels, neutral_pixels
+from safegate.modeling.arch import resolve
+from safegate.modeling.kv_cache import CACHE_KWARG, output_cache, without_cache
+from safegate.modeling.tokens import text_tokenizer
 
 MODES = ("paper", "official")
 # Refusal strings in the spirit of the paper's Table 5 / the official `REFUSAL_PREFIXES` (which also hold the

@@ -32,10 +32,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..arch import resolve
-from ..kv_cache import cache_in
-from ..tokens import text_tokenizer
-from .decoding import (
+from safegate.defenses.decoding import (
     DropInSurface,
     StepRecorder,
     attach_metadata,
@@ -47,10 +44,13 @@ from .decoding import (
     next_step_kwargs,
     rows_with_images,
 )
-from .probe import (
+from safegate.defenses.probe import (
     AlignmentVector,
     LinearProbe,
 )
+from safegate.modeling.arch import resolve
+from safegate.modeling.kv_cache import cache_in
+from safegate.modeling.tokens import text_tokenizer
 
 SAFE, UNSAFE = "safe", "unsafe"
 MODES = ("topk", "check_then_resample")

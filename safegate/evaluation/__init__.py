@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from .attacks import (
+from safegate.evaluation.attacks import (
     ATTACK_NAMES,
     Attack,
     AttackContext,
@@ -29,12 +29,12 @@ from .attacks import (
     load_templates,
     parse_attacks,
 )  # fmt: skip
-from .data import DataError, Dataset, Record, from_records, load_dataset, load_datasets
-from .defense import CasaDefense, DefendedBatch, Defense, register_defense
-from .harness import build_cases, evaluate
-from .judges import Judge, JudgeError, get_judge, register_judge
-from .metrics import auroc, rate, rate_ci, relative_reduction
-from .report import summary_table
+from safegate.evaluation.data import DataError, Dataset, Record, from_records, load_dataset, load_datasets
+from safegate.evaluation.defense import CasaDefense, DefendedBatch, Defense, register_defense
+from safegate.evaluation.harness import build_cases, evaluate
+from safegate.evaluation.judges import Judge, JudgeError, get_judge, register_judge
+from safegate.evaluation.metrics import auroc, rate, rate_ci, relative_reduction
+from safegate.evaluation.report import summary_table
 
 __all__ = [
     "ATTACK_NAMES", "Attack", "AttackContext", "Case", "CasaDefense", "DataError", "Dataset", "DefendedBatch",

@@ -77,14 +77,13 @@ def _positive(name: str, value: int | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from safegate.cli import CLIError
-
-    from .attacks import parse_attacks
-    from .data import load_datasets
-    from .defense import get_defense_factory
-    from .harness import evaluate
-    from .judges import get_judge
-    from .report import check_out_dir, summary_table
+    from safegate.errors import CLIError
+    from safegate.evaluation.attacks import parse_attacks
+    from safegate.evaluation.data import load_datasets
+    from safegate.evaluation.defense import get_defense_factory
+    from safegate.evaluation.harness import evaluate
+    from safegate.evaluation.judges import get_judge
+    from safegate.evaluation.report import check_out_dir, summary_table
 
     # 1. validate every input before loading anything heavy
     for name in ("--limit", "--batch-size", "--max-new-tokens", "--n-boot"):
@@ -120,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load(name: str, dtype: str | None, device: str | None, error: type[Exception]) -> tuple[Any, Any]:
-    from safegate.loading import load_model
+    from safegate.backbones.load import load_model
 
     try:
         return load_model(name, dtype=dtype, device=device)

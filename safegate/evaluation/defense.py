@@ -167,9 +167,9 @@ def _casa(model: Any, processor: Any, bundle: str | None) -> Defense:
         )
         return CasaDefense(gated, notes=[note])
     try:
-        from safegate.bundle import load_bundle
+        from safegate.hub.bundle import load_bundle
     except ImportError as err:
-        raise ValueError(f"--bundle needs `safegate.bundle`, which cannot be imported here ({err}).") from None
+        raise ValueError(f"--bundle needs `safegate.hub.bundle`, which cannot be imported here ({err}).") from None
     loaded = load_bundle(model, processor, bundle)
     gated = getattr(loaded, "gated", loaded)
     if not hasattr(gated, "peft_model"):

@@ -25,13 +25,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import check_threshold
-from .attacks import Attack, AttackContext, Case, parse_attacks, write_wav
-from .data import Dataset, coerce_datasets
-from .defense import Defense, as_defense
-from .judges import Judge, RefusalJudge, get_judge
-from .plots import write_plots
-from .report import (
+from safegate.evaluation.attacks import Attack, AttackContext, Case, parse_attacks, write_wav
+from safegate.evaluation.data import Dataset, coerce_datasets
+from safegate.evaluation.defense import Defense, as_defense
+from safegate.evaluation.judges import Judge, RefusalJudge, get_judge
+from safegate.evaluation.plots import write_plots
+from safegate.evaluation.report import (
     REPORT_JSON,
     REPORT_MD,
     RESPONSES,
@@ -44,7 +43,8 @@ from .report import (
     write_json,
     write_jsonl,
 )  # fmt: skip
-from .runner import Outcome, check_positive, run_cases
+from safegate.evaluation.runner import Outcome, check_positive, run_cases
+from safegate.modeling.config import check_threshold
 
 
 def build_cases(

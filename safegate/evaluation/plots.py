@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .metrics import auroc, roc_curve
+from safegate.evaluation.metrics import auroc, roc_curve
 
 
 def _figure(width: float = 5.0, height: float = 4.0) -> tuple[Any, Any]:

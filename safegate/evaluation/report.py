@@ -20,10 +20,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .attacks import Case
-from .judges import MEASURES
-from .metrics import auroc, auroc_ci, rate, rate_ci, reduction_ci, relative_reduction
-from .runner import Outcome
+from safegate.evaluation.attacks import Case
+from safegate.evaluation.judges import MEASURES
+from safegate.evaluation.metrics import auroc, auroc_ci, rate, rate_ci, reduction_ci, relative_reduction
+from safegate.evaluation.runner import Outcome
 
 REPORT_JSON, REPORT_MD, RESPONSES = "report.json", "report.md", "responses.jsonl"
 OWNED = (REPORT_JSON, REPORT_MD, RESPONSES, "roc.png", "score_hist.png", "asr_by_attack.png")

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from .attacks import Case
-from .defense import Defense
+from safegate.evaluation.attacks import Case
+from safegate.evaluation.defense import Defense
 
 
 @dataclass
@@ -55,7 +55,7 @@ def chat_text(defense: Defense, user_text: str) -> str:
 
 class InputBuilder:
     """Turns cases into model inputs for one defense (text through the tokenizer, images/audio through
-    `safegate.multimodal.MultimodalInputBuilder`)."""
+    `safegate.data.multimodal.MultimodalInputBuilder`)."""
 
     def __init__(self, defense: Defense) -> None:
         self.defense = defense
@@ -63,7 +63,7 @@ class InputBuilder:
 
     def multimodal(self) -> Any:
         if self._multimodal is None:
-            from safegate.multimodal import MultimodalInputBuilder
+            from safegate.data.multimodal import MultimodalInputBuilder
 
             gated = getattr(self.defense, "gated", None)
             config = gated.config if gated is not None else self.defense.model

@@ -1,0 +1,292 @@
+"""The files of a gate bundle: names, errors, strict reading, checksums, atomic folder replacement, model card.
+
+`safegate.hub.bundle` builds and applies bundles; this module only deals with bytes on disk and re-exports nothing.
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> (tmp / "new").mkdir(); _ = (tmp / "new" / CONFIG_NAME).write_text("{}")
+    >>> replace_dir(tmp / "new", tmp / "bundle")
+    >>> sorted(p.name for p in tmp.iterdir()), bundle_sizes(tmp / "bundle")
+    (['bundle'], {'safegate_config.json': 2})
+    >>> import shutil; shutil.rmtree(tmp)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from safegate.modeling.config import GateConfig
+
+SCHEMA_VERSION = 1
+FORMAT = "safegate-bundle"
+CONFIG_NAME = "safegate_config.json"
+WEIGHTS_NAME = "safegate.safetensors"
+ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG_NAME = f"{ADAPTER_DIR}/adapter_config.json"
+ADAPTER_WEIGHTS_NAME = f"{ADAPTER_DIR}/adapter_model.safetensors"
+CARD_NAME = "README.md"
+REQUIRED_FILES = (CONFIG_NAME, WEIGHTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
+BUNDLE_FILES = (CARD_NAME, *REQUIRED_FILES)
+CHECKSUMMED = (WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
+PAPER_URL = "https://arxiv.org/abs/2604.00310"
+# Compared on load, in this order; the first difference names the error's field.
+FINGERPRINT = ("gated_model_type", "hidden_size", "num_layers", "vocab_rows", "tied")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be read or written: missing, truncated or corrupt files, unknown schema version."""
+
+
+class BundleNotFoundError(BundleError, FileNotFoundError):
+    """No bundle at that path, and no such Hub repo (or not in the cache when offline)."""
+
+
+class BundleMismatchError(BundleError):
+    """The bundle does not fit the model: `field`, `bundle_value` and `model_value` say where."""
+
+    def __init__(self, field: str, bundle_value: Any, model_value: Any, hint: str = "", others: Sequence = ()) -> None:
+        self.field, self.bundle_value, self.model_value = field, bundle_value, model_value
+        message = f"the bundle does not fit this model: `{field}` is {bundle_value!r} in the bundle, "
+        message += f"{model_value!r} in the model."
+        if others:
+            message += " Also different: " + "; ".join(f"`{f}` {b!r} vs {m!r}" for f, b, m in others) + "."
+        super().__init__(f"{message} {hint}".strip())
+
+
+def check_config(config: Any) -> dict[str, Any]:
+    """Return `config` (the parsed `safegate_config.json`) if it is a bundle config this version reads."""
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise BundleError(f"{CONFIG_NAME} is not a safegate bundle config (`format` is {found!r}, not {FORMAT!r}).")
+    version = config.get("schema_version")
+    if version != SCHEMA_VERSION:
+        writer = (config.get("versions") or {}).get("safegate", "an unknown version")
+        raise BundleError(
+            f"unknown bundle `schema_version` {version!r} (written by safegate {writer}); this safegate reads "
+            f"schema_version {SCHEMA_VERSION}. Upgrade safegate, or re-export the bundle with this version."
+        )
+    for key in ("backbone", "tokens", "gate_config"):
+        if not isinstance(config.get(key), dict):
+            raise BundleError(f"{CONFIG_NAME} lacks the `{key}` section.")
+    missing = [k for k in (*FINGERPRINT, "embed_module", "head_module", "name_or_path", "model_type")
+               if k not in config["backbone"]]  # fmt: skip
+    if missing:
+        raise BundleError(f"{CONFIG_NAME}: `backbone` lacks {missing}.")
+    try:
+        gate_config = GateConfig.from_dict(config["gate_config"])
+    except (TypeError, ValueError) as err:
+        raise BundleError(f"{CONFIG_NAME}: invalid `gate_config`: {err}") from err
+    if config.get("threshold") != gate_config.threshold:
+        raise BundleError(
+            f"{CONFIG_NAME}: `threshold` {config.get('threshold')!r} differs from `gate_config.threshold` "
+            f"{gate_config.threshold!r}; re-export with `safegate export --threshold` instead of editing by hand."
+        )
+    return config
+
+
+def read_json(path: Path) -> Any:
+    """Parsed JSON of `path`; `BundleError` if it is truncated or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{path} is not valid JSON (truncated or corrupt: {err}). Re-export the bundle.") from err
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (never pickle); `BundleError` if it is truncated or corrupt."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError type
+        raise BundleError(f"{path} is not a readable safetensors file (truncated or corrupt: {err}).") from err
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """Size and sha256 of `path`, as recorded in `safegate_config.json`."""
+    return {"size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def check_file(folder: Path, name: str, record: Any) -> None:
+    """Raise `BundleError` unless `folder / name` has the size and sha256 of `record`."""
+    if not isinstance(record, dict) or not {"size", "sha256"} <= set(record):
+        raise BundleError(f"{CONFIG_NAME} has no size/sha256 record for `{name}`.")
+    path = folder / name
+    size = path.stat().st_size
+    if size != record["size"]:
+        raise BundleError(
+            f"`{name}` is {size} bytes but {CONFIG_NAME} records {record['size']}: the file is truncated or was "
+            "replaced. Re-download or re-export the bundle."
+        )
+    if hashlib.sha256(path.read_bytes()).hexdigest() != record["sha256"]:
+        raise BundleError(f"`{name}` does not match its sha256 in {CONFIG_NAME}: the file is corrupt or was edited.")
+
+
+def check_target(target: Path) -> None:
+    """Raise `BundleError` if saving to `target` would replace a file or a folder that is not a bundle."""
+    if target.is_file() or (target.exists() and not target.is_dir()):
+        raise BundleError(f"cannot save a bundle to {target}: it is a file. Choose a folder path.")
+    if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_NAME).is_file():
+        raise BundleError(
+            f"refusing to replace {target}: the folder is not empty and is not a safegate bundle (no {CONFIG_NAME})."
+            " Choose a new or empty folder."
+        )
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the folder itself, to disk (before it is renamed into place)."""
+    for path in [*folder.rglob("*"), folder]:
+        _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Make `new` appear at `target` in one step; the old bundle (if any) is removed afterwards."""
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        os.replace(new, target)
+    elif _exchange(new, target):
+        shutil.rmtree(new)  # `new` now holds the old bundle
+    else:  # no atomic exchange: two renames, the old bundle kept aside until the new one is in place
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
+        os.rename(target, old)
+        try:
+            os.rename(new, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync(target.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux `renameat2(RENAME_EXCHANGE)`; False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def bundle_sizes(folder: str | os.PathLike) -> dict[str, int]:
+    """Size in bytes of every bundle file present in `folder` (relative names, sorted)."""
+    root = Path(folder)
+    return {name: (root / name).stat().st_size for name in sorted(BUNDLE_FILES) if (root / name).is_file()}
+
+
+def versions() -> dict[str, str]:
+    """Versions of safegate and the libraries whose formats a bundle depends on."""
+    import huggingface_hub
+    import peft
+    import safetensors
+    import transformers
+
+    from safegate import __version__
+
+    return {
+        "safegate": __version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "torch": torch.__version__, "huggingface_hub": huggingface_hub.__version__,
+        "safetensors": safetensors.__version__,
+    }  # fmt: skip
+
+
+def evaluation_rows(evaluation: Mapping | Sequence | None) -> list[dict[str, Any]] | None:
+    """Normalise an evaluation table to a JSON list of row dicts (`ValueError` naming `evaluation` otherwise)."""
+    if evaluation is None:
+        return None
+    if isinstance(evaluation, Mapping):
+        rows = [
+            {"name": str(k), **v} if isinstance(v, Mapping) else {"metric": str(k), "value": v}
+            for k, v in evaluation.items()
+        ]
+    elif (
+        isinstance(evaluation, Sequence)
+        and not isinstance(evaluation, str)
+        and all(isinstance(r, Mapping) for r in evaluation)
+    ):
+        rows = [dict(r) for r in evaluation]
+    else:
+        raise ValueError(
+            "`evaluation` must be a list of rows (dicts) or a mapping name -> {column: value} / name -> value, "
+            f"got {type(evaluation).__name__}."
+        )
+    try:
+        return json.loads(json.dumps(rows, allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`evaluation` must hold only JSON values (str, numbers, bools, None): {err}") from err
+
+
+def card_body(config: dict[str, Any], payload_bytes: int) -> str:
+    """Markdown body of the bundle's README.md (the YAML header comes from `ModelHubMixin` metadata)."""
+    b, g, tokens = config["backbone"], config["gate_config"], config["tokens"]
+    base = b["name_or_path"] or f"a `{b['model_type']}` model"
+    gated = f"`{b['gated_module']}` of " if b["gated_module"] else ""
+    lora = f"r={g['lora_r']}, alpha={g['lora_alpha']} on {g['lora_target'] or ', '.join(g['lora_modules'])}"
+    lora = lora if g["lora_r"] else "none (gate and token rows only)"
+    threshold = "argmax of the gated pair" if g["threshold"] is None else f"p(unsafe) >= {g['threshold']}"
+    lines = [
+        f"# safegate bundle for {base}",
+        "",
+        "A CASA safety gate (Classification Augmented with Safety Attention, "
+        f"[arXiv 2604.00310]({PAPER_URL})) made with safegate. Before the "
+        f"model answers, it emits `{tokens['safe']}` or `{tokens['unsafe']}`, chosen by a small attention gate over "
+        "the prompt's hidden states; the answer is conditioned on that token.",
+        "",
+        "```python",
+        "import safegate",
+        f"gated = safegate.load_bundle(model, tokenizer_or_processor, {'<this repo or folder>'!r})",
+        "out = gated.generate(**inputs, return_dict_in_generate=True)   # out.safety, out.safety_scores",
+        "```",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | {base} (gate on {gated}`{b['model_type']}`; hidden {b['hidden_size']}, "
+        f"{b['num_layers']} layers, {b['vocab_rows']} vocab rows, {'tied' if b['tied'] else 'untied'} head) |",
+        f"| safety tokens | `{tokens['safe']}`, `{tokens['unsafe']}` |",
+        f"| gate | attention_dim={g['attention_dim']}, aggregation={g['aggregation']}, scaling={g['scaling']}, "
+        f"layer={g['layer']} |",
+        f"| LoRA | {lora} |",
+        f"| decision | {threshold} |",
+        f"| recipe | {config.get('recipe') or '(not recorded)'} |",
+        f"| tensor bytes | {payload_bytes} |",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    rows = config.get("evaluation") or []
+    if rows:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    else:
+        lines.append("No evaluation was recorded with this bundle.")
+    lines += ["", "Format: `safegate_config.json`, `safegate.safetensors`, `adapter/` (PEFT). See safegate's "
+              "`docs/bundle-format.md`."]  # fmt: skip
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,427 @@
+"""Training recipes: one YAML file says which model, gate, data, objective and Trainer settings to use.
+
+Sections (every key is checked; an unknown key is named together with the valid ones):
+
+    model:    name (anything `safegate.load_model` accepts), dtype, device, model_class, revision
+    gate:     `safegate.GateConfig` fields
+    data:     dir, harmful, benign, train, eval, max_harmful, max_benign, eval_size, seed, refusals,
+              refusal_system_prompt, refusal_max_new_tokens, max_length
+    method:   casa | token_only | ssft           beta: 0.5        aux_weight: 0.0        gate_lr: null
+    fit_gate: enabled, epochs, lr, batch_size, train_token_rows   (gate-only warm start, method casa)
+    training: `transformers.TrainingArguments` fields
+    output:   bundle (folder for `gated.save_bundle`; the trainable state when bundles are unavailable)
+
+`--set section.key=value` overrides (YAML-parsed values) are applied before validation. Relative data paths start
+at `data.dir` (default `$SAFEGATE_DATA`, else `../shared/data` next to the checkout); other paths at the working
+directory.
+
+Example:
+    >>> recipe = parse_recipe({"model": {"name": "tiny:qwen2"}, "training": {"max_steps": 5}},
+    ...                       overrides=["beta=0.7", "training.learning_rate=1e-3"])
+    >>> recipe.beta, recipe.training["learning_rate"], recipe.model.name
+    (0.7, 0.001, 'tiny:qwen2')
+    >>> parse_recipe({"model": {"name": "tiny:qwen2"}, "trainig": {}})
+    Traceback (most recent call last):
+    ...
+    ValueError: recipe: unknown key 'trainig' at the top level; valid keys: aux_weight, beta, data, fit_gate, \
+gate, gate_lr, method, model, output, training
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from safegate.modeling.config import GateConfig
+from safegate.training.collate import METHODS
+
+
+@dataclass
+class ModelSection:
+    """`model:` — what to load. `model_class` (a transformers class name or `pkg.module:Class`) overrides the
+    architecture spec's class, e.g. `Qwen2_5OmniThinkerForConditionalGeneration` for a full Omni checkpoint."""
+
+    name: str
+    dtype: str | None = None
+    device: str | None = None
+    model_class: str | None = None
+    revision: str | None = None
+
+
+@dataclass
+class DataSection:
+    """`data:` — where records come from (see `safegate.data.build`)."""
+
+    dir: str | None = None
+    harmful: list[str] = field(default_factory=lambda: ["harmful/advbench.jsonl"])
+    benign: list[str] = field(default_factory=lambda: ["benign/alpaca_seed_tasks.jsonl"])
+    train: list[str] | None = None
+    eval: list[str] | None = None
+    max_harmful: int | None = None
+    max_benign: int | None = None
+    eval_size: float | int = 0.1
+    seed: int = 0
+    refusals: str = "template"
+    refusal_system_prompt: str | None = None
+    refusal_max_new_tokens: int = 80
+    max_length: int | None = 1024
+
+
+@dataclass
+class FitGateSection:
+    """`fit_gate:` — gate-only warm start before LoRA training (method `casa`)."""
+
+    enabled: bool = False
+    epochs: int = 30
+    lr: float = 1e-2
+    batch_size: int = 32
+    train_token_rows: bool = False
+
+
+@dataclass
+class OutputSection:
+    """`output:` — where the trained gate goes."""
+
+    bundle: str | None = None
+
+
+@dataclass
+class Recipe:
+    """A validated training recipe."""
+
+    model: ModelSection
+    gate: dict[str, Any] = field(default_factory=dict)
+    data: DataSection = field(default_factory=DataSection)
+    method: str = "casa"
+    beta: float = 0.5
+    aux_weight: float = 0.0
+    gate_lr: float | None = None
+    fit_gate: FitGateSection = field(default_factory=FitGateSection)
+    training: dict[str, Any] = field(default_factory=dict)
+    output: OutputSection = field(default_factory=OutputSection)
+    path: str | None = None
+
+    def gate_config(self) -> GateConfig:
+        return GateConfig.from_dict(self.gate)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float (YAML 1.2 style), as people write learning rates."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+_SECTIONS = {"model": ModelSection, "data": DataSection, "fit_gate": FitGateSection, "output": OutputSection}
+_TOP_LEVEL = sorted(f.name for f in dataclasses.fields(Recipe) if f.name != "path")
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override (`["training.max_steps=50", ...]`) and validate a YAML recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {str(path)!r} does not exist.")
+    try:
+        raw = _yaml(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {str(path)!r} is not valid YAML: {err}") from err
+    return parse_recipe(raw if raw is not None else {}, overrides=overrides, where=str(path))
+
+
+def parse_recipe(raw: Any, overrides: list[str] | None = None, where: str = "recipe") -> Recipe:
+    """Validate a recipe given as a dict (after applying `overrides`)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a recipe must be a mapping of sections, got {type(raw).__name__}.")
+    raw = apply_overrides(raw, overrides or [], where)
+    unknown = sorted(set(raw) - set(_TOP_LEVEL))
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} at the top level; valid keys: {', '.join(_TOP_LEVEL)}")
+    if "model" not in raw:
+        raise ValueError(f"{where}: missing section 'model' (at least `model: {{name: ...}}`).")
+    values: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        if name in raw:
+            values[name] = _section(cls, raw[name], name, where)
+    for name in ("gate", "training"):
+        section = raw.get(name) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"{where}: section {name!r} must be a mapping, got {type(section).__name__}.")
+        values[name] = dict(section)
+    for name in ("method", "beta", "aux_weight", "gate_lr"):
+        if name in raw:
+            values[name] = raw[name]
+    recipe = Recipe(**values, path=where)
+    _check_values(recipe, where)
+    return recipe
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str = "recipe") -> dict[str, Any]:
+    """Apply `key.path=value` overrides (values parsed as YAML) to a copy of `raw`.
+
+    Example:
+        >>> apply_overrides({"training": {"max_steps": 5}}, ["training.max_steps=50", "method=ssft"])
+        {'training': {'max_steps': 50}, 'method': 'ssft'}
+    """
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. `--set training.max_steps=50`.")
+        try:
+            value = _yaml(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({err}).") from err
+        parts = key.strip().split(".")
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"--set {item!r}: {'.'.join(parts[: depth + 1])!r} is not a section.")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _section(cls: type, raw: Any, name: str, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: section {name!r} must be a mapping, got {type(raw).__name__}.")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} in section {name!r}; valid keys: {', '.join(valid)}")
+    for key, value in raw.items():
+        if isinstance(value, str) and _accepts(hints[key], list) and not _accepts(hints[key], str):
+            raw = {**raw, key: [value]}  # a single path where a list is expected
+            value = raw[key]
+        if not _matches(value, hints[key]):
+            raise ValueError(
+                f"{where}: {name}.{key} must be {_describe(hints[key])}, got {value!r} ({type(value).__name__})."
+            )
+    missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in raw]  # fmt: skip
+    if missing:
+        raise ValueError(f"{where}: section {name!r} needs {missing[0]!r}.")
+    return cls(**raw)
+
+
+def _check_values(recipe: Recipe, where: str) -> None:
+    if recipe.method not in METHODS:
+        raise ValueError(f"{where}: method must be one of {', '.join(METHODS)}, got {recipe.method!r}.")
+    for name, low, high in (("beta", 0.0, 1.0), ("aux_weight", 0.0, float("inf"))):
+        value = getattr(recipe, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ValueError(f"{where}: {name} must be a number in [{low}, {high}], got {value!r}.")
+    if recipe.gate_lr is not None and (
+        isinstance(recipe.gate_lr, bool) or not isinstance(recipe.gate_lr, (int, float))
+    ):
+        raise ValueError(f"{where}: gate_lr must be a number or null, got {recipe.gate_lr!r}.")
+    try:
+        recipe.gate_config()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: section 'gate': {err}") from err
+    from transformers import TrainingArguments
+
+    valid = sorted(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+    unknown = sorted(set(recipe.training) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown key {unknown[0]!r} in section 'training'; valid keys are the fields of "
+            f"transformers.TrainingArguments (e.g. {', '.join(k for k in _COMMON_TRAINING if k in valid)})."
+        )
+    if recipe.data.refusals not in ("template", "generate"):
+        raise ValueError(f"{where}: data.refusals must be 'template' or 'generate', got {recipe.data.refusals!r}.")
+    size = recipe.data.eval_size
+    if isinstance(size, bool) or size < 0 or (isinstance(size, float) and size >= 1):
+        raise ValueError(f"{where}: data.eval_size must be a count >= 0 or a fraction in [0, 1), got {size!r}.")
+
+
+def load_recipe_model(section: ModelSection) -> tuple[Any, Any]:
+    """`(model, processor)` for the `model:` section (`model_class` wins over the architecture spec)."""
+    from safegate.backbones.load import load_model
+
+    if section.model_class is None or section.name.startswith(("tiny:", "builtin:")):
+        kwargs = {"revision": section.revision} if section.revision else {}
+        return load_model(section.name, dtype=section.dtype, device=section.device, **kwargs)
+    import transformers
+
+    from safegate.backbones.load import _DTYPES, _load_processor, import_object
+
+    cls = (
+        import_object(section.model_class)
+        if ":" in section.model_class
+        else getattr(transformers, section.model_class, None)
+    )
+    if cls is None:
+        raise ValueError(f"model.model_class: transformers has no class {section.model_class!r}.")
+    kwargs = {"revision": section.revision} if section.revision else {}
+    if section.dtype is not None:
+        if section.dtype not in _DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {section.dtype!r}.")
+        kwargs["dtype"] = _DTYPES[section.dtype]
+    model = cls.from_pretrained(section.name, **kwargs)
+    if section.device:
+        model = model.to(section.device)
+    processor = _load_processor(section.name, **({"revision": section.revision} if section.revision else {}))
+    return model.eval(), processor
+
+
+def recipe_records(recipe: Recipe, model: Any = None, processor: Any = None) -> tuple[list[dict], list[dict] | None]:
+    """`(train, eval)` records of a recipe: ready-made files (`data.train`) or built from harmful/benign sources."""
+    from safegate.data.build import REFUSAL_SYSTEM_PROMPT, build_records, split_records
+    from safegate.data.records import load_records
+
+    data = recipe.data
+    if data.train:
+        records = [r for source in data.train for r in load_records(_data_path(source, data.dir))]
+    else:
+        kwargs: dict[str, Any] = {}
+        if data.refusals == "generate":
+            kwargs = {
+                "system_prompt": data.refusal_system_prompt or REFUSAL_SYSTEM_PROMPT,
+                "max_new_tokens": data.refusal_max_new_tokens,
+            }
+        records = build_records(
+            data.dir,
+            harmful=data.harmful,
+            benign=data.benign,
+            max_harmful=data.max_harmful,
+            max_benign=data.max_benign,
+            seed=data.seed,
+            refusals=data.refusals,
+            model=model,
+            tokenizer=processor,
+            **kwargs,
+        )
+    if data.eval:
+        return records, [r for source in data.eval for r in load_records(_data_path(source, data.dir))]
+    if data.eval_size:
+        return split_records(records, data.eval_size, seed=data.seed)
+    return records, None
+
+
+def run_recipe(recipe: Recipe, *, resume_from_checkpoint: str | bool | None = None) -> dict[str, Any]:
+    """Load the model, build the data, attach the gate, (warm-start and) train, save the bundle; return stats."""
+    import safegate
+    from safegate.training.trainer import save_trainable_state, train
+
+    model, processor = load_recipe_model(recipe.model)
+    train_records, eval_records = recipe_records(recipe, model, processor)
+    gated = safegate.attach(model, processor, recipe.gate_config())
+    training = dict(recipe.training)
+    resume = resume_from_checkpoint or training.pop("resume_from_checkpoint", None)
+    warm: bool | dict[str, Any] = False
+    if recipe.fit_gate.enabled:
+        warm = {
+            "epochs": recipe.fit_gate.epochs,
+            "lr": recipe.fit_gate.lr,
+            "batch_size": recipe.fit_gate.batch_size,
+            "train_token_rows": recipe.fit_gate.train_token_rows,
+        }
+    stats = train(
+        gated,
+        train_records,
+        eval_records,
+        beta=recipe.beta,
+        method=recipe.method,
+        args=training,
+        aux_weight=recipe.aux_weight,
+        gate_lr=recipe.gate_lr,
+        max_length=recipe.data.max_length,
+        warm_start=warm,
+        resume_from_checkpoint=resume,
+    )
+    if recipe.output.bundle and _is_main_process():
+        try:
+            import safegate.hub.bundle  # noqa: F401 - written by another part of the library; optional here
+        except ImportError:
+            stats["bundle"] = save_trainable_state(gated, recipe.output.bundle)
+            stats["bundle_kind"] = "trainable-state"
+        else:
+            gated.save_bundle(recipe.output.bundle)
+            stats["bundle"] = recipe.output.bundle
+            stats["bundle_kind"] = "bundle"
+    stats["gated"] = gated
+    return stats
+
+
+def _is_main_process() -> bool:
+    """Only one process of a distributed run writes the bundle."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _data_path(source: str, data_dir: str | None) -> str:
+    path = Path(source).expanduser()
+    if path.is_absolute() or path.exists():
+        return str(path)
+    from safegate.data.build import resolve_data_dir
+
+    return str(resolve_data_dir(data_dir) / path)
+
+
+_COMMON_TRAINING = (
+    "output_dir", "max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "bf16", "logging_steps", "save_steps", "eval_strategy", "report_to",
+)  # fmt: skip
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _accepts(hint: Any, kind: type) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, kind) for arg in typing.get_args(hint))
+    return hint is kind or origin is kind
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))

@@ -1,0 +1,128 @@
+"""Recipes: schema validation, overrides, the shipped recipes, and the tiny recipe end to end through the CLI."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import safegate
+from safegate.cli import main
+from safegate.testing import chat
+from safegate.training.recipes import load_recipe, parse_recipe
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+SHIPPED = ["qwen2_5_omni_3b", "qwen2_5_omni_7b", "qwen2_5_0_5b_instruct", "tiny_cpu"]
+LM_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipes_load_and_document_their_launch(name):
+    path = RECIPES / f"{name}.yaml"
+    recipe = load_recipe(path)
+    header = path.read_text().split("\n\n")[0]
+    assert f"safegate train recipes/{name}.yaml" in header and "Hardware / time" in header
+    assert recipe.gate_config().lora_r > 0 and recipe.method == "casa"
+    assert recipe.training["output_dir"] and recipe.output.bundle
+    if "omni" in name:
+        assert recipe.model.model_class == "Qwen2_5OmniThinkerForConditionalGeneration"
+        assert recipe.gate["lora_target"].startswith(r"model\.language_model\.")
+
+
+def test_omni_recipe_lora_reaches_only_the_language_model_and_trains(tmp_path):
+    from safegate.testing.multimodal import tiny_multimodal
+
+    recipe = load_recipe(RECIPES / "qwen2_5_omni_3b.yaml", overrides=["gate.attention_dim=16", "gate.lora_r=4"])
+    model, tok = tiny_multimodal("omni")  # the full Omni class: safegate gates its thinker
+    gated = safegate.attach(model, tok, recipe.gate_config())
+    assert type(gated.arch.root).__name__ == recipe.model.model_class
+    adapted = {n.split(".lora_A")[0] for n, _ in gated.named_parameters() if ".lora_A." in n}
+    assert adapted and all(".model.language_model.layers." in n for n in adapted)
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == LM_PROJECTIONS
+    towers = [n for n, _ in gated.arch.root.named_modules() if re.search(r"audio_tower|visual", n)]
+    assert towers and not any("lora" in n for n in towers)
+    records = [{"prompt": "How do I bake bread?", "response": "Mix flour.", "label": "safe"},
+               {"prompt": "Build a bomb.", "response": "I cannot help.", "label": "unsafe"}] * 2  # fmt: skip
+    stats = safegate.train(
+        gated, records, args=dict(output_dir=str(tmp_path), max_steps=2, logging_steps=1, disable_tqdm=True,
+                                  save_strategy="no"),
+    )  # fmt: skip
+    assert stats["global_step"] == 2 and "gate_loss" in stats["last_log"]
+    scores = safegate.training.trainer.prompt_scores(gated, records[:2])
+    torch.testing.assert_close(scores, gated.classify(**chat(tok, [r["prompt"] for r in records[:2]])), atol=1e-4,
+                               rtol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"model": {"name": "tiny:qwen2"}, "trainig": {}}, "unknown key 'trainig' at the top level; valid keys: "),
+        (
+            {"model": {"name": "tiny:qwen2"}, "data": {"harmfull": []}},
+            "unknown key 'harmfull' in section 'data'; valid keys: dir, harmful, benign",
+        ),  # fmt: skip
+        (
+            {"model": {"name": "tiny:qwen2"}, "training": {"max_step": 5}},
+            "unknown key 'max_step' in section 'training'",
+        ),
+        ({"model": {"name": "tiny:qwen2"}, "gate": {"lora_rank": 4}}, "section 'gate': Unknown GateConfig field(s)"),
+        ({"model": {"name": "tiny:qwen2"}, "gate": {"scaling": "linear"}}, "`scaling` must be one of"),
+        ({"model": {"name": "tiny:qwen2"}, "beta": "high"}, "beta must be a number in [0.0, 1.0], got 'high'"),
+        ({"model": {"name": "tiny:qwen2"}, "method": "dpo"}, "method must be one of casa, ssft, token_only"),
+        ({"model": {"name": "tiny:qwen2"}, "data": {"max_benign": "ten"}}, "data.max_benign must be int or null"),
+        ({"model": {"name": "tiny:qwen2"}, "fit_gate": {"enabled": "yes please"}}, "fit_gate.enabled must be bool"),
+        ({"model": {"name": "tiny:qwen2"}, "data": {"refusals": "llm"}}, "data.refusals must be 'template'"),
+        ({"model": {"dtype": "bfloat16"}}, "section 'model' needs 'name'"),
+        ({"gate": {}}, "missing section 'model'"),
+        ([1, 2], "must be a mapping of sections"),
+    ],
+)
+def test_recipe_errors_name_the_key_and_the_fix(raw, message):
+    with pytest.raises(ValueError) as err:
+        parse_recipe(raw, where="r.yaml")
+    assert message in str(err.value) and str(err.value).startswith("r.yaml")
+
+
+def test_overrides_and_single_paths():
+    recipe = parse_recipe(
+        {"model": {"name": "tiny:qwen2"}, "data": {"train": "mine.jsonl"}},
+        overrides=["training.max_steps=50", "training.learning_rate=1e-3", "fit_gate.enabled=true", "gate_lr=null"],
+    )
+    assert recipe.training == {"max_steps": 50, "learning_rate": 0.001} and recipe.fit_gate.enabled is True
+    assert recipe.data.train == ["mine.jsonl"] and recipe.gate_lr is None
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        parse_recipe({"model": {"name": "x"}}, overrides=["training.max_steps"])
+    with pytest.raises(ValueError, match="'model.name' is not a section"):
+        parse_recipe({"model": {"name": "x"}}, overrides=["model.name.first=1"])
+
+
+def test_tiny_recipe_trains_end_to_end_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main([
+        "train", str(RECIPES / "tiny_cpu.yaml"),
+        "--set", "training.max_steps=8", "--set", f"training.output_dir={out}", "--set", "training.disable_tqdm=true",
+        "--set", f"output.bundle={out}/bundle", "--set", "fit_gate.epochs=10",
+    ])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert '"steps": 8' in printed and "eval_gate_auroc" in printed and "saved" in printed
+    assert (out / "bundle").is_dir() and any((out / "bundle").iterdir())
+
+
+def test_cli_reports_recipe_errors_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: 'tiny:qwen2'}\ntraining: {max_stesp: 3}\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("safegate train: error: ") and "max_stesp" in err and err.count("\n") == 1
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_dry_run_validates_data(capsys):
+    assert main(["train", str(RECIPES / "tiny_cpu.yaml"), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "valid" in printed and "80 training records, 16 held out" in printed
