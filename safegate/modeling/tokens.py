@@ -31,6 +31,27 @@ def text_tokenizer(tokenizer_or_processor: Any) -> Any:
     return tok if tok is not None else tokenizer_or_processor
 
 
+def padding_id(tokenizer_or_processor: Any) -> int:
+    """The id to pad with: the tokenizer's pad token, else its end-of-sequence token, else 0.
+
+    Padded positions are masked out everywhere, so any id is correct there; the fallbacks only keep batches
+    buildable for tokenizers that define no pad token (many base models).
+
+    Example:
+        >>> from safegate.testing import tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> padding_id(tok) == tok.pad_token_id
+        True
+    """
+    tok = text_tokenizer(tokenizer_or_processor)
+    for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+        if isinstance(candidate, list):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def token_id(tokenizer: Any, token: str) -> int | None:
     """Id of `token` as one vocabulary entry, or `None` if the tokenizer does not hold it."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
