@@ -10,11 +10,11 @@ Example:
     >>> _ = path.write_text('{"prompt": "hi", "label": "safe"}\\n\\n{"prompt": "yo", "label": "safe"}\\n')
     >>> [number for number, _ in read_jsonl(path)]
     [1, 3]
-    >>> _ = path.write_text('{"prompt": "hi"}\\n{oops\\n')
+    >>> _ = path.write_text('{"prompt": "hi"}\\n[1, 2]\\n')
     >>> read_jsonl(path)
     Traceback (most recent call last):
     ...
-    safegate.data.io.DataFileError: .../rows.jsonl:2: malformed JSON (Expecting property name enclosed in double quotes at column 2).
+    safegate.data.io.DataFileError: .../rows.jsonl:2: expected a JSON object per line, got list.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def read_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> list[tu
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         number = data[: err.start].count(b"\n") + 1
-        raise DataFileError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8.")
+        message = f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8."
+        raise DataFileError(message) from None
     rows = []
     # split on "\n" only: `str.splitlines` would also split on U+2028 and friends, which JSON strings may hold
     for number, line in enumerate(text.split("\n"), start=1):
