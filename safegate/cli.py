@@ -21,7 +21,7 @@ COMMANDS = {
     "eval": "safegate.evaluation.cli",
     "export": "safegate.hub.cli",
     "info": "safegate.hub.cli",
-    "bench": "safegate.bench.bench",
+    "bench": "safegate.bench.cli",
 }
 
 

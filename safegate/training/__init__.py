@@ -1,30 +1,31 @@
 """Training: `train` on transformers' `Trainer`, the CASA objective, batching, the gate-only fit, recipes, CLI.
 
+Modules: `trainer` (`train`, `CASATrainer`), `state` (trainable-state I/O), `examples` (records encoded for the
+collator, `prompt_scores`), `objective` (the CASA loss), `collate`, `gate_fit` (`fit_gate`), `recipes`, `cli`,
+`demo` (a seconds-long gate fit on the shipped data).
+
 `safegate.training` was a module before the 0.2 layout; its public names still resolve here, lazily.
 """
 
 from safegate._lazy import lazy_attributes
 
-__getattr__ = lazy_attributes(
-    __name__,
-    {
-        name: "safegate.training.trainer"
-        for name in (
-            "CASATrainer",
-            "PromptCache",
-            "TRAINABLE_STATE_NAME",
-            "auroc",
-            "cache_prompts",
-            "demo_gate_training",
-            "encode_records",
-            "fit_gate",
-            "load_trainable_state",
-            "prompt_scores",
-            "save_trainable_state",
-            "train",
-            "trainable_state_dict",
-            "trainable_state_names",
-            "training_arguments",
-        )
-    },
-)
+HOMES = {
+    "CASATrainer": "safegate.training.trainer",
+    "train": "safegate.training.trainer",
+    "training_arguments": "safegate.training.trainer",
+    "TRAINABLE_STATE_NAME": "safegate.training.state",
+    "load_trainable_state": "safegate.training.state",
+    "save_trainable_state": "safegate.training.state",
+    "trainable_state_dict": "safegate.training.state",
+    "trainable_state_names": "safegate.training.state",
+    "encode_records": "safegate.training.examples",
+    "prompt_scores": "safegate.training.examples",
+    "PromptCache": "safegate.training.gate_fit",
+    "cache_prompts": "safegate.training.gate_fit",
+    "fit_gate": "safegate.training.gate_fit",
+    "demo_gate_training": "safegate.training.demo",
+    "auroc": "safegate.evaluation.metrics",  # the one AUROC; re-exported for the old `safegate.training.auroc`
+}
+"""Public name -> the module that defines it."""
+
+__getattr__ = lazy_attributes(__name__, HOMES)

@@ -1,17 +1,13 @@
 """Gate-only fast fit: run the frozen model over the prompts once, then fit the gate on the cached states.
 
-`fit_gate(gated, data)` does one no-grad forward per prompt batch and caches, per prompt, the gate input states
-(the positions the gate reads at inference), the raw safe/unsafe logits at the safety step and the last prompt
-hidden state. The gate (and, with `train_token_rows=True`, the two head rows, whose logits are a dot product with
-the cached last hidden state) is then fitted with a plain torch optimiser on the cached tensors only: seconds on a
-CPU for a few hundred prompts. LoRA is never touched. Use it as a warm start before `safegate.train` or as a cheap
-standalone mode (a frozen-backbone classifier that still emits the safety token).
-
-Memory: the cache holds every prompt's states, `sum(prompt lengths) * hidden_size` values in the model's dtype.
+`fit_gate` caches, per prompt, what the gate reads at inference (plus the raw safe/unsafe logits at the safety step
+and the last prompt hidden state), then fits the gate (optionally the two head rows) on those tensors alone:
+seconds on a CPU; LoRA is never touched. A warm start before `safegate.train` or a cheap standalone mode; see
+docs/training.md for the details and the cache's memory cost.
 
 Example:
     >>> import safegate
-    >>> from safegate.testing import tiny_model_and_tokenizer
+    >>> from safegate.backbones.tiny import tiny_model_and_tokenizer
     >>> model, tok = tiny_model_and_tokenizer("qwen2")
     >>> gated = safegate.attach(model, tok, safegate.GateConfig(attention_dim=16, lora_r=4))
     >>> data = [{"prompt": "How do I bake bread?", "label": "safe"},
@@ -31,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from safegate.data.records import label_id, load_records
+from safegate.evaluation.metrics import auroc
 from safegate.modeling.gate import gate_pair_logits, unsafe_probability
 from safegate.modeling.hooks import HiddenStateTap
-from safegate.modeling.tokens import text_tokenizer
-from safegate.training.collate import build_inputs
+from safegate.modeling.tokens import padding_id
+from safegate.training.collate import build_inputs, concat_model_inputs
 from safegate.training.objective import class_weighted_mean
 
 
@@ -80,7 +77,7 @@ def cache_prompts(
     started = time.perf_counter()
     was_training = gated.training
     gated.eval()
-    pad = _pad_id(gated)
+    pad = padding_id(gated.processor)
     states: list[torch.Tensor] = []
     logits, last_hidden, labels = [], [], []
     batches = range(0, len(records), batch_size)
@@ -241,23 +238,6 @@ def cached_scores(gated: Any, cache: PromptCache, rows: tuple | None = None) -> 
     return torch.cat(out)
 
 
-def auroc(scores: Any, labels: Any) -> float:
-    """Area under the ROC curve of `scores` for `labels` (1 = positive), ties counted as one half.
-
-    Example:
-        >>> auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
-        0.75
-    """
-    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
-    y = torch.as_tensor(labels).flatten().bool()
-    pos, neg = s[y], s[~y]
-    if pos.numel() == 0 or neg.numel() == 0:
-        raise ValueError("AUROC needs at least one positive and one negative example.")
-    greater = (pos[:, None] > neg[None, :]).double().sum()
-    ties = (pos[:, None] == neg[None, :]).double().sum()
-    return float((greater + 0.5 * ties) / (pos.numel() * neg.numel()))
-
-
 # ------------------------------------------------------------------------------------------------ helpers
 def _gated_pair(
     gated: Any, cache: PromptCache, index: torch.Tensor, device: torch.device, rows: tuple | None
@@ -315,23 +295,14 @@ def _scores(gated: Any, cache: PromptCache, prefix: str, rows: tuple | None = No
     scores = cached_scores(gated, cache, rows)
     labels = cache.labels
     out = {f"{prefix}_accuracy": float(((scores >= 0.5).long() == labels).float().mean())}
-    if labels.min() != labels.max():
-        out[f"{prefix}_auroc"] = auroc(scores, labels)
+    score = auroc(scores, labels)
+    if score is not None:  # `None`: the cached prompts hold one class only
+        out[f"{prefix}_auroc"] = score
     return out
 
 
 def _merge_extras(extras: list[dict[str, Any]]) -> dict[str, Any]:
-    if not any(extras):
-        return {}
-    from safegate.training.collate import concat_model_inputs
-
-    return concat_model_inputs(extras)
-
-
-def _pad_id(gated: Any) -> int:
-    tok = text_tokenizer(gated.processor)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return int(pad if pad is not None else 0)
+    return concat_model_inputs(extras) if any(extras) else {}
 
 
 def _check_fit_args(epochs: int, lr: float, beta: float, aux_weight: float, batch_size: int) -> None:

@@ -329,7 +329,8 @@ def recipe_records(recipe: Recipe, model: Any = None, processor: Any = None) -> 
 def run_recipe(recipe: Recipe, *, resume_from_checkpoint: str | bool | None = None) -> dict[str, Any]:
     """Load the model, build the data, attach the gate, (warm-start and) train, save the bundle; return stats."""
     import safegate
-    from safegate.training.trainer import save_trainable_state, train
+    from safegate.training.state import save_trainable_state
+    from safegate.training.trainer import train
 
     model, processor = load_recipe_model(recipe.model)
     train_records, eval_records = recipe_records(recipe, model, processor)

@@ -1,21 +1,13 @@
-"""Train a CASA gate: `safegate.train` (LoRA + gate + token rows on `transformers.Trainer`) and `safegate.fit_gate`.
+"""Train a CASA gate: `safegate.train` (LoRA + gate + token rows with the CASA objective on `transformers.Trainer`).
 
-`train` validates every record first, tokenizes them (see `safegate.training.collate`), and runs `CASATrainer`, a
-`transformers.Trainer` whose `compute_loss` is the CASA objective (`training.objective`). Everything Trainer offers
-keeps working: `accelerate launch` / `torchrun`, gradient accumulation, bf16/fp16, evaluation, checkpoints and
-`resume_from_checkpoint`. Checkpoints hold only the trainable state (LoRA, gate, the two token rows) in
-`safegate_trainable.safetensors`, never the base weights, and resuming restores it exactly.
-
-Methods (`method=`):
-- `"casa"` (default): safety token decided by the gated pair, then the answer. Inference: `gated.generate`.
-- `"token_only"`: the safety token without safety attention (gate logit fixed at 0, the gate stays at its
-  zero init, so v_s = 0.5). Inference: `gated.generate` as usual; the untouched gate is neutral.
-- `"ssft"`: plain refusal fine-tuning, no safety token (baseline). Inference: the adapted model without the gate,
-  `gated.peft_model.generate(...)`, or merge it with `gated.merge_adapter()` and use `gated.peft_model`.
+`CASATrainer` is a `transformers.Trainer` whose loss is `training.objective.casa_loss`; everything Trainer offers
+(accelerate/torchrun, gradient accumulation, mixed precision, evaluation, `resume_from_checkpoint`) keeps working,
+and checkpoints hold only the trainable state (`training.state`). Methods (`"casa"`, `"token_only"`, `"ssft"`),
+the objective and checkpoints are described in docs/training.md.
 
 Example:
     >>> import safegate, tempfile
-    >>> from safegate.testing import tiny_model_and_tokenizer
+    >>> from safegate.backbones.tiny import tiny_model_and_tokenizer
     >>> model, tok = tiny_model_and_tokenizer("qwen2")
     >>> gated = safegate.attach(model, tok, safegate.GateConfig(attention_dim=16, lora_r=4))
     >>> data = [{"prompt": "Bake bread?", "response": "Sure: flour, water.", "label": "safe"},
@@ -42,37 +34,28 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
 from safegate.data.records import load_records
-from safegate.modeling.tokens import text_tokenizer
-from safegate.training.collate import CASACollator, check_method, encode_record
-from safegate.training.gate_fit import PromptCache, auroc, cache_prompts, fit_gate
+from safegate.evaluation.metrics import auroc
+from safegate.modeling.tokens import padding_id
+from safegate.training.collate import CASACollator, check_method
+from safegate.training.examples import encode_records
+from safegate.training.gate_fit import fit_gate
 from safegate.training.objective import casa_loss
+from safegate.training.state import (
+    TRAINABLE_STATE_NAME,
+    TRAINING_ARGS_NAME,
+    TRAINING_INFO_NAME,
+    load_trainable_state,
+    trainable_state_dict,
+    trainable_state_names,
+    write_trainable_state,
+)
 
-__all__ = [
-    "CASATrainer",
-    "PromptCache",
-    "TRAINABLE_STATE_NAME",
-    "auroc",
-    "cache_prompts",
-    "demo_gate_training",
-    "encode_records",
-    "fit_gate",
-    "load_trainable_state",
-    "prompt_scores",
-    "save_trainable_state",
-    "train",
-    "trainable_state_dict",
-    "trainable_state_names",
-    "training_arguments",
-]
+__all__ = ["CASATrainer", "DEFAULT_ARGS", "train", "training_arguments"]
 
-TRAINABLE_STATE_NAME = "safegate_trainable.safetensors"
-TRAINING_INFO_NAME = "safegate_training.json"
-TRAINING_ARGS_NAME = "training_args.bin"
 DEFAULT_ARGS: dict[str, Any] = {
     "output_dir": "safegate-output",
     "learning_rate": 1e-4,
@@ -84,66 +67,6 @@ DEFAULT_ARGS: dict[str, Any] = {
     "report_to": "none",
     "dataloader_pin_memory": torch.cuda.is_available(),
 }
-
-
-# ---------------------------------------------------------------------------------------- trainable state
-def trainable_state_names(gated: Any) -> list[str]:
-    """Names (relative to the `SafeGateModel`) of everything training may change: LoRA, gate, token rows."""
-    names = [
-        n
-        for n, p in gated.named_parameters()
-        if p.requires_grad or "lora_" in n or "trainable_tokens_delta" in n or n.startswith("gate.")
-    ]
-    names += [f"gate.{n}" for n, _ in gated.gate.named_buffers()]
-    return list(dict.fromkeys(names))
-
-
-def trainable_state_dict(gated: Any, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """CPU copies of the trainable state (see `trainable_state_names`)."""
-    wanted = set(names or trainable_state_names(gated))
-    found = dict(gated.named_parameters())
-    found.update({f"gate.{n}": b for n, b in gated.gate.named_buffers()})
-    return {n: found[n].detach().to("cpu").clone().contiguous() for n in found if n in wanted}
-
-
-def save_trainable_state(gated: Any, folder: str | os.PathLike, names: list[str] | None = None) -> str:
-    """Write the trainable state to `folder/safegate_trainable.safetensors` (no base weights); return the path."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, TRAINABLE_STATE_NAME)
-    save_file(trainable_state_dict(gated, names), path, metadata={"format": "pt", "content": "safegate-trainable"})
-    return path
-
-
-@torch.no_grad()
-def load_trainable_state(gated: Any, path: str | os.PathLike) -> None:
-    """Restore the trainable state saved by `save_trainable_state` (a file or the folder holding it), exactly.
-
-    Raises:
-        `FileNotFoundError`: If there is no state file.
-        `ValueError`: If names or shapes differ from this model's (naming the first mismatches).
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, TRAINABLE_STATE_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no safegate trainable state at {path!r} (expected {TRAINABLE_STATE_NAME}).")
-    state = load_file(path)
-    own = dict(gated.named_parameters())
-    own.update({f"gate.{n}": b for n, b in gated.gate.named_buffers()})
-    expected = set(trainable_state_names(gated))
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: the saved trainable state does not match this model: missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}. Attach the gate with the same GateConfig (LoRA rank/targets) before loading."
-        )
-    for name, value in state.items():
-        target = own[name]
-        if target.shape != value.shape:
-            raise ValueError(
-                f"{path}: {name} has shape {tuple(value.shape)} in the checkpoint but {tuple(target.shape)} here."
-            )
-        target.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -233,9 +156,9 @@ class CASATrainer(Trainer):
         for key, values in self._metrics["eval"].items():
             output.metrics[f"{prefix}_{key}"] = _mean(values)
         if self._eval_scores:
-            labels = torch.cat(self._eval_labels)
-            if labels.min() != labels.max():
-                output.metrics[f"{prefix}_gate_auroc"] = auroc(torch.cat(self._eval_scores), labels)
+            score = auroc(torch.cat(self._eval_scores), torch.cat(self._eval_labels))
+            if score is not None:  # `None`: the evaluation set held one class only
+                output.metrics[f"{prefix}_gate_auroc"] = score
         return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -286,12 +209,7 @@ class CASATrainer(Trainer):
                 name = key[len("module.") :] if key.startswith("module.") else key
                 if name in wanted:
                     tensors[name] = value.detach().to("cpu").clone().contiguous()
-        os.makedirs(output_dir, exist_ok=True)
-        save_file(
-            tensors,
-            os.path.join(output_dir, TRAINABLE_STATE_NAME),
-            metadata={"format": "pt", "content": "safegate-trainable"},
-        )
+        write_trainable_state(tensors, output_dir)
         info = {
             "method": self.method,
             "beta": self.beta,
@@ -418,7 +336,7 @@ def train(
         args=training_args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=CASACollator(_pad_id(gated)),
+        data_collator=CASACollator(padding_id(gated.processor)),
         callbacks=callbacks,
         beta=beta,
         method=method,
@@ -450,70 +368,6 @@ def train(
     }
 
 
-def encode_records(
-    gated: Any,
-    records: list[dict[str, Any]],
-    *,
-    method: str = "casa",
-    safety_prompt: str | None = None,
-    max_length: int | None = None,
-) -> tuple[list[dict[str, Any]], int]:
-    """Encode validated records for `CASACollator`; returns `(examples, number skipped as too long)`."""
-    examples, skipped = [], 0
-    for record in records:
-        example = encode_record(
-            gated.processor,
-            record,
-            safe_id=gated.safe_token_id,
-            unsafe_id=gated.unsafe_token_id,
-            method=method,
-            safety_prompt=safety_prompt,
-            max_length=max_length,
-        )
-        if example is None:
-            skipped += 1
-        else:
-            examples.append(example)
-    if skipped:
-        warnings.warn(
-            f"{skipped} record(s) skipped: their prompt is longer than max_length={max_length} "
-            "(prompts are never truncated: the gate must read all of them).",
-            stacklevel=3,
-        )
-    return examples, skipped
-
-
-@torch.no_grad()
-def prompt_scores(
-    gated: Any,
-    data: Any,
-    *,
-    method: str = "casa",
-    batch_size: int = 8,
-    safety_prompt: str | None = None,
-) -> torch.Tensor:
-    """p(unsafe) of each record computed by the training path (right-padded, one forward with the response).
-
-    Equals `gated.classify` on the same prompt (left-padded inference) up to float noise.
-    """
-    if safety_prompt is None:
-        safety_prompt = gated.gate_config.safety_prompt
-    records = load_records(data, require_response=False)
-    examples, _ = encode_records(gated, records, method=method, safety_prompt=safety_prompt)
-    collator = CASACollator(_pad_id(gated))
-    was_training = gated.training
-    gated.eval()
-    try:
-        scores = []
-        for start in range(0, len(examples), batch_size):
-            batch = collator(examples[start : start + batch_size])
-            batch = {k: v.to(gated.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            scores.append(casa_loss(gated, batch, method=method).p_unsafe.cpu())
-    finally:
-        gated.train(was_training)
-    return torch.cat(scores)
-
-
 @contextlib.contextmanager
 def _frozen_for(gated: Any, method: str) -> Iterator[None]:
     """Freeze what a baseline method must not change: the gate (`token_only`, `ssft`), token rows (`ssft`)."""
@@ -531,14 +385,6 @@ def _frozen_for(gated: Any, method: str) -> Iterator[None]:
             param.requires_grad_(True)
 
 
-def _pad_id(gated: Any) -> int:
-    tok = text_tokenizer(gated.processor)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
-    return int(pad)
-
-
 def _check_beta(beta: float) -> float:
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"`beta` must be a number in [0, 1], got {beta!r}.")
@@ -551,58 +397,3 @@ def _check_aux(aux_weight: float) -> float:
     if math.isinf(aux_weight):
         raise ValueError("`aux_weight` must be finite.")
     return float(aux_weight)
-
-
-# ----------------------------------------------------------------------------------------------- demo hook
-def demo_gate_training(
-    data_dir: str | os.PathLike | None = None,
-    *,
-    n_per_class: int = 48,
-    n_heldout: int = 8,
-    epochs: int = 60,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Fit a gate on a tiny built-in Qwen2 with the shipped data in seconds; held-out verdicts before/after.
-
-    Harmful prompts come from AdvBench and benign ones from the Alpaca seed tasks (`safegate.data.build`).
-
-    Returns:
-        `dict`: `prompts`, `labels` (held-out), `before` / `after` (p(unsafe) lists), `accuracy_before`,
-        `accuracy_after`, `auroc_after`, `seconds`.
-    """
-    import safegate
-    from safegate.data.build import build_records, split_records
-    from safegate.testing import chat, tiny_model_and_tokenizer
-
-    started = time.perf_counter()
-    records = build_records(
-        data_dir,
-        harmful=["advbench"],
-        benign=["alpaca"],
-        max_harmful=n_per_class + n_heldout // 2,
-        max_benign=n_per_class + n_heldout // 2,
-        seed=seed,
-    )
-    train_records, held = split_records(records, n_heldout, seed=seed)
-    model, tok = tiny_model_and_tokenizer("qwen2", seed=seed)
-    gated = safegate.attach(model, tok, safegate.GateConfig(attention_dim=32, lora_r=4, lora_alpha=8))
-    prompts = [r["prompt"] for r in held]
-    labels = [r["label"] for r in held]
-    before = gated.classify(**chat(tok, prompts)).tolist()
-    fit_gate(gated, train_records, epochs=epochs, lr=1e-2, seed=seed)
-    after = gated.classify(**chat(tok, prompts)).tolist()
-    truth = [label == "unsafe" for label in labels]
-
-    def accuracy(scores: list[float]) -> float:
-        return sum((s >= 0.5) == t for s, t in zip(scores, truth)) / len(truth)
-
-    return {
-        "prompts": prompts,
-        "labels": labels,
-        "before": before,
-        "after": after,
-        "accuracy_before": accuracy(before),
-        "accuracy_after": accuracy(after),
-        "auroc_after": auroc(after, truth) if len(set(truth)) == 2 else None,
-        "seconds": time.perf_counter() - started,
-    }

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from safegate.bench.bench import benchmark, cpu_peak_bytes
+from safegate.bench.bench import benchmark
+from safegate.bench.memory import cpu_peak_bytes
 from safegate.cli import main
 
 
@@ -59,3 +60,16 @@ def test_cpu_peak_counts_what_is_alive_at_once():
 
     peak = cpu_peak_bytes(call)
     assert 8_000_000 <= peak < 12_000_000
+
+
+OLD_PUBLIC_NAMES = ["register", "run", "benchmark", "gate_flops", "training_step_ratio", "cuda_peak_bytes",
+                    "cpu_peak_bytes", "omni_bundle_bytes", "format_table"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", OLD_PUBLIC_NAMES)
+def test_old_public_name_of_safegate_bench_resolves_to_its_home(name):
+    import importlib
+
+    import safegate.bench
+
+    assert getattr(safegate.bench, name) is getattr(importlib.import_module(safegate.bench.HOMES[name]), name)

@@ -10,8 +10,8 @@ import safegate
 from safegate.modeling.gate import gate_pair_logits
 from safegate.testing import tiny_model_and_tokenizer
 from safegate.training.collate import CASACollator
+from safegate.training.examples import encode_records
 from safegate.training.objective import casa_loss, class_weighted_mean
-from safegate.training.trainer import encode_records
 from tests.conftest import SMALL
 
 RECORDS = [

@@ -9,6 +9,7 @@ import torch
 import safegate
 from safegate.cli import main
 from safegate.testing import chat
+from safegate.training.examples import prompt_scores
 from safegate.training.recipes import load_recipe, parse_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -51,7 +52,7 @@ def test_omni_recipe_lora_reaches_only_the_language_model_and_trains(tmp_path):
                                   save_strategy="no"),
     )  # fmt: skip
     assert stats["global_step"] == 2 and "gate_loss" in stats["last_log"]
-    scores = safegate.training.trainer.prompt_scores(gated, records[:2])
+    scores = prompt_scores(gated, records[:2])
     torch.testing.assert_close(scores, gated.classify(**chat(tok, [r["prompt"] for r in records[:2]])), atol=1e-4,
                                rtol=0)  # fmt: skip
 

@@ -10,12 +10,12 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import safegate
+from safegate.evaluation.metrics import auroc
 from safegate.testing import chat, tiny_model_and_tokenizer
-from safegate.training.trainer import (
+from safegate.training.examples import prompt_scores
+from safegate.training.state import (
     TRAINABLE_STATE_NAME,
-    auroc,
     load_trainable_state,
-    prompt_scores,
     save_trainable_state,
     trainable_state_dict,
 )
@@ -272,7 +272,7 @@ def test_fit_gate_with_head_rows_on_an_untied_model():
 
 
 def test_demo_hook_trains_on_the_shipped_data_and_reports_before_after():
-    from safegate.training.trainer import demo_gate_training
+    from safegate.training.demo import demo_gate_training
 
     result = demo_gate_training(n_per_class=24, n_heldout=8, epochs=40)
     assert len(result["prompts"]) == len(result["before"]) == len(result["after"]) == 8
