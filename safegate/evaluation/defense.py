@@ -6,7 +6,7 @@ gate's verdicts and p(unsafe); `base(inputs)` runs the *same backbone without th
 factory, imported only when that defense is asked for (the decode-time defenses live in `safegate.defenses`,
 which this package never imports); `register_defense(name, factory)` adds one, and `--defense module:function`
 names any factory directly. A factory is called as `factory(model, processor, bundle)` and returns a `Defense`.
-How the CASA defense gets its base model (PEFT's `disable_adapter`): docs/evaluation.md, "Defenses".
+How the CASA defense gets its base model (PEFT's `disable_adapter`): docs/evaluation.md, "What is compared".
 
 Example:
     >>> import safegate
