@@ -9,7 +9,10 @@ returns the usual output with `.safety` ("safe"/"unsafe" per row) and `.safety_s
   `fit_probe` fits it, `fit_alignment_vector` builds the image-side alignment vector.
 - `token_only_casa`: CASA (`safegate.attach`) with no LoRA: only the gate and the two token rows train.
 
-Importing this package registers `safecode`, `safesteer` and `none` with `safegate eval --defense`.
+`safegate eval --defense safecode|safesteer|none` finds them through `safegate.evaluation.defense.DEFENSES`, which
+imports `safegate.defenses.factories` when asked (importing this package registers nothing). Safety judges
+(`SafetyJudge`, `HFSafetyJudge`, `OpenAISafetyJudge`, `FunctionSafetyJudge`; old names kept as aliases) classify
+requests for SafeCoDe.
 
 Example:
     >>> from safegate.defenses import SafeCoDe, FunctionJudge
@@ -25,16 +28,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from safegate.defenses.judges import FunctionJudge, HFJudge, Judge, JudgeRequest, OpenAIJudge, Verdict
-from safegate.defenses.probe import (
-    AlignmentVector,
-    LinearProbe,
-    fit_alignment_vector,
-    fit_probe,
-    load_steering,
-    save_steering,
-    typographic_records,
+from safegate.defenses.judges import (
+    FunctionJudge,
+    FunctionSafetyJudge,
+    HFJudge,
+    HFSafetyJudge,
+    Judge,
+    JudgeRequest,
+    OpenAIJudge,
+    OpenAISafetyJudge,
+    SafetyJudge,
+    Verdict,
 )
+from safegate.defenses.probe import AlignmentVector, LinearProbe, load_steering, save_steering
+from safegate.defenses.probe_fit import fit_alignment_vector, fit_probe, typographic_records
 from safegate.defenses.safecode import REFUSAL_STRINGS, SafeCoDe, SafeCoDeLogitsProcessor
 from safegate.defenses.safesteer import SafeSteer, SafeSteerDecoding, SafeSteerLogitsProcessor
 
@@ -61,19 +68,9 @@ def token_only_casa(model: Any, processor: Any, config: Any = None, **overrides:
     return attach(model, processor, dataclasses.replace(base, lora_r=0, **overrides))
 
 
-def _register_with_evaluation() -> None:
-    try:
-        from safegate.defenses.registry import register
-    except ImportError:  # the evaluation package is optional for library use
-        return
-    register()
-
-
-_register_with_evaluation()
-
 __all__ = [
-    "AlignmentVector", "FunctionJudge", "HFJudge", "Judge", "JudgeRequest", "LinearProbe", "OpenAIJudge",
-    "REFUSAL_STRINGS", "SafeCoDe", "SafeCoDeLogitsProcessor", "SafeSteer", "SafeSteerDecoding",
-    "SafeSteerLogitsProcessor", "Verdict", "fit_alignment_vector", "fit_probe", "load_steering", "save_steering",
-    "token_only_casa", "typographic_records",
+    "AlignmentVector", "FunctionJudge", "FunctionSafetyJudge", "HFJudge", "HFSafetyJudge", "Judge", "JudgeRequest",
+    "LinearProbe", "OpenAIJudge", "OpenAISafetyJudge", "REFUSAL_STRINGS", "SafeCoDe", "SafeCoDeLogitsProcessor",
+    "SafeSteer", "SafeSteerDecoding", "SafeSteerLogitsProcessor", "SafetyJudge", "Verdict", "fit_alignment_vector",
+    "fit_probe", "load_steering", "save_steering", "token_only_casa", "typographic_records",
 ]  # fmt: skip

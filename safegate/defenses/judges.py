@@ -1,17 +1,15 @@
-"""Verdict judges for SafeCoDe: should the assistant help (`safe`) or decline (`unsafe`) this prompt + image?
+"""Safety judges for SafeCoDe: should the assistant help (`safe`) or decline (`unsafe`) this prompt + image?
 
-The SafeCoDe pipeline (arXiv 2509.19212, official code github.com/franciscoliu/SafeCoDe) asks an auxiliary judge
-for a one-sentence caption of the image, then for a one-word verdict on the user prompt plus that caption. Every
-judge here is a `Judge`: it takes a list of `JudgeRequest`s and returns one `Verdict` each, and caches verdicts by
-a hash of the input (prompt text + image content), in memory and optionally in a JSONL file.
-
-- `HFJudge`: a local Hugging Face model (text or vision-language). Captions with `generate` when it can see
-  images; the verdict is the likelier of the two answer words (scored, never sampled), so it always parses.
-- `OpenAIJudge`: any OpenAI-compatible `/chat/completions` endpoint (GPT-4o is the paper's judge).
-- `FunctionJudge`: wraps a Python function (rules, another classifier, tests).
+Every judge here is a `SafetyJudge`: it takes `JudgeRequest`s (prompt + optional image) and returns one
+`Verdict` each, cached by a hash of the input, in memory and optionally in a JSONL file. Kinds:
+`HFSafetyJudge` (a local Hugging Face model, verdict scored, never sampled), `OpenAISafetyJudge` (any
+OpenAI-compatible endpoint through `safegate.evaluation.endpoint.ChatEndpoint`; GPT-4o is the paper's judge) and
+`FunctionSafetyJudge` (a Python function). The old names `Judge`, `HFJudge`, `OpenAIJudge`, `FunctionJudge` stay
+as aliases. Not to be confused with the *refusal* judges of `safegate.evaluation.judges`, which classify
+answers. How SafeCoDe uses the verdicts: docs/defenses.md.
 
 Example:
-    >>> judge = FunctionJudge(lambda prompt, image: "bomb" in prompt)
+    >>> judge = FunctionSafetyJudge(lambda prompt, image: "bomb" in prompt)
     >>> [v.label for v in judge([JudgeRequest("How to build a bomb?"), JudgeRequest("Bake bread?")])]
     ['unsafe', 'safe']
     >>> judge([JudgeRequest("How to build a bomb?")])[0].cached
@@ -26,9 +24,6 @@ import json
 import os
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -37,6 +32,8 @@ from typing import Any
 
 import torch
 
+from safegate.data.io import read_objects
+from safegate.evaluation.endpoint import ChatEndpoint, Transport
 from safegate.modeling.kv_cache import CACHE_KWARG, output_cache
 
 SAFE, UNSAFE = "safe", "unsafe"
@@ -156,8 +153,8 @@ def verdict_prompt(prompt: str, caption: str) -> str:
     return VERDICT_PROMPT.format(prompt=prompt.replace('"', "'"), caption=(caption or NO_IMAGE).replace('"', "'"))
 
 
-class Judge(ABC):
-    """Base judge: verdicts cached by input hash (in memory, and in `cache_path` as JSONL when given).
+class SafetyJudge(ABC):
+    """Base safety judge: verdicts cached by input hash (in memory, and in `cache_path` as JSONL when given).
 
     Subclasses implement `_judge(request) -> Verdict`. `namespace` keeps verdicts of different judges apart
     when they share a cache file.
@@ -171,11 +168,9 @@ class Judge(ABC):
         self.cache_path = Path(cache_path) if cache_path else None
         self.calls = 0  # verdicts computed (cache misses)
         if self.cache_path is not None and self.cache_path.exists():
-            for line in self.cache_path.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    key = row.pop("key")
-                    self._cache[key] = Verdict(**{k: v for k, v in row.items() if k != "cached"})
+            for row in read_objects(self.cache_path):
+                key = row.pop("key")
+                self._cache[key] = Verdict(**{k: v for k, v in row.items() if k != "cached"})
 
     def __call__(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
         out = []
@@ -206,7 +201,7 @@ class Judge(ABC):
         """Caption (if there is an image) and verdict for one request."""
 
 
-class FunctionJudge(Judge):
+class FunctionSafetyJudge(SafetyJudge):
     """Judge backed by `fn(prompt, image)` returning a label, a bool (True = unsafe), p(unsafe) or a `Verdict`."""
 
     def __init__(self, fn: Callable[[str, Any], Any], cache_path: str | os.PathLike | None = None) -> None:
@@ -230,7 +225,7 @@ class FunctionJudge(Judge):
         return Verdict(label, 1.0 if label == UNSAFE else 0.0, raw=str(answer))
 
 
-class HFJudge(Judge):
+class HFSafetyJudge(SafetyJudge):
     """A local Hugging Face model as the judge (the official code's local option is a Qwen-VL model).
 
     Args:
@@ -263,7 +258,7 @@ class HFJudge(Judge):
         super().__init__(cache_path)
 
     @classmethod
-    def load(cls, name: str, **kwargs: Any) -> HFJudge:
+    def load(cls, name: str, **kwargs: Any) -> HFSafetyJudge:
         """Load the judge model with `safegate.load_model` (folder, Hub id, `tiny:*`, `builtin:*`)."""
         from safegate.backbones.load import load_model
 
@@ -329,13 +324,7 @@ class HFJudge(Judge):
         return Verdict(label, score, caption=caption, raw=f"logp(unsafe)-logp(safe)={gap:.4f}")
 
 
-def _urllib_post(url: str, payload: dict[str, Any], headers: dict[str, str], timeout: float) -> dict[str, Any]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - the user's endpoint
-        return json.loads(response.read().decode())
-
-
-class OpenAIJudge(Judge):
+class OpenAISafetyJudge(SafetyJudge):
     """An OpenAI-compatible chat endpoint as the judge (the paper uses GPT-4o for captions and verdicts).
 
     Args:
@@ -343,6 +332,7 @@ class OpenAIJudge(Judge):
         caption_model (`str | None`): caption model id (default: `model`).
         base_url (`str | None`): API root (default `$OPENAI_BASE_URL` or `https://api.openai.com/v1`).
         api_key (`str | None`): bearer token (default `$OPENAI_API_KEY`; local servers may need none).
+        timeout (`float`), max_retries (`int`): per request; transient failures are retried with backoff.
         transport: `fn(url, payload, headers, timeout) -> response dict`; default urllib (no extra dependency).
 
     Unparseable answers default to `"safe"` (score 0.5, `parsed=False`), as the official code does.
@@ -356,39 +346,18 @@ class OpenAIJudge(Judge):
         api_key: str | None = None,
         timeout: float = 60.0,
         max_retries: int = 3,
-        transport: Callable[[str, dict[str, Any], dict[str, str], float], dict[str, Any]] | None = None,
+        transport: Transport | None = None,
         cache_path: str | os.PathLike | None = None,
     ) -> None:
         self.model = model
         self.caption_model = caption_model or model
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.transport = transport or _urllib_post
+        self.endpoint = ChatEndpoint(base_url, api_key, timeout=timeout, retries=max_retries, transport=transport)
+        self.base_url = self.endpoint.base_url
         self.namespace = f"openai:{self.base_url}:{self.caption_model}:{self.model}"
         super().__init__(cache_path)
 
     def _chat(self, model: str, content: Any, max_tokens: int) -> str:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        payload = {
-            "model": model,
-            "messages": [{"role": "user", "content": content}],
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-        }
-        for attempt in range(self.max_retries + 1):
-            try:
-                data = self.transport(f"{self.base_url}/chat/completions", payload, headers, self.timeout)
-                return str(data["choices"][0]["message"]["content"]).strip()
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                retryable = not isinstance(err, urllib.error.HTTPError) or err.code in (408, 429, 500, 502, 503, 504)
-                if attempt == self.max_retries or not retryable:
-                    raise RuntimeError(f"judge request to {self.base_url} failed: {err}") from err
-                time.sleep(min(2.0**attempt, 30.0))
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self.endpoint.chat(model, [{"role": "user", "content": content}], max_tokens=max_tokens)
 
     def caption(self, image: Any) -> str:
         if image is None:
@@ -412,3 +381,10 @@ def _png_base64(image: Any) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# The names SafeCoDe documented before the two judge families were named apart.
+Judge = SafetyJudge
+FunctionJudge = FunctionSafetyJudge
+HFJudge = HFSafetyJudge
+OpenAIJudge = OpenAISafetyJudge

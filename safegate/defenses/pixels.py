@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import einops
 import torch
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -122,12 +123,16 @@ def images_from_pixels(
             start = 0
             for t, h, w in inputs["image_grid_thw"].tolist():
                 n = t * h * w
-                block = pixels[start : start + n].reshape(t, h // merge, w // merge, merge, merge, 3, tp, p, p)
-                frames = block.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * tp, 3, h * p, w * p)
+                # rows are merge-window-ordered patches, columns one patch's channels x frames x pixels
+                frames = einops.rearrange(
+                    pixels[start : start + n],
+                    "(t hb wb mh mw) (c tp ph pw) -> (t tp) c (hb mh ph) (wb mw pw)",
+                    t=t, hb=h // merge, wb=w // merge, mh=merge, mw=merge, c=3, tp=tp, ph=p, pw=p,
+                )  # fmt: skip
                 images.append(frames[0])
                 sizes.append(n // (merge * merge))
                 start += n
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError):  # einops.EinopsError is a RuntimeError
         return rows
     index = 0
     for row, count in enumerate(counts):

@@ -1,15 +1,9 @@
 """SafeSteer decoding (arXiv 2605.11716): a hidden-state probe steers the first decoding steps away from harm.
 
-Training-free for the model; only a logistic probe is fitted. At each of the first `steps` steps the top-k
-candidate tokens are scored: each candidate is fed once, all k in one batched forward over a k-fold expanded copy
-of the prompt's KV cache, and the probe reads the hidden state at the candidate's position from layer `layer`
-(the forward stops there). Harmful candidates (`score > tau`) are removed; if every candidate is harmful, the row
-switches to refusal mode and the refusal template is emitted. Later steps decode normally. For image inputs, the
-modal semantic alignment vector (MSAV) is added to the residual stream at its layer for every generated position
-(a forward hook active only after the prefill and only on rows with an image), so text-side safety carries over
-to images. The paper has no public code: everything not in its abstract is a reconstruction, marked OUR CHOICE
-here and in `docs/defenses.md` (`methods.md` §3). Name collision: three other papers are called "SafeSteer"; this
-is the decoding-probe one, also exported as `SafeSteerDecoding`.
+Training-free for the model; only a logistic probe is fitted (`safegate.defenses.probe_fit`). For the first
+`steps` steps the probe scores the top-k candidate tokens and harmful ones are removed (all harmful: the row
+emits a refusal); for image inputs an alignment vector shifts the residual stream. Also exported as
+`SafeSteerDecoding`. How one call runs and what is reconstructed (OUR CHOICE): docs/defenses.md, "SafeSteer".
 
 Example:
     >>> from safegate.defenses import fit_probe

@@ -17,18 +17,19 @@ Example:
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safegate.data.io import DataFileError, read_jsonl
+
 LABELS = ("safe", "unsafe")
 
-
-class DataError(ValueError):
-    """A data file cannot be used; the message names the file, the line and the fix."""
+DataError = DataFileError
+"""Bad evaluation data (a `ValueError`): the message names the file, the line and the fix. The same class
+`safegate.data.io.read_jsonl` raises, so one `except DataError` catches unreadable files and invalid records."""
 
 
 @dataclass(frozen=True)
@@ -64,33 +65,6 @@ class Dataset:
             raise DataError(f"`limit` must be a positive integer, got {limit!r}.")
         keep = sorted(random.Random(seed).sample(range(len(self.records)), limit))
         return Dataset(self.name, [self.records[i] for i in keep], self.path)
-
-
-def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """`(line_number, object)` for every non-blank line of a JSONL file; `DataError` names a bad line."""
-    path = Path(path)
-    if not path.is_file():
-        hint = "it is a folder" if path.is_dir() else "no such file"
-        raise DataError(f"{path}: cannot read data file ({hint}); pass an existing JSONL file.")
-    rows = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read data file ({type(err).__name__}: {err}).") from None
-    # split on "\n" only: `str.splitlines` would also split on U+2028 and friends, which JSON strings may hold
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}).") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(obj).__name__}.")
-        rows.append((number, obj))
-    if not rows:
-        raise DataError(f"{path}: the file holds no records; add one JSON object per line.")
-    return rows
 
 
 def parse_records(rows: Iterable[tuple[int, dict[str, Any]]], source: str) -> list[Record]:

@@ -2,15 +2,11 @@
 
 `Defense` is what the harness drives: `defended(inputs)` runs the defended model and returns the answers with the
 gate's verdicts and p(unsafe); `base(inputs)` runs the *same backbone without the defense* on the same inputs.
-`register_defense(name, factory)` adds a defense that `safegate eval --defense NAME` can pick; the factory is
-called as `factory(model, processor, bundle)` and returns a `Defense`. A module `safegate.defenses.NAME` that
-registers itself on import (or the package `safegate.defenses` doing so) is found by name;
-`--defense package.module:factory` names any factory directly.
-
-The CASA defense (`casa`, the default) gets its base model from PEFT: inside `peft_model.disable_adapter()` every
-LoRA layer and the trainable token rows are bypassed (merged weights are unmerged first), so the forward is the
-original backbone's. The backbone's embedding matrix may have been resized for the two safety ids; those ids are
-suppressed in base generation, so the base model sees and can produce exactly its original vocabulary.
+`DEFENSES` names every defense `safegate eval --defense NAME` can pick by the `module:function` path of its
+factory, imported only when that defense is asked for (the decode-time defenses live in `safegate.defenses`,
+which this package never imports); `register_defense(name, factory)` adds one, and `--defense module:function`
+names any factory directly. A factory is called as `factory(model, processor, bundle)` and returns a `Defense`.
+How the CASA defense gets its base model (PEFT's `disable_adapter`): docs/evaluation.md, "What is compared".
 
 Example:
     >>> import safegate
@@ -27,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -156,7 +151,8 @@ class CasaDefense(Defense):
 DefenseFactory = Callable[[Any, Any, "str | None"], Defense]
 
 
-def _casa(model: Any, processor: Any, bundle: str | None) -> Defense:
+def make_casa(model: Any, processor: Any, bundle: str | None) -> Defense:
+    """The CASA defense: the gate from `bundle` (a saved bundle), or an untrained default gate without one."""
     import safegate
 
     if bundle is None:
@@ -177,35 +173,43 @@ def _casa(model: Any, processor: Any, bundle: str | None) -> Defense:
     return CasaDefense(gated)
 
 
-DEFENSES: dict[str, DefenseFactory] = {"casa": _casa}
+DEFENSES: dict[str, str | DefenseFactory] = {
+    "casa": "safegate.evaluation.defense:make_casa",
+    "safecode": "safegate.defenses.factories:make_safecode",
+    "safesteer": "safegate.defenses.factories:make_safesteer",
+    "none": "safegate.defenses.factories:make_none",
+}
+"""`--defense` name -> its factory, or the `module:function` path of one (imported when the name is asked for)."""
 
 
-def register_defense(name: str, factory: DefenseFactory) -> None:
-    """Make `factory(model, processor, bundle) -> Defense` available as `safegate eval --defense NAME`."""
+def register_defense(name: str, factory: str | DefenseFactory) -> None:
+    """Make `factory(model, processor, bundle) -> Defense` (or its `module:function` path) available as
+    `safegate eval --defense NAME`."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"defense name must be an identifier such as 'safecode', got {name!r}.")
     DEFENSES[name] = factory
 
 
+def import_factory(path: str) -> DefenseFactory:
+    """The factory at `module:function`; `ValueError` naming the path if it cannot be imported."""
+    module, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"defense {path!r}: cannot import the factory ({err}).") from None
+
+
 def get_defense_factory(name: str) -> DefenseFactory:
-    """The factory for `name`: registered, registered by importing `safegate.defenses[.<name>]`, or `module:function`.
+    """The factory for `name` (a key of `DEFENSES`) or for a `module:function` path.
 
     Raises `ValueError` listing the known names otherwise.
     """
     if name in DEFENSES:
-        return DEFENSES[name]
+        factory = DEFENSES[name]
+        return import_factory(factory) if isinstance(factory, str) else factory
     if ":" in name:  # an importable factory, e.g. `mypkg.defenses:make_defense`
-        module, _, attr = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"defense {name!r}: cannot import the factory ({err}).") from None
-    for module in ("safegate.defenses", f"safegate.defenses.{name}"):  # these register themselves on import
-        if name not in DEFENSES and name.isidentifier() and importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
-    if name not in DEFENSES:
-        raise ValueError(f"unknown defense {name!r}; choose from {sorted(DEFENSES)} or pass `module:factory`.")
-    return DEFENSES[name]
+        return import_factory(name)
+    raise ValueError(f"unknown defense {name!r}; choose from {sorted(DEFENSES)} or pass `module:function`.")
 
 
 def as_defense(obj: Any, threshold: float | None = None) -> Defense:

@@ -25,10 +25,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from safegate.evaluation.attacks import Attack, AttackContext, Case, parse_attacks, write_wav
+from safegate.evaluation.attack_types import Attack, AttackContext, Case
+from safegate.evaluation.attacks import parse_attacks
 from safegate.evaluation.data import Dataset, coerce_datasets
 from safegate.evaluation.defense import Defense, as_defense
-from safegate.evaluation.judges import Judge, RefusalJudge, get_judge
+from safegate.evaluation.judges import AnswerJudge, RefusalJudge, get_judge
+from safegate.evaluation.media_attacks import write_wav
 from safegate.evaluation.plots import write_plots
 from safegate.evaluation.report import (
     REPORT_JSON,
@@ -83,7 +85,7 @@ def evaluate(
     gated: Any,
     datasets: Any,
     attacks: str | Sequence[str | Attack] = "none",
-    judge: str | Judge | None = None,
+    judge: str | AnswerJudge | None = None,
     out_dir: str | Path | None = None,
     *,
     batch_size: int = 8,
@@ -108,7 +110,7 @@ def evaluate(
         datasets: JSONL paths, `Dataset`s, or `{name: [{"prompt": ..., "label": "safe"|"unsafe"}, ...]}`.
         attacks: `"none,prefill,template,injection,typographic,spoken"` (any subset, `prefill:K` for one length)
             or `Attack` objects.
-        judge: `refusal`, `classifier`, `hf:MODEL`, `openai:URL[#MODEL]` or a `Judge`; `None` = `classifier`
+        judge: `refusal`, `classifier`, `hf:MODEL`, `openai:URL[#MODEL]` or an `AnswerJudge`; `None` = `classifier`
             when installed, else `refusal`.
         out_dir: folder for report.json, report.md, responses.jsonl and the plots (written atomically);
             `None` = return the report only.
@@ -196,7 +198,7 @@ def evaluate(
     return report
 
 
-def _judge(judge: Judge, cases: Sequence[Case], outcomes: Sequence[Outcome]) -> tuple[list, list]:
+def _judge(judge: AnswerJudge, cases: Sequence[Case], outcomes: Sequence[Outcome]) -> tuple[list, list]:
     prompts = [c.record.prompt for c in cases]
     verdicts = judge.refusals(prompts + prompts, [o.base_text for o in outcomes] + [o.gated_text for o in outcomes])
     if len(verdicts) != 2 * len(cases):
@@ -206,7 +208,7 @@ def _judge(judge: Judge, cases: Sequence[Case], outcomes: Sequence[Outcome]) -> 
 
 
 def _cross_check(
-    judge: Judge, cases: Sequence[Case], outcomes: Sequence[Outcome], base: list, gated: list
+    judge: AnswerJudge, cases: Sequence[Case], outcomes: Sequence[Outcome], base: list, gated: list
 ) -> dict[str, Any] | None:
     """Agreement of the keyword matcher with a model judge on the same answers (`None` for the keyword judge)."""
     if isinstance(judge, RefusalJudge):

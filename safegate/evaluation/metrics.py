@@ -5,12 +5,16 @@
 - `gate_unsafe_rate` = share of requests on which the gate emitted the unsafe token.
 Rates are fractions in [0, 1]; `None` where nothing was measured. A `None` flag (judge failure) is excluded.
 Bootstrap intervals are percentile intervals over `n_boot` resamples drawn with a seeded numpy generator.
+`auroc` is the library's only AUROC (the gate fit, the trainer and SafeSteer's probe use it too).
 
 Example:
     >>> rate([True, False, None, True])
     0.6666666666666666
     >>> auroc([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0]), auroc([0.5, 0.5], [1, 0])
     (1.0, 0.5)
+    >>> import torch
+    >>> auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
+    0.75
     >>> relative_reduction(0.5, 0.1)
     0.8
 """
@@ -18,6 +22,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -57,12 +62,27 @@ def _auroc_rows(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def auroc(scores: Sequence[float], labels: Sequence[int | bool]) -> float | None:
-    """Area under the ROC curve (Mann-Whitney U, ties count 1/2); `None` unless both classes are present."""
-    y = np.asarray(labels, dtype=bool)
+def as_flat_array(values: Any, dtype: Any) -> np.ndarray:
+    """A flat numpy array from a sequence, a numpy array or a torch tensor (detached, moved to the CPU)."""
+    if hasattr(values, "detach"):  # a torch tensor, possibly on an accelerator or requiring grad
+        values = values.detach().cpu().numpy()
+    return np.asarray(values).astype(dtype, copy=False).ravel()
+
+
+def auroc(scores: Any, labels: Any) -> float | None:
+    """Area under the ROC curve of `scores` for `labels` (truthy = positive): Mann-Whitney U, ties count 1/2.
+
+    Accepts sequences, numpy arrays or torch tensors of any shape (flattened). The degenerate case, where
+    `labels` hold only one class (or nothing), has no AUROC: it returns `None`, never a float, so callers that
+    need a number check for both classes first (or map `None` to `nan`).
+    """
+    y = as_flat_array(labels, bool)
     if y.size == 0 or y.all() or not y.any():
         return None
-    return float(_auroc_rows(np.asarray(scores, dtype=np.float64)[None], y[None])[0])
+    s = as_flat_array(scores, np.float64)
+    if s.size != y.size:
+        raise ValueError(f"auroc: {s.size} scores for {y.size} labels; pass one score per label.")
+    return float(_auroc_rows(s[None], y[None])[0])
 
 
 def roc_curve(scores: Sequence[float], labels: Sequence[int | bool]) -> tuple[list[float], list[float]]:

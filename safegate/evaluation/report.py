@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from safegate.evaluation.attacks import Case
+from safegate.evaluation.attack_types import Case
 from safegate.evaluation.judges import MEASURES
 from safegate.evaluation.metrics import auroc, auroc_ci, rate, rate_ci, reduction_ci, relative_reduction
 from safegate.evaluation.runner import Outcome
@@ -129,10 +129,6 @@ def fmt_rate(value: float | None, ci: Sequence[float] | None = None) -> str:
         return "—"
     text = f"{100 * value:.1f} %"
     return f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else text
-
-
-def fmt_change(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:+.1f} %"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

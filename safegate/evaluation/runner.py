@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from safegate.evaluation.attacks import Case
+from safegate.evaluation.attack_types import Case
 from safegate.evaluation.defense import Defense
 
 

@@ -10,6 +10,7 @@ import torch
 
 import safegate
 from safegate.evaluation import attacks as A
+from safegate.evaluation import media_attacks
 from safegate.evaluation.data import DataError, Record, from_records
 from safegate.evaluation.defense import CasaDefense
 from safegate.evaluation.harness import build_cases
@@ -174,7 +175,7 @@ def test_spoken_replaces_the_text_by_speech(ctx, tmp_path):
 
 
 def test_spoken_reports_a_missing_espeak(monkeypatch):
-    monkeypatch.setattr(A.shutil, "which", lambda name: None)
+    monkeypatch.setattr(media_attacks.shutil, "which", lambda name: None)
     assert "espeak-ng is not installed" in A.SpokenAttack().unavailable()
     assert A.SpokenAttack(synthesize=lambda t, r: np.zeros(1)).unavailable() is None
 

@@ -126,3 +126,14 @@ def test_plots_are_valid_pngs(tmp_path):
         with Image.open(tmp_path / name) as image:
             assert image.size[0] >= 400 and image.size[1] >= 300
     assert write_plots(tmp_path / ".", [], [], []) == []
+
+
+def test_auroc_takes_tensors_of_any_shape():
+    import torch
+
+    scores = torch.tensor([[0.1, 0.4], [0.35, 0.8]], requires_grad=True)
+    assert M.auroc(scores, torch.tensor([[0.0, 0.0], [1.0, 1.0]])) == pytest.approx(0.75)
+    assert isinstance(M.auroc(torch.tensor([0.2, 0.9]), torch.tensor([0, 1])), float)
+    assert M.auroc(torch.tensor([0.2, 0.9]), torch.tensor([1, 1])) is None  # one class: no AUROC
+    with pytest.raises(ValueError, match="one score per label"):
+        M.auroc([0.1, 0.2, 0.3], [0, 1])

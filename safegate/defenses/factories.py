@@ -1,7 +1,8 @@
 """`safegate eval --defense safecode|safesteer|none`: the decode-time defenses behind the evaluation interface.
 
-`register()` adds three factories to `safegate.evaluation.defense`'s registry (called when `safegate.defenses` is
-imported). A factory is called as `factory(model, processor, bundle)`; `bundle` (the CLI's `--bundle`) means:
+`safegate.evaluation.defense.DEFENSES` names these factories by module path and imports this module only when one
+is asked for (nothing registers at import time). A factory is called as `factory(model, processor, bundle)`;
+`bundle` (the CLI's `--bundle`) means:
 
 | defense | `--bundle` | without it |
 |---|---|---|
@@ -25,11 +26,12 @@ from typing import Any
 
 import torch
 
-from safegate.defenses.judges import HFJudge, Judge, OpenAIJudge
-from safegate.defenses.probe import fit_probe, load_steering
+from safegate.defenses.judges import HFSafetyJudge, OpenAISafetyJudge, SafetyJudge
+from safegate.defenses.probe import load_steering
+from safegate.defenses.probe_fit import fit_probe
 from safegate.defenses.safecode import SafeCoDe
 from safegate.defenses.safesteer import SafeSteer
-from safegate.evaluation.defense import DEFENSES, DefendedBatch, Defense, register_defense
+from safegate.evaluation.defense import DefendedBatch, Defense
 
 # OUR CHOICE: a small, clearly labelled fallback set so that `--defense safesteer` runs without a probe file.
 BUILTIN_PROBE_PROMPTS = (
@@ -52,15 +54,6 @@ BUILTIN_PROBE_PROMPTS = (
 )
 
 
-def greedy(defense: Defense, max_new_tokens: int) -> dict[str, Any]:
-    """`generate` kwargs for greedy decoding (the safety tables are deterministic), sampling defaults silenced."""
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-    kwargs.update(temperature=None, top_p=None, top_k=None)
-    if getattr(defense.model.generation_config, "pad_token_id", None) is None:
-        kwargs["pad_token_id"] = defense.tokenizer.pad_token_id
-    return kwargs
-
-
 class DecodeTimeDefense(Defense):
     """A `SafeCoDe` or `SafeSteer` object for the harness; its base is the same model with plain decoding."""
 
@@ -79,13 +72,13 @@ class DecodeTimeDefense(Defense):
 
     @torch.no_grad()
     def defended(self, inputs: dict[str, Any], max_new_tokens: int) -> DefendedBatch:
-        out = self.defense.generate(**inputs, **greedy(self, max_new_tokens), return_dict_in_generate=True)
+        out = self.defense.generate(**inputs, **self.greedy_kwargs(max_new_tokens), return_dict_in_generate=True)
         texts = self.decode_new(out.sequences, inputs["input_ids"].shape[1])
         return DefendedBatch(texts, [s == "unsafe" for s in out.safety], out.safety_scores.float().tolist())
 
     @torch.no_grad()
     def base(self, inputs: dict[str, Any], max_new_tokens: int) -> list[str]:
-        out = self.model.generate(**inputs, **greedy(self, max_new_tokens))
+        out = self.model.generate(**inputs, **self.greedy_kwargs(max_new_tokens))
         sequences = out.sequences if hasattr(out, "sequences") else out
         return self.decode_new(sequences, inputs["input_ids"].shape[1])
 
@@ -120,25 +113,26 @@ class NoDefense(Defense):
 
     @torch.no_grad()
     def base(self, inputs: dict[str, Any], max_new_tokens: int) -> list[str]:
-        out = self.model.generate(**inputs, **greedy(self, max_new_tokens))
+        out = self.model.generate(**inputs, **self.greedy_kwargs(max_new_tokens))
         sequences = out.sequences if hasattr(out, "sequences") else out
         return self.decode_new(sequences, inputs["input_ids"].shape[1])
 
 
-def judge_from_spec(spec: str) -> Judge:
-    """`hf:MODEL` -> `HFJudge.load(MODEL)`; `openai:URL[#MODEL]` -> `OpenAIJudge` (default model gpt-4o)."""
+def judge_from_spec(spec: str) -> SafetyJudge:
+    """`hf:MODEL` -> `HFSafetyJudge.load(MODEL)`; `openai:URL[#MODEL]` -> `OpenAISafetyJudge` (default gpt-4o)."""
     kind, _, rest = spec.partition(":")
     if kind == "hf" and rest:
-        return HFJudge.load(rest)
+        return HFSafetyJudge.load(rest)
     if kind == "openai" and rest:
         url, _, model = rest.partition("#")
-        return OpenAIJudge(model=model or "gpt-4o", base_url=url)
+        return OpenAISafetyJudge(model=model or "gpt-4o", base_url=url)
     raise ValueError(
         f"judge spec {spec!r}: use 'hf:MODEL' or 'openai:URL[#MODEL]' (e.g. 'openai:http://localhost:8000/v1')."
     )
 
 
 def make_safecode(model: Any, processor: Any, bundle: str | None) -> Defense:
+    """SafeCoDe; `bundle` is the judge spec (`judge_from_spec`), else the model judges itself."""
     if bundle is None:
         note = "SafeCoDe judge: the defended model judges itself (no --bundle judge spec); the paper uses GPT-4o"
         return DecodeTimeDefense(SafeCoDe(model, processor), notes=[note])
@@ -146,6 +140,7 @@ def make_safecode(model: Any, processor: Any, bundle: str | None) -> Defense:
 
 
 def make_safesteer(model: Any, processor: Any, bundle: str | None) -> Defense:
+    """SafeSteer; `bundle` is a `save_steering` file, else a probe fitted on `BUILTIN_PROBE_PROMPTS`."""
     if bundle is not None:
         probe, alignment = load_steering(bundle)
         return DecodeTimeDefense(SafeSteer(model, processor, probe=probe, alignment=alignment))
@@ -160,12 +155,5 @@ def make_safesteer(model: Any, processor: Any, bundle: str | None) -> Defense:
 
 
 def make_none(model: Any, processor: Any, bundle: str | None) -> Defense:
+    """The undefended model (`bundle` is ignored)."""
     return NoDefense(model, processor)
-
-
-def register() -> None:
-    """Register `safecode`, `safesteer` and (unless already there) `none` with `safegate eval`."""
-    register_defense("safecode", make_safecode)
-    register_defense("safesteer", make_safesteer)
-    if "none" not in DEFENSES:
-        register_defense("none", make_none)
