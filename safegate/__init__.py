@@ -15,6 +15,7 @@ Example:
 
 from safegate._lazy import lazy_attributes
 from safegate._moved import install as _install_moved_finder
+from safegate.hub import bundle as _bundle  # noqa: F401 - registers the format `SafeGateModel.save_bundle` writes
 from safegate.modeling.config import GateConfig
 from safegate.modeling.gate import SafetyGate
 from safegate.modeling.model import SafeGateModel, attach

@@ -100,7 +100,7 @@ def benchmark(
     batches = {}
     for batch in batch_sizes or [1, 8]:
         torch.manual_seed(batch)
-        header = gated._header or []  # prompts end with the assistant header, as chat prompts do
+        header = gated.assistant_header_ids or []  # prompts end with the assistant header, as chat prompts do
         ids = torch.randint(4, vocab, (batch, prompt_tokens - len(header)), device=device)
         ids = torch.cat([ids, torch.tensor([header] * batch, dtype=ids.dtype, device=device)], dim=1)
         batches[batch] = dict(input_ids=ids, attention_mask=torch.ones_like(ids))

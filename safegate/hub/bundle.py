@@ -1,15 +1,9 @@
 """Gate bundles: the small safetensors export of a trained gate, loaded strictly onto a matching backbone.
 
-A bundle is a folder or a Hugging Face Hub repo (format and rules: `docs/bundle-format.md`):
-
-    safegate_config.json               schema version, library versions, backbone fingerprint, GateConfig, recipe
-    safegate.safetensors               gate weights (with the query) + the safety-token rows keyed by token string
-    adapter/adapter_config.json        PEFT config: plain `PeftModel.from_pretrained` loads `adapter/`
-    adapter/adapter_model.safetensors  LoRA weights + the token rows as PEFT stores them (never full matrices)
-    README.md                          model card
-
-Saving is atomic, loading is strict (`BundleMismatchError` names the field, the bundle's value and the model's),
-and only JSON and safetensors are ever read: nothing is unpickled.
+A bundle is a folder or a Hugging Face Hub repo holding `safegate_config.json`, `safegate.safetensors`, a PEFT
+`adapter/` and a model card; saving is atomic, loading is strict and reads only JSON and safetensors (format and
+rules: `docs/bundle-format.md`). Importing this module registers `SafeGateBundle` as `SafeGateModel.bundle_class`,
+which `gated.save_bundle` / `gated.push_to_hub` write through.
 
 Example:
     >>> import tempfile, safegate
@@ -31,32 +25,29 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from huggingface_hub import ModelCard, ModelHubMixin
 from peft import PeftConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
+from safegate.hub.card import evaluation_rows, model_card
+from safegate.hub.checks import check_fits, check_tensors, delta_key
 from safegate.hub.files import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_DIR,
     ADAPTER_WEIGHTS_NAME,
     BUNDLE_FILES,
-    CARD_NAME,
     CHECKSUMMED,
     CONFIG_NAME,
-    FINGERPRINT,
     FORMAT,
     PAPER_URL,
     REQUIRED_FILES,
@@ -66,33 +57,26 @@ from safegate.hub.files import (
     BundleMismatchError,
     BundleNotFoundError,
     bundle_sizes,
-    card_body,
     check_config,
     check_file,
     check_target,
-    evaluation_rows,
     file_record,
     fsync_tree,
     read_json,
     read_safetensors,
     replace_dir,
+    resolve_bundle,
     versions,
 )
-from safegate.modeling.arch import ResolvedArch, model_type_of, resolve
+from safegate.modeling.arch import model_type_of
 from safegate.modeling.config import GateConfig
-from safegate.modeling.tokens import _check_protected, text_tokenizer, token_id
-
-if TYPE_CHECKING:
-    from safegate.modeling.model import SafeGateModel
+from safegate.modeling.model import SafeGateModel
 
 __all__ = [
     "BUNDLE_FILES", "CONFIG_NAME", "SCHEMA_VERSION", "WEIGHTS_NAME", "BundleError", "BundleMismatchError",
     "BundleNotFoundError", "SafeGateBundle", "bundle_sizes", "load_bundle", "push_to_hub", "resolve_bundle",
     "save_bundle",
 ]  # fmt: skip
-
-_PEFT_PREFIX = "base_model.model."
-_DELTA = "trainable_tokens_delta"
 
 
 class SafeGateBundle(
@@ -125,7 +109,7 @@ class SafeGateBundle(
         self.config = check_config(config)
         self.tensors, self.adapter_config, self.adapter_tensors = tensors, adapter_config, adapter_tensors
         self.folder: Path | None = None
-        self._check_tensors()
+        check_tensors(self)
 
     # ------------------------------------------------------------------------------------------ accessors
     @property
@@ -147,8 +131,9 @@ class SafeGateBundle(
         cfg = self.gate_config
         return torch.stack([self.tensors[f"tokens.{part}.{t}"] for t in (cfg.safe_token, cfg.unsafe_token)])
 
-    def _parts(self) -> dict[str, str]:
-        """Token-row part -> module path inside the gated module (`head` only for untied heads)."""
+    @property
+    def token_modules(self) -> dict[str, str]:
+        """Token-row part (`"embed"`, and `"head"` for untied heads) -> module path inside the gated module."""
         b = self.backbone
         return {"embed": b["embed_module"]} if b["tied"] else {"embed": b["embed_module"], "head": b["head_module"]}
 
@@ -164,7 +149,7 @@ class SafeGateBundle(
         arch, cfg = gated.arch, gated.gate_config
         rows = arch.embed.weight.shape[0]
         tensors = {f"gate.{k}": _cpu(v) for k, v in gated.gate.state_dict().items()}
-        for part, layer in _token_layers(gated).items():
+        for part, layer in gated.token_layers().items():
             delta = layer.trainable_tokens_delta["default"]
             for i, token in enumerate((cfg.safe_token, cfg.unsafe_token)):
                 tensors[f"tokens.{part}.{token}"] = _cpu(delta[i])
@@ -175,24 +160,24 @@ class SafeGateBundle(
             raise RuntimeError(f"refusing to save {full}: bundles never hold full embedding or head matrices.")
         peft_config = copy.deepcopy(gated.peft_model.peft_config["default"])
         peft_config.inference_mode = True
-        name = str(getattr(getattr(gated._original, "config", None), "name_or_path", "") or "")
+        name = str(getattr(getattr(gated.original_model, "config", None), "name_or_path", "") or "")
         config = {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
             "versions": versions(),
             "method": {"name": "CASA", "paper": PAPER_URL},
             "backbone": {
-                "model_type": model_type_of(gated._original),
+                "model_type": model_type_of(gated.original_model),
                 "gated_model_type": model_type_of(arch.root),
                 "gated_module": arch.spec.unwrap or "",
                 "name_or_path": name,
                 "hidden_size": int(arch.embed.weight.shape[1]),
                 "num_layers": len(arch.layers),
-                "vocab_rows": int(gated._original_rows),
+                "vocab_rows": int(gated.original_vocab_rows),
                 "vocab_rows_gated": int(rows),
                 "tied": bool(arch.tied),
-                "embed_module": gated._embed_name,
-                "head_module": gated._head_name,
+                "embed_module": gated.embed_module_name,
+                "head_module": gated.head_module_name,
                 "dtype": str(arch.embed.weight.dtype).removeprefix("torch."),
             },
             "tokens": {
@@ -256,11 +241,7 @@ class SafeGateBundle(
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         """The bundle's README.md: base model, method, recipe, sizes and the evaluation table when known."""
-        data = ModelCardData(**self._hub_mixin_info.model_card_data.to_dict())
-        base = self.backbone["name_or_path"]
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not os.path.exists(base):
-            data.base_model = base
-        return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(self.config, self.payload_bytes)}")
+        return model_card(self._hub_mixin_info.model_card_data, self.config, self.payload_bytes)
 
     # -------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -326,107 +307,15 @@ class SafeGateBundle(
         return bundle
 
     # ---------------------------------------------------------------------------------- checks and attach
-    def _check_tensors(self) -> None:
-        cfg, hidden = self.gate_config, self.backbone["hidden_size"]
-        token_keys = {f"tokens.{part}.{t}" for part in self._parts() for t in (cfg.safe_token, cfg.unsafe_token)}
-        missing = sorted(token_keys - set(self.tensors)) + (["gate.query"] if "gate.query" not in self.tensors else [])
-        unexpected = sorted(k for k in set(self.tensors) - token_keys if not k.startswith("gate."))
-        if missing or unexpected:
-            raise BundleError(f"{WEIGHTS_NAME}: missing tensors {missing}, unexpected tensors {unexpected}.")
-        bad = [k for k in [*token_keys, "gate.query"] if tuple(self.tensors[k].shape) != (hidden,)]
-        if bad:
-            raise BundleError(f"{WEIGHTS_NAME}: tensors {bad} do not have the backbone's hidden size {hidden}.")
-        for part, module in self._parts().items():
-            key = _delta_key(self.adapter_tensors, module)
-            if key is None:
-                raise BundleError(f"{ADAPTER_WEIGHTS_NAME} lacks the {part} token rows of `{module}`.")
-            if not torch.equal(self.adapter_tensors[key], self.token_rows(part)):
-                raise BundleError(
-                    f"the {part} token rows in {ADAPTER_WEIGHTS_NAME} differ from {WEIGHTS_NAME}: the bundle was "
-                    "edited by hand or is corrupt. Re-export it."
-                )
-
     def check(self, model: nn.Module, tokenizer_or_processor: Any) -> GateConfig:
         """Raise `BundleMismatchError` if the bundle does not fit `model`; return the GateConfig to attach with.
 
-        Nothing is modified: the model, its tokenizer and its embeddings are only read.
+        Nothing is modified: the model, its tokenizer and its embeddings are only read (`safegate.hub.checks`).
         """
-        from peft import PeftModel
-
-        from safegate.modeling.model import SafeGateModel
-
-        if isinstance(model, (SafeGateModel, PeftModel)):
-            raise TypeError(f"`model` is a {type(model).__name__}; load a bundle onto the plain Hugging Face model.")
-        cfg, b = self.gate_config, self.backbone
-        arch = resolve(model, cfg.lora_target, cfg.lora_modules)
-        live = {
-            "gated_model_type": model_type_of(arch.root),
-            "hidden_size": int(arch.embed.weight.shape[1]),
-            "num_layers": len(arch.layers),
-            "vocab_rows": int(arch.embed.weight.shape[0]),
-            "tied": bool(arch.tied),
-        }
-        diffs = [(f, b[f], live[f]) for f in FINGERPRINT if b[f] != live[f]]
-        if diffs:
-            base = b["name_or_path"] or b["model_type"]
-            hint = f"Load it onto the backbone it was trained for ({base}) or train a gate for this one."
-            raise BundleMismatchError(*diffs[0], hint=hint, others=diffs[1:])
-        self._check_tokenizer(text_tokenizer(tokenizer_or_processor), live["vocab_rows"])
-        target = self._check_lora_modules(arch)
-        return cfg if target in (None, arch.lora_target) else dataclasses.replace(cfg, lora_target=target)
-
-    def _check_tokenizer(self, tokenizer: Any, rows: int) -> None:
-        cfg = self.gate_config
-        for field, token in (("safe_token", cfg.safe_token), ("unsafe_token", cfg.unsafe_token)):
-            tid = token_id(tokenizer, token)
-            if tid is None:
-                continue
-            try:
-                _check_protected(tokenizer, {token: tid})
-            except RuntimeError as err:
-                raise BundleMismatchError(
-                    field, token, f"an added token that text can spell (id {tid})", hint=str(err)
-                ) from err
-        safety = {cfg.safe_token, cfg.unsafe_token}
-        top = max((i for t, i in tokenizer.get_vocab().items() if t not in safety), default=-1)
-        if top >= rows:
-            raise BundleMismatchError(
-                "tokenizer_vocab", f"< {rows} (the model's embedding rows)", top + 1,
-                hint="The tokenizer holds ids the model has no rows for: it does not belong to this model.",
-            )  # fmt: skip
-
-    def _check_lora_modules(self, arch: ResolvedArch) -> str | None:
-        target = getattr(self.adapter_config, "target_modules", None)
-        shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-        for key, tensor in self.adapter_tensors.items():
-            if ".lora_" in key:
-                module, _, rest = key.removeprefix(_PEFT_PREFIX).partition(".lora_")
-                shapes.setdefault(module, {})[rest.split(".")[0]] = tuple(tensor.shape)
-        if not shapes:
-            return None
-        modules = dict(arch.root.named_modules())
-        missing = sorted(m for m in shapes if not isinstance(modules.get(m), nn.Linear))
-        extra = sorted(n for n in modules if isinstance(target, str) and re.fullmatch(target, n) and n not in shapes)
-        if missing or extra:
-            model_value = f"absent: {missing[:3]}" if missing else f"also has {extra[:3]} ({len(extra)} in all)"
-            raise BundleMismatchError(
-                "lora_target_modules", f"{len(shapes)} modules matching {target!r}", model_value,
-                hint="The model's decoder is not the one the LoRA adapter was trained on.",
-            )  # fmt: skip
-        for module, parts in sorted(shapes.items()):
-            linear = modules[module]
-            want = {
-                "A": (self.gate_config.lora_r, linear.in_features),
-                "B": (linear.out_features, self.gate_config.lora_r),
-            }
-            if any(parts.get(k) != v for k, v in want.items()):
-                raise BundleMismatchError(f"lora shape of `{module}`", parts, want)
-        return target if isinstance(target, str) else None
+        return check_fits(self, model, tokenizer_or_processor)
 
     def attach(self, model: nn.Module, tokenizer_or_processor: Any) -> SafeGateModel:
         """Check the fit (see `check`), then attach the gate with the bundle's weights and return the model."""
-        from safegate.modeling.model import SafeGateModel
-
         config = self.check(model, tokenizer_or_processor)
         gated = SafeGateModel(model, tokenizer_or_processor, config)
         try:
@@ -440,8 +329,8 @@ class SafeGateBundle(
     def _load_into(self, gated: SafeGateModel) -> None:
         expected = get_peft_model_state_dict(gated.peft_model, adapter_name="default", save_embedding_layers=False)
         state = dict(self.adapter_tensors)
-        for part, module in self._parts().items():
-            state[_delta_key(state, module)] = self.token_rows(part)  # authoritative rows, keyed by token string
+        for part, module in self.token_modules.items():
+            state[delta_key(state, module)] = self.token_rows(part)  # authoritative rows, keyed by token string
         if set(state) != set(expected):
             only_bundle, only_model = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
             raise BundleMismatchError("adapter keys", f"also {only_bundle[:3]}", f"also {only_model[:3]}")
@@ -476,8 +365,7 @@ def save_bundle(
         evaluation (`Mapping | Sequence | None`): Evaluation table for the model card: a list of rows (dicts) or
             a mapping `name -> {column: value}` / `name -> value`.
     """
-    SafeGateBundle.from_model(gated, recipe=recipe, evaluation=evaluation).save_pretrained(path)
-    return Path(path)
+    return gated.save_bundle(path, recipe=recipe, evaluation=evaluation)
 
 
 def push_to_hub(
@@ -493,8 +381,7 @@ def push_to_hub(
     `kwargs` go to `ModelHubMixin.push_to_hub`: `private`, `token`, `commit_message`, `branch`, `create_pr`,
     `allow_patterns`, `ignore_patterns`, `delete_patterns`.
     """
-    kwargs.setdefault("commit_message", "Upload safegate bundle")
-    return SafeGateBundle.from_model(gated, recipe=recipe, evaluation=evaluation).push_to_hub(repo_id, **kwargs)
+    return gated.push_to_hub(repo_id, recipe=recipe, evaluation=evaluation, **kwargs)
 
 
 def load_bundle(
@@ -520,63 +407,9 @@ def load_bundle(
     return bundle.attach(model, tokenizer_or_processor)
 
 
-def resolve_bundle(
-    path_or_repo_id: str,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    force_download: bool = False,
-) -> Path:
-    """The local folder of a bundle: `path_or_repo_id` itself, or its Hub snapshot (`snapshot_download`)."""
-    path = Path(path_or_repo_id).expanduser()
-    if path.is_dir():
-        if revision is not None:
-            raise ValueError(f"`revision={revision!r}` applies to Hub repos, but {path} is a local folder.")
-        return path
-    if path.exists():
-        raise BundleError(f"{path} is a file; a bundle is a folder (e.g. the one `save_bundle` wrote).")
-    where = f"{path_or_repo_id!r}" + (f" at revision {revision!r}" if revision else "")
-    try:
-        folder = snapshot_download(
-            str(path_or_repo_id), revision=revision, token=token, cache_dir=cache_dir,
-            local_files_only=local_files_only, force_download=force_download,
-            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, f"{ADAPTER_DIR}/*", CARD_NAME],
-        )  # fmt: skip
-    except HFValidationError as err:
-        raise BundleNotFoundError(f"no bundle folder {where}, and it is not a valid Hub repo id: {err}") from err
-    except (LocalEntryNotFoundError, HfHubHTTPError) as err:
-        from huggingface_hub import constants
-
-        offline = " (offline: HF_HUB_OFFLINE=1 or local_files_only=True)" if constants.HF_HUB_OFFLINE else ""
-        raise BundleNotFoundError(
-            f"no bundle folder {where}, and the Hub repo could not be resolved{offline}: {err}"
-        ) from err
-    return Path(folder)
-
-
 # --------------------------------------------------------------------------------------------- helpers
-def _token_layers(gated: SafeGateModel) -> dict[str, nn.Module]:
-    """PEFT trainable-token layers holding rows: `embed` and, for untied heads, `head` (LoRA or tokens-only)."""
-    found = {}
-    names = {gated._embed_name: "embed", gated._head_name: "head"}
-    for name, module in gated.peft_model.named_modules():
-        if type(module).__name__ != "TrainableTokensLayer" or "default" not in module.trainable_tokens_delta:
-            continue
-        if getattr(module, "tied_adapter", None) is not None:
-            continue
-        path = name.removeprefix(_PEFT_PREFIX).removesuffix(".token_adapter")
-        if path in names:
-            found[names[path]] = module
-    return found
-
-
-def _delta_key(tensors: Mapping[str, torch.Tensor], module: str) -> str | None:
-    for key in (f"{_PEFT_PREFIX}{module}.token_adapter.{_DELTA}", f"{_PEFT_PREFIX}{module}.{_DELTA}"):
-        if key in tensors:
-            return key
-    return None
-
-
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+SafeGateModel.bundle_class = SafeGateBundle  # `gated.save_bundle` / `gated.push_to_hub` write this format

@@ -21,7 +21,8 @@ import json
 from typing import Any
 
 from safegate.errors import CLIError
-from safegate.hub.bundle import SafeGateBundle, bundle_sizes, resolve_bundle
+from safegate.hub.bundle import SafeGateBundle
+from safegate.hub.files import bundle_sizes, resolve_bundle
 
 
 def register(subparsers: Any) -> None:

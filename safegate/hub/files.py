@@ -1,4 +1,5 @@
-"""The files of a gate bundle: names, errors, strict reading, checksums, atomic folder replacement, model card.
+"""The files of a gate bundle: names, errors, finding them (folder or Hub snapshot), strict reading, checksums and
+atomic folder replacement.
 
 `safegate.hub.bundle` builds and applies bundles; this module only deals with bytes on disk and re-exports nothing.
 
@@ -23,11 +24,13 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from safetensors.torch import load_file
 
 from safegate.modeling.config import GateConfig
@@ -217,76 +220,36 @@ def versions() -> dict[str, str]:
     }  # fmt: skip
 
 
-def evaluation_rows(evaluation: Mapping | Sequence | None) -> list[dict[str, Any]] | None:
-    """Normalise an evaluation table to a JSON list of row dicts (`ValueError` naming `evaluation` otherwise)."""
-    if evaluation is None:
-        return None
-    if isinstance(evaluation, Mapping):
-        rows = [
-            {"name": str(k), **v} if isinstance(v, Mapping) else {"metric": str(k), "value": v}
-            for k, v in evaluation.items()
-        ]
-    elif (
-        isinstance(evaluation, Sequence)
-        and not isinstance(evaluation, str)
-        and all(isinstance(r, Mapping) for r in evaluation)
-    ):
-        rows = [dict(r) for r in evaluation]
-    else:
-        raise ValueError(
-            "`evaluation` must be a list of rows (dicts) or a mapping name -> {column: value} / name -> value, "
-            f"got {type(evaluation).__name__}."
-        )
+def resolve_bundle(
+    path_or_repo_id: str,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+) -> Path:
+    """The local folder of a bundle: `path_or_repo_id` itself, or its Hub snapshot (`snapshot_download`)."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"`revision={revision!r}` applies to Hub repos, but {path} is a local folder.")
+        return path
+    if path.exists():
+        raise BundleError(f"{path} is a file; a bundle is a folder (e.g. the one `save_bundle` wrote).")
+    where = f"{path_or_repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     try:
-        return json.loads(json.dumps(rows, allow_nan=False))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"`evaluation` must hold only JSON values (str, numbers, bools, None): {err}") from err
+        folder = snapshot_download(
+            str(path_or_repo_id), revision=revision, token=token, cache_dir=cache_dir,
+            local_files_only=local_files_only, force_download=force_download,
+            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, f"{ADAPTER_DIR}/*", CARD_NAME],
+        )  # fmt: skip
+    except HFValidationError as err:
+        raise BundleNotFoundError(f"no bundle folder {where}, and it is not a valid Hub repo id: {err}") from err
+    except (LocalEntryNotFoundError, HfHubHTTPError) as err:
+        from huggingface_hub import constants
 
-
-def card_body(config: dict[str, Any], payload_bytes: int) -> str:
-    """Markdown body of the bundle's README.md (the YAML header comes from `ModelHubMixin` metadata)."""
-    b, g, tokens = config["backbone"], config["gate_config"], config["tokens"]
-    base = b["name_or_path"] or f"a `{b['model_type']}` model"
-    gated = f"`{b['gated_module']}` of " if b["gated_module"] else ""
-    lora = f"r={g['lora_r']}, alpha={g['lora_alpha']} on {g['lora_target'] or ', '.join(g['lora_modules'])}"
-    lora = lora if g["lora_r"] else "none (gate and token rows only)"
-    threshold = "argmax of the gated pair" if g["threshold"] is None else f"p(unsafe) >= {g['threshold']}"
-    lines = [
-        f"# safegate bundle for {base}",
-        "",
-        "A CASA safety gate (Classification Augmented with Safety Attention, "
-        f"[arXiv 2604.00310]({PAPER_URL})) made with safegate. Before the "
-        f"model answers, it emits `{tokens['safe']}` or `{tokens['unsafe']}`, chosen by a small attention gate over "
-        "the prompt's hidden states; the answer is conditioned on that token.",
-        "",
-        "```python",
-        "import safegate",
-        f"gated = safegate.load_bundle(model, tokenizer_or_processor, {'<this repo or folder>'!r})",
-        "out = gated.generate(**inputs, return_dict_in_generate=True)   # out.safety, out.safety_scores",
-        "```",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| base model | {base} (gate on {gated}`{b['model_type']}`; hidden {b['hidden_size']}, "
-        f"{b['num_layers']} layers, {b['vocab_rows']} vocab rows, {'tied' if b['tied'] else 'untied'} head) |",
-        f"| safety tokens | `{tokens['safe']}`, `{tokens['unsafe']}` |",
-        f"| gate | attention_dim={g['attention_dim']}, aggregation={g['aggregation']}, scaling={g['scaling']}, "
-        f"layer={g['layer']} |",
-        f"| LoRA | {lora} |",
-        f"| decision | {threshold} |",
-        f"| recipe | {config.get('recipe') or '(not recorded)'} |",
-        f"| tensor bytes | {payload_bytes} |",
-        "",
-        "## Evaluation",
-        "",
-    ]
-    rows = config.get("evaluation") or []
-    if rows:
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-    else:
-        lines.append("No evaluation was recorded with this bundle.")
-    lines += ["", "Format: `safegate_config.json`, `safegate.safetensors`, `adapter/` (PEFT). See safegate's "
-              "`docs/bundle-format.md`."]  # fmt: skip
-    return "\n".join(lines) + "\n"
+        offline = " (offline: HF_HUB_OFFLINE=1 or local_files_only=True)" if constants.HF_HUB_OFFLINE else ""
+        raise BundleNotFoundError(
+            f"no bundle folder {where}, and the Hub repo could not be resolved{offline}: {err}"
+        ) from err
+    return Path(folder)

@@ -148,11 +148,6 @@ def _get(module: nn.Module, path: str | None) -> Any:
     return obj
 
 
-def supported_model_types() -> list[str]:
-    """`model_type`s that have a spec (plain decoder-only models work without one)."""
-    return sorted(load_specs())
-
-
 def check_required_inputs(spec: ArchSpec, inputs: dict[str, Any]) -> None:
     """Raise if multimodal `inputs` lack an input the spec requires (e.g. Qwen-VL's `mm_token_type_ids`).
 

@@ -16,12 +16,16 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from transformers import LlamaForCausalLM
+from transformers import GenerationMixin
 
 #: Every name a cache may travel under, newest first.
 CACHE_KWARGS = ("cache", "past_key_values")
-#: The name the installed transformers' forward and generate expect.
-CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+#: The name the installed transformers' forward and generate expect (read from the generation mixin every model
+#: shares, so no model class is imported for it).
+CACHE_KWARG = (
+    "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    else "past_key_values"
+)  # fmt: skip
 
 
 def cache_in(kwargs: dict[str, Any]) -> Any:

@@ -15,62 +15,35 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
 from torch import nn
-from transformers import GenerationConfig, LogitsProcessorList
+from transformers import GenerationConfig
 
-from safegate.modeling.arch import MULTIMODAL_INPUTS, check_required_inputs, resolve
+from safegate.modeling.arch import resolve
 from safegate.modeling.config import GateConfig, check_threshold
 from safegate.modeling.gate import SafetyGate, gate_pair_logits, unsafe_probability
 from safegate.modeling.hooks import ContiguousHeadInput, HiddenStateTap
-from safegate.modeling.kv_cache import CACHE_KWARGS
-from safegate.modeling.logits_process import SafeGateLogitsProcessor
-from safegate.modeling.peft_tokens import speed_up_trainable_tokens
-from safegate.modeling.prefix import (
-    assistant_header,
-    inserted_token_value,
-    left_pad,
-    prefix_lengths,
-    repeat_rows,
-    special_ids,
+from safegate.modeling.inputs import (
+    check_prompt,
+    extend_length_budget,
+    normalise_generate_kwargs,
+    single_step_kwargs,
+    strip_prefix,
 )
-from safegate.modeling.speculative import generate_speculatively, probe
-from safegate.modeling.streamers import SkipSafetyTokenStreamer
-from safegate.modeling.tokens import add_safety_tokens, text_tokenizer, word_rows
-
-SAFE, UNSAFE = "safe", "unsafe"
-_SINGLE_STEP_DROPS = (
-    "max_new_tokens", "min_new_tokens", "max_length", "min_length", "do_sample", "streamer", "num_return_sequences",
-)  # fmt: skip
-_UNSUPPORTED = {
-    "num_beams": "beam search is not supported with a safety gate; use greedy decoding or sampling",
-    "assistant_model": "assisted decoding is not supported with a safety gate",
-    "prompt_lookup_num_tokens": "prompt-lookup decoding is not supported with a safety gate",
-    "prefill_chunk_size": "chunked prefill is not supported: the gate must see the whole prompt at once",
-    **dict.fromkeys(CACHE_KWARGS, "a user-supplied cache is not supported: the gate must see the whole prompt"),
-}
-
-
-@dataclass
-class _Verdict:
-    """What the gate decided for one call."""
-
-    p_unsafe: torch.Tensor | None = None
-    unsafe: torch.Tensor | None = None
-    scores: torch.Tensor | None = None  # speculative path: raw logits at the safety step, when they were computed
-    last_states: torch.Tensor | None = None  # speculative path: final states at the safety step
-
-    @property
-    def labels(self) -> list[str]:
-        assert self.unsafe is not None
-        return [UNSAFE if u else SAFE for u in self.unsafe.tolist()]
+from safegate.modeling.peft_tokens import speed_up_trainable_tokens, token_layers
+from safegate.modeling.prefix import assistant_header, prefix_lengths, repeat_rows, special_ids
+from safegate.modeling.speculative import SpeculationSupport, generate_speculatively, probe_speculation_support
+from safegate.modeling.stepwise import generate_after_prefix, generate_stepwise
+from safegate.modeling.tokens import add_safety_tokens, padding_id, text_tokenizer, word_rows
+from safegate.modeling.verdict import SAFE, UNSAFE
 
 
 def quiet_get_peft_model(model: nn.Module, config: Any) -> PeftModel:
@@ -87,7 +60,13 @@ class SafeGateModel(nn.Module):
     Built by composition with `attach()`; the wrapped Hugging Face model keeps its class. `parameters()` with
     `requires_grad=True` are exactly what training may change: LoRA on the language model, the gate and the
     two token rows.
+
+    `save_bundle` / `push_to_hub` write through `bundle_class`, which `safegate.hub.bundle` registers when it is
+    imported (importing `safegate` does that): the inference core itself imports nothing from the hub layer.
     """
+
+    #: The bundle type `save_bundle` and `push_to_hub` write (`safegate.hub.bundle.SafeGateBundle`, registered there).
+    bundle_class: ClassVar[type | None] = None
 
     def __init__(self, model: nn.Module, tokenizer_or_processor: Any, config: GateConfig | None = None) -> None:
         super().__init__()
@@ -131,7 +110,7 @@ class SafeGateModel(nn.Module):
         self._special_ids = special_ids(self.tokenizer) - {self.safe_token_id, self.unsafe_token_id}
         training = arch.root.training
         self.train(False)
-        self._support = probe(self)
+        self._support = probe_speculation_support(self)
         self.train(training)
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -167,20 +146,49 @@ class SafeGateModel(nn.Module):
 
     @torch.no_grad()
     def _set_token_rows(self, rows: dict[str, torch.Tensor]) -> None:
-        for name, layer in self._token_layers().items():
+        for name, layer in self.token_layers().items():
             delta = layer.trainable_tokens_delta["default"]
             delta.copy_(rows[name].to(delta.dtype))
 
-    def _token_layers(self) -> dict[str, nn.Module]:
-        """PEFT trainable-token layers: `embed` and, for untied heads, `head`."""
-        found = {}
-        for name, module in self.peft_model.named_modules():
-            if type(module).__name__ == "TrainableTokensLayer" and "default" in module.trainable_tokens_delta:
-                if getattr(module, "tied_adapter", None) is not None:
-                    continue
-                key = "embed" if name.removesuffix(".token_adapter").endswith(self._embed_name) else "head"
-                found[key] = module
-        return found
+    def token_layers(self) -> dict[str, nn.Module]:
+        """PEFT trainable-token layers holding the two rows: `embed` and, for untied heads, `head`."""
+        return token_layers(self.peft_model, self._embed_name, self._head_name)
+
+    # ------------------------------------------------------------------------------------ read-only views
+    @property
+    def original_model(self) -> nn.Module:
+        """The model `attach()` was given (what `detach()` returns); not a submodule."""
+        return self._original
+
+    @property
+    def original_vocab_rows(self) -> int:
+        """Embedding rows before `attach()` (it resizes only when a safety id falls outside them)."""
+        return self._original_rows
+
+    @property
+    def embed_module_name(self) -> str:
+        """Path of the input embedding inside the gated module (`arch.root`)."""
+        return self._embed_name
+
+    @property
+    def head_module_name(self) -> str:
+        """Path of the output head inside the gated module (`arch.root`)."""
+        return self._head_name
+
+    @property
+    def assistant_header_ids(self) -> list[int] | None:
+        """Ids the chat template appends for `add_generation_prompt=True` (`None`: no prefix detection)."""
+        return self._header
+
+    @property
+    def tap_module(self) -> nn.Module:
+        """The module whose output states the gate reads (the final norm, or `GateConfig.layer`)."""
+        return self._tap_module
+
+    @property
+    def speculation_support(self) -> SpeculationSupport:
+        """What `modeling.speculative.probe_speculation_support` found for this model at attach time."""
+        return self._support
 
     # --------------------------------------------------------------------------------------- drop-in surface
     def __getattr__(self, name: str) -> Any:
@@ -270,16 +278,6 @@ class SafeGateModel(nn.Module):
         unsafe = p >= threshold if threshold is not None else z_unsafe >= z_safe
         return p, unsafe | p.isnan()  # a score that is not a number fails closed
 
-    def _decide(self, tap: HiddenStateTap, mask: torch.Tensor, threshold: float | None, verdict: _Verdict) -> Any:
-        def decide(scores: torch.Tensor) -> torch.Tensor:
-            if tap.states is None:
-                raise RuntimeError("the hidden-state tap saw no prefill pass; the gate cannot decide")
-            verdict.p_unsafe, verdict.unsafe = self.decide(scores, tap.states, mask, threshold)
-            ids = torch.tensor([self.safe_token_id, self.unsafe_token_id], device=scores.device)
-            return ids[verdict.unsafe.long()]
-
-        return decide
-
     # ------------------------------------------------------------------------------------------ generation
     def generate(
         self,
@@ -310,8 +308,8 @@ class SafeGateModel(nn.Module):
         threshold = check_threshold(
             safety_threshold if safety_threshold is not None else self.gate_config.threshold, "safety_threshold"
         )
-        kwargs = self._normalise_kwargs(kwargs)
-        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, kwargs)
+        kwargs = normalise_generate_kwargs(kwargs, self.arch.spec.kwarg_prefix, self.generation_config)
+        input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, kwargs)
         want_dict = kwargs.pop("return_dict_in_generate", None)
         if want_dict is None:
             want_dict = bool((kwargs.get("generation_config") or self.generation_config).return_dict_in_generate)
@@ -319,15 +317,15 @@ class SafeGateModel(nn.Module):
         if input_ids is not None and self._header is not None:
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             lengths = prefix_lengths(input_ids, mask, self._header, self._special_ids)
+        args = (input_ids, attention_mask, lengths, threshold, keep_safety_token, kwargs)
         if speculative and self.speculative and input_ids is not None:
-            args = (input_ids, attention_mask, lengths, threshold, keep_safety_token, kwargs)
             out = generate_speculatively(self, *args)
-            return out if want_dict else out.sequences
-        if any(lengths):
-            out = self._generate_after_prefix(input_ids, attention_mask, lengths, threshold, keep_safety_token, kwargs)
-            return out if want_dict else out.sequences
-        self._extend_length_budget(kwargs)
-        out = self._generate_gated(input_ids, attention_mask, threshold, keep_safety_token, kwargs)
+        elif any(lengths):
+            out = generate_after_prefix(self, *args)
+        else:
+            kwargs = extend_length_budget(kwargs, self.generation_config)
+            out = generate_stepwise(self, input_ids, attention_mask, threshold, keep_safety_token, kwargs)
+        self._thread_state.labels = out.safety
         return out if want_dict else out.sequences
 
     @torch.no_grad()
@@ -336,54 +334,17 @@ class SafeGateModel(nn.Module):
     ) -> torch.Tensor:
         """p(unsafe) per row (B,), exactly the score `generate` would decide on; nothing is generated."""
         self._check_attached()
-        kwargs = self._normalise_kwargs(kwargs)
-        kwargs = {k: v for k, v in kwargs.items() if k not in _SINGLE_STEP_DROPS + ("logits_processor",)}
-        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, kwargs)
+        kwargs = normalise_generate_kwargs(kwargs, self.arch.spec.kwarg_prefix, self.generation_config)
+        kwargs = single_step_kwargs(kwargs)
+        input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, kwargs)
         if input_ids is not None and self._header is not None:
             lengths = prefix_lengths(input_ids, attention_mask, self._header, self._special_ids)
             if any(lengths):
-                input_ids, attention_mask, kwargs = self._strip_prefix(input_ids, attention_mask, lengths, kwargs)
-        out = self._generate_gated(
-            input_ids, attention_mask, None, True, dict(kwargs, max_new_tokens=1, do_sample=False)
-        )
+                pad_id = padding_id(self.tokenizer)
+                input_ids, attention_mask, kwargs = strip_prefix(input_ids, attention_mask, lengths, kwargs, pad_id)
+        out = generate_stepwise(self, input_ids, attention_mask, None, True, kwargs)
+        self._thread_state.labels = out.safety
         return out.safety_scores
-
-    def _generate_gated(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        threshold: float | None,
-        keep_safety_token: bool,
-        kwargs: dict[str, Any],
-    ) -> Any:
-        prompt_length = input_ids.shape[1] if input_ids is not None else 0
-        mask = attention_mask
-        if mask is None:
-            embeds = kwargs.get("inputs_embeds")
-            shape = input_ids.shape if input_ids is not None else embeds.shape[:2]
-            mask = torch.ones(shape, dtype=torch.long, device=self.device)
-        verdict = _Verdict()
-        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-        if kwargs.get("streamer") is not None:
-            kwargs["streamer"] = SkipSafetyTokenStreamer(kwargs["streamer"])
-        with HiddenStateTap(self._tap_module) as tap:
-            processors.append(SafeGateLogitsProcessor(prompt_length, self._decide(tap, mask, threshold, verdict)))
-            out = self.base_generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                logits_processor=processors,
-                return_dict_in_generate=True,
-                **kwargs,
-            )
-        if verdict.unsafe is None:
-            raise RuntimeError("generation ended before the safety step; the gate did not run")
-        if not keep_safety_token:
-            seq = out.sequences
-            out.sequences = torch.cat([seq[:, :prompt_length], seq[:, prompt_length + 1 :]], dim=1)
-            for name in ("scores", "logits"):
-                if getattr(out, name, None) is not None:
-                    setattr(out, name, getattr(out, name)[1:])
-        return self._attach_verdict(out, verdict)
 
     def base_generate(self, **kwargs: Any) -> Any:
         """The adapted model's own `generate` (LoRA and token rows active, no gate).
@@ -395,182 +356,43 @@ class SafeGateModel(nn.Module):
         with ContiguousHeadInput(self.arch.root.get_output_embeddings()):
             return self.arch.root.generate(**kwargs)
 
-    def _attach_verdict(self, out: Any, verdict: _Verdict) -> Any:
-        out.safety = verdict.labels
-        out.safety_scores = verdict.p_unsafe
-        self._thread_state.labels = out.safety
-        return out
-
-    def _generate_after_prefix(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        lengths: list[int],
-        threshold: float | None,
-        keep_safety_token: bool,
-        kwargs: dict[str, Any],
-    ) -> Any:
-        """Decide on the prompt without the assistant prefix, then feed `prompt, safety token, prefix`.
-
-        With `GateConfig.unsafe_prefix="drop"` (default) rows judged unsafe get `prompt, safety token` only: an
-        attacker-written prefix is never fed after `<|unsafe|>`, so the answer starts from the refusal.
-        """
-        p_ids, p_mask, p_kwargs = self._strip_prefix(input_ids, attention_mask, lengths, kwargs)
-        classify_kwargs = {k: v for k, v in p_kwargs.items() if k not in _SINGLE_STEP_DROPS + ("logits_processor",)}
-        scored = self._generate_gated(
-            p_ids, p_mask, threshold, True, dict(classify_kwargs, max_new_tokens=1, do_sample=False)
-        )
-        verdict = _Verdict(scored.safety_scores, torch.tensor([s == UNSAFE for s in scored.safety]))
-        tokens = torch.where(verdict.unsafe, self.unsafe_token_id, self.safe_token_id).tolist()
-        drop = self.gate_config.unsafe_prefix == "drop"
-        keep = [not (drop and unsafe) for unsafe in verdict.unsafe.tolist()]
-        new_ids, new_mask, new_kwargs = self._insert_tokens(input_ids, attention_mask, lengths, tokens, kwargs, keep)
-        if new_kwargs.get("streamer") is not None:
-            new_kwargs["streamer"] = SkipSafetyTokenStreamer(new_kwargs["streamer"], prompt=input_ids)
-        out = self.base_generate(
-            input_ids=new_ids, attention_mask=new_mask, return_dict_in_generate=True, **new_kwargs
-        )
-        per_prompt = out.sequences.shape[0] // input_ids.shape[0]  # num_return_sequences: one verdict per sequence
-        verdict = _Verdict(repeat_rows(verdict.p_unsafe, per_prompt), repeat_rows(verdict.unsafe, per_prompt))
-        input_ids = repeat_rows(input_ids, per_prompt)
-        if not keep_safety_token:
-            out.sequences = torch.cat([input_ids, out.sequences[:, new_ids.shape[1] :]], dim=1)
-        return self._attach_verdict(out, verdict)
-
     # ------------------------------------------------------------------------------------------ helpers
-    def _normalise_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        prefix = self.arch.spec.kwarg_prefix
-        if prefix:
-            kwargs = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in kwargs.items()}
-        gen_config = kwargs.get("generation_config") or self.generation_config
-        for key, why in _UNSUPPORTED.items():
-            value = kwargs.get(key, getattr(gen_config, key, None))
-            if value is not None and not (key == "num_beams" and value == 1):
-                raise ValueError(f"`{key}={value!r}`: {why}.")
-        if kwargs.get("cache_implementation") == "paged":
-            raise ValueError("`cache_implementation='paged'` (continuous batching) is not supported by the gate.")
-        return dict(kwargs)
-
-    def _check_inputs(
-        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]
+    def _check_prompt(
+        self, input_ids: Any, attention_mask: Any, kwargs: dict[str, Any]
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if input_ids is None and kwargs.get("inputs_embeds") is None:
-            raise ValueError("pass `input_ids` (or `inputs_embeds`), e.g. `gated.generate(**tokenizer(text, ...))`.")
-        check_required_inputs(self.arch.spec, kwargs)
-        if input_ids is not None:
-            input_ids = torch.as_tensor(input_ids, device=self.device)
-            if input_ids.dim() == 1:
-                input_ids = input_ids.unsqueeze(0)
-            ids = torch.tensor([self.safe_token_id, self.unsafe_token_id], device=input_ids.device)
-            if bool(torch.isin(input_ids, ids).any()):
-                raise ValueError(
-                    "the prompt's `input_ids` already contain a safety token id "
-                    f"({self.safe_token_id} or {self.unsafe_token_id}): this is an injection attempt and is refused. "
-                    "Text is never tokenized to these ids; only hand-built ids can hold them."
-                )
-        if attention_mask is not None:
-            attention_mask = torch.as_tensor(attention_mask, device=self.device)
-            if attention_mask.dim() == 1:
-                attention_mask = attention_mask.unsqueeze(0)
-            if bool((attention_mask[:, -1] == 0).any()):
-                raise ValueError(
-                    "`attention_mask` shows right padding: the gate would read a pad position. "
-                    "Pad on the left (`tokenizer.padding_side = 'left'`)."
-                )
-        return input_ids, attention_mask
-
-    def _extend_length_budget(self, kwargs: dict[str, Any]) -> None:
-        """The safety token is one extra new token: keep the caller's answer budget unchanged."""
-        gen_config = kwargs.get("generation_config") or self.generation_config
-        if kwargs.get("max_new_tokens") is not None:
-            kwargs["max_new_tokens"] += 1
-        elif kwargs.get("max_length") is not None:
-            kwargs["max_length"] += 1
-        elif gen_config.max_new_tokens is not None:
-            kwargs["max_new_tokens"] = gen_config.max_new_tokens + 1
-        else:
-            kwargs["max_length"] = gen_config.max_length + 1
-        for key in ("min_new_tokens", "min_length"):
-            value = kwargs.get(key, getattr(gen_config, key, None))
-            if value:
-                kwargs[key] = value + 1
-
-    def _count_safety_token_in_length(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The safety token is part of the input: total-length budgets (`max_length`, `min_length`) grow by one."""
-        gen_config = kwargs.get("generation_config") or self.generation_config
-        kwargs = dict(kwargs)
-        if kwargs.get("max_new_tokens") is None and gen_config.max_new_tokens is None:
-            kwargs["max_length"] = (kwargs.get("max_length") or gen_config.max_length) + 1
-        if kwargs.get("min_new_tokens") is None and not gen_config.min_new_tokens:
-            value = kwargs.get("min_length", gen_config.min_length)
-            if value:
-                kwargs["min_length"] = value + 1
-        return kwargs
-
-    def _per_token_kwargs(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> list[str]:
-        return [
-            k
-            for k, v in kwargs.items()
-            if k not in MULTIMODAL_INPUTS and isinstance(v, torch.Tensor) and v.shape[:2] == input_ids.shape
-        ]
-
-    def _strip_prefix(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: list[int], kwargs: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        keys = self._per_token_kwargs(input_ids, kwargs)
-        out_kwargs = dict(kwargs)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-
-        def cut(t: torch.Tensor, value: int) -> torch.Tensor:
-            return left_pad([row[: row.shape[0] - k] for row, k in zip(t, lengths)], value)
-
-        for key in keys:
-            out_kwargs[key] = cut(kwargs[key], 0)
-        return cut(input_ids, pad), cut(attention_mask, 0), out_kwargs
-
-    def _insert_tokens(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        lengths: list[int],
-        tokens: list[int],
-        kwargs: dict[str, Any],
-        keep: list[bool],
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Per row: `prompt, token, prefix` (or `prompt, token` where `keep` is False), left-padded."""
-        keys = self._per_token_kwargs(input_ids, kwargs)
-        out_kwargs = dict(kwargs)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-
-        def insert(t: torch.Tensor, values: list[int] | None, value_pad: int, key: str = "") -> torch.Tensor:
-            """`values=None`: the per-token input `key`'s own value for an inserted token (`inserted_token_value`)."""
-            rows = []
-            for i, (row, k, kept) in enumerate(zip(t, lengths, keep)):
-                cut = row.shape[0] - k
-                if values is None:
-                    new, shift = inserted_token_value(key, row[max(cut - 1, 0) : cut])
-                    tail = row[cut:] + shift
-                else:
-                    new, tail = row.new_tensor([values[i]]), row[cut:]
-                rows.append(torch.cat([row[:cut], new, tail if kept else row[:0]]))
-            return left_pad(rows, value_pad)
-
-        for key in keys:
-            out_kwargs[key] = insert(kwargs[key], None, 0, key)
-        return insert(input_ids, tokens, pad), insert(attention_mask, [1] * len(tokens), 0), out_kwargs
+        safety_ids = (self.safe_token_id, self.unsafe_token_id)
+        return check_prompt(input_ids, attention_mask, kwargs, self.arch.spec, self.device, safety_ids)
 
     # ------------------------------------------------------------------------------- bundles, LoRA merging
-    def save_bundle(self, path: str, **kwargs: Any) -> Any:
-        """Write the small safetensors bundle (see `safegate.hub.bundle.save_bundle`)."""
-        from safegate.hub.bundle import save_bundle
+    def save_bundle(
+        self, path: str | os.PathLike, *, recipe: str | None = None, evaluation: Mapping | Sequence | None = None
+    ) -> Path:
+        """Write the small safetensors bundle to the folder `path` atomically; return the folder.
 
-        return save_bundle(self, path, **kwargs)
+        Arguments as `safegate.hub.bundle.save_bundle`; the format is `docs/bundle-format.md`.
+        """
+        bundle = self._require_bundle_class().from_model(self, recipe=recipe, evaluation=evaluation)
+        bundle.save_pretrained(path)
+        return Path(path)
 
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Upload the bundle to the Hugging Face Hub (see `safegate.hub.bundle.push_to_hub`)."""
-        from safegate.hub.bundle import push_to_hub
+    def push_to_hub(
+        self, repo_id: str, *, recipe: str | None = None, evaluation: Mapping | Sequence | None = None, **kwargs: Any
+    ) -> str:
+        """Upload the bundle to the Hub repo `repo_id` in one commit; return the commit URL.
 
-        return push_to_hub(self, repo_id, **kwargs)
+        `kwargs` go to `ModelHubMixin.push_to_hub` (`private`, `token`, `commit_message`, `branch`, ...).
+        """
+        kwargs.setdefault("commit_message", "Upload safegate bundle")
+        bundle = self._require_bundle_class().from_model(self, recipe=recipe, evaluation=evaluation)
+        return bundle.push_to_hub(repo_id, **kwargs)
+
+    @classmethod
+    def _require_bundle_class(cls) -> Any:
+        if cls.bundle_class is None:
+            raise RuntimeError(
+                "no bundle format is registered: `import safegate.hub.bundle` first (`import safegate` does it)."
+            )
+        return cls.bundle_class
 
     def merge_adapter(self) -> None:
         """Merge LoRA into the base weights for faster inference (PEFT naming; undo with `unmerge_adapter`)."""

@@ -1,11 +1,8 @@
 """Row-sparse forward for PEFT's trainable-token layers (same numbers, no full-matrix copy per step).
 
-PEFT's `TrainableTokensLayer` rebuilds the whole embedding (and head) matrix with `index_copy` on every forward,
-so each generated token copies `vocab x hidden` values twice, and training back-propagates a dense gradient into
-that copy. Only two rows differ here, so safegate computes the base layer as usual and then overwrites only the
-affected outputs: embedding positions that hold a trained id, and logit columns of the trained ids (overwritten at
-inference; in training the difference to the base columns is added, whose backward needs no full-size copy).
-`tests/test_fast_tokens.py` checks outputs and gradients against PEFT's own path.
+Only the two safety rows differ from the base matrices, so the base layer runs as usual and only the affected
+outputs are overwritten (why: `docs/design.md`, "Row-sparse trainable tokens"). Also here: `token_layers`, the
+one lookup of the layers that hold the rows, and `output_rows`.
 
 Example:
     >>> import torch
@@ -25,6 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+#: The prefix PEFT puts before the wrapped model's module paths (`PeftModel.base_model.model`).
+PEFT_PREFIX = "base_model.model."
 
 
 def speed_up_trainable_tokens(model: nn.Module) -> int:
@@ -63,6 +63,35 @@ def _sparse_forward_adapters(self: Any, x: torch.Tensor, active_adapters: list[s
         correction = F.linear(x, (rows - base.weight[index].detach()).to(x.dtype))
         return out.index_add_(-1, index, correction.to(out.dtype))
     return self._safegate_peft_forward(x, active_adapters, *args, **kwargs)
+
+
+def token_layers(peft_model: nn.Module, embed_name: str, head_name: str) -> dict[str, nn.Module]:
+    """PEFT's trainable-token layers in `peft_model` that hold rows: `"embed"` and, for an untied head, `"head"`.
+
+    `embed_name` and `head_name` are the module paths inside the wrapped model (`ResolvedArch.module_name`); a
+    layer matches when its own path, without PEFT's `base_model.model.` prefix and `.token_adapter` suffix, is one
+    of them. Works for LoRA (the layer sits in a wrapper) and tokens-only adapters (the layer replaces the
+    module); a tied head's layer only mirrors the embedding's and is left out.
+
+    Example:
+        >>> from peft import TrainableTokensConfig, get_peft_model
+        >>> from safegate.testing import tiny_model_and_tokenizer
+        >>> model, tok = tiny_model_and_tokenizer("llama")
+        >>> config = TrainableTokensConfig(target_modules=["embed_tokens", "lm_head"], token_indices=[5])
+        >>> sorted(token_layers(get_peft_model(model, config), "model.embed_tokens", "lm_head"))
+        ['embed', 'head']
+    """
+    parts = {embed_name: "embed", head_name: "head"}
+    found = {}
+    for name, module in peft_model.named_modules():
+        if type(module).__name__ != "TrainableTokensLayer" or "default" not in module.trainable_tokens_delta:
+            continue
+        if getattr(module, "tied_adapter", None) is not None:
+            continue
+        path = name.removeprefix(PEFT_PREFIX).removesuffix(".token_adapter")
+        if path in parts:
+            found[parts[path]] = module
+    return found
 
 
 def output_rows(head: nn.Module, ids: list[int]) -> torch.Tensor | None:

@@ -1,23 +1,11 @@
 """Speculative safety token: prefill `prompt, <|safe|>` and let the gate decide inside that same forward pass.
 
-Without speculation the safety token is a decode step of its own before the first answer token, which doubles the
-time to the first answer token on a GPU. In a causal decoder nothing a position computes depends on the positions
-after it, so appending `<|safe|>` to the prompt leaves every state the gate reads, and the logits it scales at the
-last prompt position, exactly as they were. `SpeculativeDecision`, a forward hook on the generating module, takes
-the verdict from the prefill's own outputs:
-
-- every row safe (the usual case): that one pass has already produced the first answer token's logits;
-- any row unsafe: the pass stops right after the model ran (`SpeculationMiss`); the KV cache is cut back by one
-  position and generation resumes from the decided tokens (one decode step, the cost without speculation). Where the
-  cache cannot be cut (no cache, an assistant prefix, several return sequences, a cache that refuses), the batch is
-  generated again from `prompt, decided token` instead.
-
-The verdict itself never depends on the speculation: same states, same logits, same decision rule. The two logits
-the gate scales are the final states at the last prompt position times the head's two safety rows (a (2, d)
-product: projecting a second position onto the whole vocabulary would cost as much as the first answer token).
-`probe` checks at attach time that appending a token really leaves earlier states unchanged, and that those two
-logits are what the model itself computes; where the first fails `generate` does not speculate, where the second
-fails the prefill returns the logits of the last prompt position too.
+In a causal decoder appending `<|safe|>` leaves every state the gate reads unchanged, so `SpeculativeDecision`, a
+forward hook on the generating module, takes the verdict from the prefill itself: all rows safe, that pass already
+produced the first answer token; any row unsafe, the pass stops (`SpeculationMiss`), the KV cache is cut back by
+one position and generation resumes from the decided tokens (or is run again where the cache cannot be cut).
+The verdict never depends on the speculation. `probe_speculation_support` checks at attach time what this model
+allows. Why and how: `docs/design.md` ("The speculative safety token").
 
 Example:
     >>> import safegate
@@ -43,9 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from safegate.modeling.hooks import HiddenStateTap, ThreadHook
+from safegate.modeling.inputs import count_safety_token_in_length, insert_tokens, per_token_inputs
 from safegate.modeling.kv_cache import CACHE_KWARG, output_cache
 from safegate.modeling.peft_tokens import output_rows
 from safegate.modeling.prefix import inserted_token_value, repeat_rows
+from safegate.modeling.streamers import SkipSafetyTokenStreamer
+from safegate.modeling.tokens import padding_id
+from safegate.modeling.verdict import Verdict, attach_verdict
 
 try:  # the inputs `generate` feeds only to the prefill; fall back to the 5.23 contents if the name moves
     from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL as _PREFILL_ONLY
@@ -53,7 +45,7 @@ except ImportError:  # pragma: no cover - depends on the transformers version
     _PREFILL_ONLY = ("pixel_values", "pixel_values_videos", "input_features", "image_sizes", "pixel_attention_mask")
 
 if TYPE_CHECKING:
-    from safegate.modeling.model import SafeGateModel, _Verdict
+    from safegate.modeling.model import SafeGateModel
 
 #: Inputs that only the prefill reads: a resumed generation must not see them again.
 PREFILL_ONLY_INPUTS: tuple[str, ...] = tuple(_PREFILL_ONLY) + ("feature_attention_mask",)
@@ -97,7 +89,7 @@ def build_plan(
     if not any(prefix_lengths):  # the common case: append one column, no per-row work
         column = input_ids.new_full((rows, 1), gated.safe_token_id)
         new_kwargs = dict(kwargs)
-        for key in gated._per_token_kwargs(input_ids, kwargs):
+        for key in per_token_inputs(input_ids, kwargs):
             new_kwargs[key] = torch.cat([kwargs[key], inserted_token_value(key, kwargs[key])[0]], dim=1)
         return SpeculativePlan(
             torch.cat([input_ids, column], dim=1),
@@ -107,9 +99,10 @@ def build_plan(
             new_kwargs,
             tail=1,
         )
-    ids, mask, new_kwargs = gated._insert_tokens(
-        input_ids, attention_mask, prefix_lengths, [gated.safe_token_id] * rows, kwargs, [True] * rows
-    )
+    ids, mask, new_kwargs = insert_tokens(
+        input_ids, attention_mask, prefix_lengths, [gated.safe_token_id] * rows, kwargs, [True] * rows,
+        padding_id(gated.tokenizer),
+    )  # fmt: skip
     tails = torch.tensor(prefix_lengths, device=ids.device) + 1
     columns = torch.arange(ids.shape[1], device=ids.device)
     prompt_mask = mask * (columns < ids.shape[1] - tails.unsqueeze(1))
@@ -132,7 +125,7 @@ class SpeculativeDecision(ThreadHook):
         pair_from: tuple[HiddenStateTap, torch.Tensor] | None,
         plan: SpeculativePlan,
         threshold: float | None,
-        verdict: _Verdict,
+        verdict: Verdict,
     ) -> None:
         super().__init__(gated.arch.root)
         self.gated, self.tap, self.pair_from, self.plan = gated, tap, pair_from, plan
@@ -186,20 +179,21 @@ def _last_prompt_position(values: torch.Tensor, tail: int | None, tails: torch.T
 
 
 def pair_weight(gated: SafeGateModel) -> torch.Tensor | None:
-    """The head's two safety rows, when the pair's logits are the final states times them (see `probe`)."""
-    if not gated._support.pair_from_states:
+    """The head's two safety rows, when the pair's logits are the final states times them (see
+    `probe_speculation_support`)."""
+    if not gated.speculation_support.pair_from_states:
         return None
     return output_rows(gated.arch.root.get_output_embeddings(), [gated.safe_token_id, gated.unsafe_token_id])
 
 
 def final_states_tap(gated: SafeGateModel, tap: HiddenStateTap, stack: contextlib.ExitStack) -> HiddenStateTap:
     """A tap on the final norm (the states the head projects): the gate's own `tap` when it is on that module."""
-    return tap if gated.arch.norm is gated._tap_module else stack.enter_context(HiddenStateTap(gated.arch.norm))
+    return tap if gated.arch.norm is gated.tap_module else stack.enter_context(HiddenStateTap(gated.arch.norm))
 
 
 def logits_to_keep(gated: SafeGateModel, plan: SpeculativePlan) -> int | None:
     """Trailing positions whose logits the prefill must return to read the pair from them; `None`: the default."""
-    if not gated._support.accepts_logits_to_keep:
+    if not gated.speculation_support.accepts_logits_to_keep:
         return None
     return (plan.tail if plan.tail is not None else int(plan.tails.max())) + 1
 
@@ -230,8 +224,8 @@ def resume_from_cache(
 
 @dataclass(frozen=True)
 class SpeculationSupport:
-    """What `probe` found: whether `generate` may speculate, where it reads the safety pair, and whether the
-    model's forward takes `logits_to_keep` (read once here, not per call)."""
+    """What `probe_speculation_support` found: whether `generate` may speculate, where it reads the safety pair,
+    and whether the model's forward takes `logits_to_keep` (read once here, not per call)."""
 
     causal: bool
     pair_from_states: bool
@@ -239,9 +233,11 @@ class SpeculationSupport:
 
 
 @torch.no_grad()
-def probe(gated: SafeGateModel) -> SpeculationSupport:
+def probe_speculation_support(gated: SafeGateModel) -> SpeculationSupport:
     """Check on a short sentence that appending a token changes no earlier state or logit (a causal decoder), and
-    that the safety pair's logits equal the final states times the head's two rows (no logit post-processing)."""
+    that the safety pair's logits equal the final states times the head's two rows (no logit post-processing).
+
+    Run once by `SafeGateModel.__init__`; the result is `SafeGateModel.speculation_support`."""
     root, device = gated.arch.root, gated.device
     ids = gated.tokenizer("Speculation needs a causal decoder.", add_special_tokens=False, return_tensors="pt")
     ids = ids["input_ids"].to(device)
@@ -249,7 +245,7 @@ def probe(gated: SafeGateModel) -> SpeculationSupport:
     n = ids.shape[1]
     seen = []
     for probe_ids in (ids, longer):
-        with HiddenStateTap(gated._tap_module) as tap, HiddenStateTap(gated.arch.norm) as final:
+        with HiddenStateTap(gated.tap_module) as tap, HiddenStateTap(gated.arch.norm) as final:
             logits = root(input_ids=probe_ids, attention_mask=torch.ones_like(probe_ids)).logits
         assert tap.states is not None and final.states is not None
         seen.append((tap.states[:, :n].float(), logits[:, n - 1].float(), final.states[:, n - 1]))
@@ -297,11 +293,8 @@ def generate_speculatively(
     kwargs: dict[str, Any],
 ) -> Any:
     """`SafeGateModel.generate` with the safety token speculated in the prefill (see the module docstring)."""
-    from safegate.modeling.model import _Verdict
-    from safegate.modeling.streamers import SkipSafetyTokenStreamer
-
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    kwargs = gated._count_safety_token_in_length(kwargs)
+    kwargs = count_safety_token_in_length(kwargs, gated.generation_config)
     plan = build_plan(gated, input_ids, mask, prefix_lengths, kwargs)
     weight = pair_weight(gated)  # None: the prefill returns the last prompt position's logits too
     keep = None if weight is not None else logits_to_keep(gated, plan)
@@ -316,11 +309,11 @@ def generate_speculatively(
     streamer = None
     if plan.kwargs.get("streamer") is not None:
         streamer = plan.kwargs["streamer"] = SkipSafetyTokenStreamer(plan.kwargs["streamer"], prompt=input_ids)
-    verdict = _Verdict()
+    verdict = Verdict()
     width = plan.input_ids.shape[1]
     try:
         with contextlib.ExitStack() as stack:
-            tap = stack.enter_context(HiddenStateTap(gated._tap_module))
+            tap = stack.enter_context(HiddenStateTap(gated.tap_module))
             pair_from = None if weight is None else (final_states_tap(gated, tap, stack), weight)
             stack.enter_context(SpeculativeDecision(gated, tap, pair_from, plan, threshold, verdict))
             out = gated.base_generate(
@@ -337,7 +330,9 @@ def generate_speculatively(
             per_prompt = tokens[:: tokens.shape[0] // input_ids.shape[0]].tolist()
             drop = gated.gate_config.unsafe_prefix == "drop"
             kept = [not (drop and t == gated.unsafe_token_id) for t in per_prompt]
-            ids, new_mask, new_kwargs = gated._insert_tokens(input_ids, mask, prefix_lengths, per_prompt, kwargs, kept)
+            ids, new_mask, new_kwargs = insert_tokens(
+                input_ids, mask, prefix_lengths, per_prompt, kwargs, kept, padding_id(gated.tokenizer)
+            )
             new_kwargs.pop("logits_to_keep", None)
             if streamer is not None:
                 new_kwargs["streamer"] = streamer
@@ -351,7 +346,7 @@ def generate_speculatively(
 
 
 def _finish(
-    gated: SafeGateModel, out: Any, input_ids: torch.Tensor, width: int, verdict: _Verdict, keep_safety_token: bool
+    gated: SafeGateModel, out: Any, input_ids: torch.Tensor, width: int, verdict: Verdict, keep_safety_token: bool
 ) -> Any:
     """Drop the safety token (unless kept), or prepend the safety step to `scores` / `logits` when it is kept."""
     if keep_safety_token:
@@ -370,4 +365,4 @@ def _finish(
     else:
         prompt = repeat_rows(input_ids, out.sequences.shape[0] // input_ids.shape[0])
         out.sequences = torch.cat([prompt, out.sequences[:, width:]], dim=1)
-    return gated._attach_verdict(out, verdict)
+    return attach_verdict(out, verdict)

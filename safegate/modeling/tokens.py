@@ -1,10 +1,7 @@
 """The two safety tokens: added so that no text can ever produce them, resolved by string, rows initialised.
 
-How the tokenizer is protected: for BPE tokenizers (Qwen, Llama 3, SmolLM, GPT-2 style) the token strings are
-placed in the BPE *model* vocabulary, not in the added-token matcher. BPE only reaches a vocabulary entry through
-its merge rules, and no rule produces these strings, so user text that contains `<|unsafe|>` is tokenized as
-ordinary characters. `add_safety_tokens` verifies this on every call. Other tokenizer types get regular special
-tokens and a warning; for every tokenizer, `SafeGateModel.generate` rejects input ids that hold a safety id.
+For BPE tokenizers the token strings go into the BPE model vocabulary, which no merge rule reaches, so no text
+tokenizes to them; `add_safety_tokens` verifies this on every call (`docs/security.md`, `docs/design.md`).
 
 Example:
     >>> from safegate.testing import tiny_tokenizer
@@ -80,7 +77,7 @@ def add_safety_tokens(tokenizer: Any, safe: str, unsafe: str) -> tuple[int, int]
         tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
     ids = {safe: token_id(tokenizer, safe), unsafe: token_id(tokenizer, unsafe)}
     if bpe is not None:
-        _check_protected(tokenizer, ids)
+        check_protected(tokenizer, ids)
     return int(ids[safe]), int(ids[unsafe])
 
 
@@ -101,7 +98,16 @@ def _add_to_bpe_vocab(tokenizer: Any, data: dict, tokens: list[str]) -> None:
     tokenizer._tokenizer = Tokenizer.from_str(json.dumps(data))
 
 
-def _check_protected(tokenizer: Any, ids: dict[str, int]) -> None:
+def check_protected(tokenizer: Any, ids: dict[str, int]) -> None:
+    """Raise `RuntimeError` if some text (the token string alone, spaced, glued, doubled) tokenizes to an id in
+    `ids` (token string -> id): the tokenizer holds that string as an added token that text can spell.
+
+    Example:
+        >>> from safegate.testing import tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> safe_id, unsafe_id = add_safety_tokens(tok, "<|safe|>", "<|unsafe|>")
+        >>> check_protected(tok, {"<|safe|>": safe_id, "<|unsafe|>": unsafe_id})  # silent: no text spells them
+    """
     for token, tid in ids.items():
         for probe in _PROBES:
             text = probe.format(t=token)

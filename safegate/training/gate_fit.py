@@ -101,7 +101,7 @@ def cache_prompts(
             extras = _merge_extras([b["model_inputs"] for b in built])
             device = gated.device
             kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False, **extras}
-            if gated._support.accepts_logits_to_keep:
+            if gated.speculation_support.accepts_logits_to_keep:
                 kwargs["logits_to_keep"] = last.unsqueeze(1).to(device)
             with gated.tap() as tap, HiddenStateTap(gated.arch.norm) as norm_tap:
                 out = gated(**kwargs)
@@ -262,7 +262,7 @@ def _gated_pair(
 
 
 def _token_layer(gated: Any) -> Any:
-    layers = gated._token_layers()
+    layers = gated.token_layers()
     return layers["embed"] if gated.arch.tied else layers["head"]
 
 

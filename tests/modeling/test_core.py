@@ -246,7 +246,7 @@ def test_hooks_removed_when_generation_raises(gated):
         def __call__(self, input_ids, scores, **kwargs):
             raise RuntimeError("boom")
 
-    module = gated._tap_module
+    module = gated.tap_module
     before = len(module._forward_hooks)
     with pytest.raises(RuntimeError, match="boom"):
         gated.generate(
@@ -289,7 +289,7 @@ def test_spare_embedding_rows_are_not_resized():
 
 
 def test_token_rows_initialised_from_words(gated):
-    layers = gated._token_layers()
+    layers = gated.token_layers()
     embed_rows = layers["embed"].trainable_tokens_delta["default"]
     assert not torch.allclose(embed_rows[0], embed_rows[1])
     ids = (

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import safegate
+from safegate.modeling.peft_tokens import token_layers
 from safegate.testing import chat, tiny_model_and_tokenizer
 from tests.conftest import SMALL
 
@@ -38,3 +39,16 @@ def test_sparse_forward_matches_peft(arch_name):
     assert len(fast_grads) == len(ref_grads)
     for a, b in zip(fast_grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch_name", ["qwen2", "llama"])  # tied and untied heads
+@pytest.mark.parametrize("lora_r", [SMALL["lora_r"], 0])  # LoRA (layers in wrappers) and tokens-only adapters
+def test_token_layers_finds_the_embedding_and_an_untied_head(arch_name, lora_r):
+    model, tok = tiny_model_and_tokenizer(arch_name)
+    gated = safegate.attach(model, tok, safegate.GateConfig(**(SMALL | {"lora_r": lora_r})))
+    layers = token_layers(gated.peft_model, gated.embed_module_name, gated.head_module_name)
+    assert set(layers) == ({"embed"} if gated.arch.tied else {"embed", "head"})
+    assert layers == gated.token_layers()
+    assert all(type(m).__name__ == "TrainableTokensLayer" and m.tied_adapter is None for m in layers.values())
+    assert isinstance(layers["embed"].base_layer, torch.nn.Embedding)
+    assert all(isinstance(m.base_layer, torch.nn.Linear) for k, m in layers.items() if k == "head")

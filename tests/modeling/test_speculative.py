@@ -132,7 +132,7 @@ def test_fallbacks_without_a_cache_or_with_several_return_sequences(gated, verdi
 @pytest.mark.parametrize("pair_from_states", [True, False])
 def test_rows_with_different_prefixes_and_return_sequences(gated, verdict, pair_from_states):
     threshold = set_gate(gated, verdict)
-    gated._support = dataclasses.replace(gated._support, pair_from_states=pair_from_states)
+    gated._support = dataclasses.replace(gated.speculation_support, pair_from_states=pair_from_states)
     tok = gated.tokenizer
     texts = [
         tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) + prefix
@@ -155,7 +155,8 @@ def test_a_score_that_is_not_a_number_is_unsafe(gated):
 
 def test_a_logits_to_keep_that_hides_the_prompt_position_is_refused(gated):
     set_gate(gated, "safe")
-    gated._support = dataclasses.replace(gated._support, pair_from_states=False)  # the pair comes from the logits
+    # the pair comes from the logits
+    gated._support = dataclasses.replace(gated.speculation_support, pair_from_states=False)
     inputs = chat(gated.tokenizer, PROMPTS)
     for asked in (1, torch.tensor([3])):
         with pytest.raises(ValueError, match="logits_to_keep"):
@@ -234,7 +235,7 @@ def test_logit_post_processing_reads_the_pair_from_the_logits():
     model = Gemma2ForCausalLM(config).eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     gated = safegate.attach(model, tok, safegate.GateConfig(**SMALL))
-    assert gated.speculative and not gated._support.pair_from_states
+    assert gated.speculative and not gated.speculation_support.pair_from_states
     head_rows = []
     gated.arch.root.get_output_embeddings().register_forward_hook(lambda m, a, out: head_rows.append(out.shape[1]))
     for verdict in ("safe", "unsafe"):
@@ -251,11 +252,12 @@ def test_logit_post_processing_reads_the_pair_from_the_logits():
 def test_the_pair_from_the_states_equals_the_pair_from_the_logits(gated, prefix):
     from safegate.modeling.speculative import SpeculationSupport
 
-    assert gated._support == SpeculationSupport(causal=True, pair_from_states=True, accepts_logits_to_keep=True)
+    expected = SpeculationSupport(causal=True, pair_from_states=True, accepts_logits_to_keep=True)
+    assert gated.speculation_support == expected
     threshold = set_gate(gated, "mixed")
     inputs = chat(gated.tokenizer, PROMPTS, prefix=prefix)
     from_states = gated.generate(**inputs, **GEN, **threshold)
-    gated._support = dataclasses.replace(gated._support, pair_from_states=False)
+    gated._support = dataclasses.replace(gated.speculation_support, pair_from_states=False)
     from_logits = gated.generate(**inputs, **GEN, **threshold)
     assert_same(from_states, from_logits)
     assert_same(from_logits, gated.generate(**inputs, **GEN, speculative=False, **threshold))
@@ -267,7 +269,7 @@ def test_no_gate_work_after_the_prefill(gated, verdict, monkeypatch):
     from safegate.modeling.logits_process import SafeGateLogitsProcessor
 
     set_gate(gated, verdict)
-    root, tap, head = gated.arch.root, gated._tap_module, gated.arch.root.get_output_embeddings()
+    root, tap, head = gated.arch.root, gated.tap_module, gated.arch.root.get_output_embeddings()
 
     def installed(with_head=False):  # the gate's hooks, and the prefill's contiguous-head-input hook
         return len(root._forward_hooks) + len(tap._forward_hooks) + with_head * len(head._forward_pre_hooks)

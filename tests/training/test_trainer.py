@@ -258,8 +258,8 @@ def test_fit_gate_is_fast_and_generalises():
 def test_fit_gate_with_head_rows_on_an_untied_model():
     gated = fresh("llama")
     assert not gated.arch.tied
-    head = gated._token_layers()["head"].trainable_tokens_delta["default"]
-    embed = gated._token_layers()["embed"].trainable_tokens_delta["default"]
+    head = gated.token_layers()["head"].trainable_tokens_delta["default"]
+    embed = gated.token_layers()["embed"].trainable_tokens_delta["default"]
     head_before, embed_before = head.detach().clone(), embed.detach().clone()
     stats = safegate.fit_gate(gated, TRAIN, epochs=30, lr=2e-2, train_token_rows=True, eval_data=HELD)
     assert not torch.equal(head, head_before) and torch.equal(embed, embed_before)
