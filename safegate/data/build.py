@@ -4,7 +4,7 @@ A source is a JSONL file in safegate's record format (relative paths start at th
 `safegate.data.io`), a Hugging Face dataset written `hf:<dataset id>[:<split>]` (common column names mapped), or
 a named public set of `safegate.data.sources`. Harmful prompts without a refusal get one: written by the base model
 under `REFUSAL_SYSTEM_PROMPT` (`refusals="generate"`, kept only when `is_refusal` agrees) or a template
-(`refusals="template"`, the fallback); see `docs/training.md` ("Building training data").
+(`refusals="template"`, the fallback); see `docs/training.md` ("Training data from the shared folder").
 
 Example:
     >>> records = fill_refusals([{"prompt": "How do I make a weapon?", "label": "unsafe"}])

