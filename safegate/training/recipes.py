@@ -271,7 +271,7 @@ def load_recipe_model(section: ModelSection) -> tuple[Any, Any]:
         return load_model(section.name, dtype=section.dtype, device=section.device, **kwargs)
     import transformers
 
-    from safegate.backbones.load import _DTYPES, _load_processor, import_object
+    from safegate.backbones.load import DTYPES, import_object, load_processor
 
     cls = (
         import_object(section.model_class)
@@ -282,20 +282,21 @@ def load_recipe_model(section: ModelSection) -> tuple[Any, Any]:
         raise ValueError(f"model.model_class: transformers has no class {section.model_class!r}.")
     kwargs = {"revision": section.revision} if section.revision else {}
     if section.dtype is not None:
-        if section.dtype not in _DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {section.dtype!r}.")
-        kwargs["dtype"] = _DTYPES[section.dtype]
+        if section.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {section.dtype!r}.")
+        kwargs["dtype"] = DTYPES[section.dtype]
     model = cls.from_pretrained(section.name, **kwargs)
     if section.device:
         model = model.to(section.device)
-    processor = _load_processor(section.name, **({"revision": section.revision} if section.revision else {}))
+    processor = load_processor(section.name, **({"revision": section.revision} if section.revision else {}))
     return model.eval(), processor
 
 
 def recipe_records(recipe: Recipe, model: Any = None, processor: Any = None) -> tuple[list[dict], list[dict] | None]:
     """`(train, eval)` records of a recipe: ready-made files (`data.train`) or built from harmful/benign sources."""
-    from safegate.data.build import REFUSAL_SYSTEM_PROMPT, build_records, split_records
+    from safegate.data.build import build_records, split_records
     from safegate.data.records import load_records
+    from safegate.data.refusals import REFUSAL_SYSTEM_PROMPT
 
     data = recipe.data
     if data.train:
@@ -383,9 +384,9 @@ def _data_path(source: str, data_dir: str | None) -> str:
     path = Path(source).expanduser()
     if path.is_absolute() or path.exists():
         return str(path)
-    from safegate.data.build import resolve_data_dir
+    from safegate.data.io import require_data_folder
 
-    return str(resolve_data_dir(data_dir) / path)
+    return str(require_data_folder(data_dir) / path)
 
 
 _COMMON_TRAINING = (

@@ -1,4 +1,4 @@
-"""Training records: loading, validation errors, prompt formatting, encoding, collation, the data builder."""
+"""Training records: loading, validation errors, prompt formatting, encoding, collation."""
 
 import json
 
@@ -6,26 +6,10 @@ import datasets
 import pytest
 import torch
 
-from safegate.data.build import (
-    REFUSAL_TEMPLATES,
-    build_records,
-    default_data_dir,
-    fill_refusals,
-    looks_like_refusal,
-    records_from_rows,
-    resolve_data_dir,
-    split_records,
-    template_refusal,
-)
 from safegate.data.records import assistant_continuation, format_prompt, load_records
 from safegate.testing import tiny_tokenizer
-from safegate.training.collate import (
-    CASACollator,
-    build_inputs,
-    concat_model_inputs,
-    encode_record,
-    register_input_builder,
-)
+from safegate.training import collate
+from safegate.training.collate import CASACollator, build_inputs, concat_model_inputs, encode_record
 
 GOOD = {"prompt": "How do I bake bread?", "response": "Mix flour and water.", "label": "safe"}
 SAFE_ID, UNSAFE_ID = 700, 701
@@ -130,7 +114,7 @@ def test_collator_right_pads_and_masks_prompt_and_padding():
     assert batch["class_labels"].tolist() == [0, 0]
 
 
-def test_extra_model_inputs_pass_through_and_builders_can_be_registered(tmp_path):
+def test_extra_model_inputs_pass_through_the_collator(tmp_path, monkeypatch):
     merged = concat_model_inputs([{"pixel_values": torch.ones(4, 3)}, {}, {"pixel_values": torch.zeros(2, 3)}])
     assert merged["pixel_values"].shape == (6, 3)
     with pytest.raises(ValueError, match="cannot batch the model input 'x'"):
@@ -142,60 +126,10 @@ def test_extra_model_inputs_pass_through_and_builders_can_be_registered(tmp_path
     with pytest.raises(ValueError, match="plain tokenizer"):
         build_inputs(tok, record)
 
-    @register_input_builder
-    def fake(processor, rec, safety_prompt):
+    def fake(processor, rec, safety_prompt):  # what a multimodal processor returns
         return {"prompt_ids": [1, 2, 3], "response_ids": [4], "model_inputs": {"pixel_values": torch.ones(4, 6)}}
 
-    try:
-        ex = encode_record(tok, record, safe_id=SAFE_ID, unsafe_id=UNSAFE_ID)
-        batch = CASACollator(0)([ex, ex])
-        assert batch["input_ids"][0].tolist() == [1, 2, 3, SAFE_ID, 4] and batch["pixel_values"].shape == (8, 6)
-    finally:
-        from safegate.training import collate
-
-        collate._INPUT_BUILDERS.remove(fake)
-
-
-def test_refusal_templates_are_varied_and_deterministic():
-    assert len(set(REFUSAL_TEMPLATES)) >= 8 and all(looks_like_refusal(t) for t in REFUSAL_TEMPLATES)
-    picks = {template_refusal(f"harmful request {i}") for i in range(50)}
-    assert len(picks) >= 6 and template_refusal("x", seed=1) == template_refusal("x", seed=1)
-    assert not looks_like_refusal("Sure! Step 1: mix the chemicals.")
-
-
-def test_generated_refusals_fall_back_to_templates():
-    from safegate.testing import tiny_model_and_tokenizer
-
-    model, tok = tiny_model_and_tokenizer("qwen2")
-    records = [{"prompt": "How do I build a bomb?", "label": "unsafe"}, {**GOOD}]
-    filled = fill_refusals(records, refusals="generate", model=model, tokenizer=tok, max_new_tokens=4)
-    assert filled[0]["refusal_source"] == "template"  # a random model does not write a refusal
-    assert filled[0]["response"] in REFUSAL_TEMPLATES and filled[1] == GOOD and "response" not in records[0]
-    with pytest.raises(ValueError, match="needs the base `model`"):
-        fill_refusals(records, refusals="generate")
-
-
-def test_column_mapping_never_uses_a_harmful_output_as_refusal():
-    rows = [{"instruction": "Do X", "input": "", "output": "Sure, here is X"}]
-    assert records_from_rows(rows, "unsafe") == [{"prompt": "Do X", "label": "unsafe"}]
-    assert records_from_rows(rows, "safe")[0]["response"] == "Sure, here is X"
-    with pytest.raises(ValueError, match="dataset row 0: field 'prompt' is missing"):
-        records_from_rows([{"foo": 1}], "safe")
-
-
-def test_build_records_from_the_shared_data_folder(monkeypatch, tmp_path):
-    shared = resolve_data_dir()
-    records = build_records(max_harmful=10, max_benign=6, seed=3)
-    assert sum(r["label"] == "unsafe" for r in records) == 10 and len(records) == 16
-    assert all(r["response"].strip() for r in records)
-    assert build_records(max_harmful=10, max_benign=6, seed=3) == records
-    by_name = build_records(harmful=["advbench"], benign=["alpaca"], max_harmful=10, max_benign=6, seed=3)
-    assert [r["prompt"] for r in by_name] == [r["prompt"] for r in records]  # named sets read the same files
-    train, held = split_records(records, 0.25, seed=0)
-    assert len(held) == 4 and {r["label"] for r in held} == {"safe", "unsafe"} and len(train) == 12
-    monkeypatch.setenv("SAFEGATE_DATA", str(tmp_path / "nowhere"))
-    assert default_data_dir() == tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match="SAFEGATE_DATA"):
-        resolve_data_dir()
-    with pytest.raises(ValueError, match="benign training records need an answer"):
-        build_records(shared, benign=["xstest/prompts.jsonl"])
+    monkeypatch.setattr(collate, "processor_input_builder", fake)
+    ex = encode_record(tok, record, safe_id=SAFE_ID, unsafe_id=UNSAFE_ID)
+    batch = CASACollator(0)([ex, ex])
+    assert batch["input_ids"][0].tolist() == [1, 2, 3, SAFE_ID, 4] and batch["pixel_values"].shape == (8, 6)

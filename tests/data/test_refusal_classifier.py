@@ -6,14 +6,16 @@ import pytest
 import torch
 
 from safegate.data import refusal_classifier as rc
-from safegate.data.refusal_classifier import (
-    RefusalClassifier,
-    fit_logistic,
-    keyword_refusal,
+from safegate.data.io import data_folder
+from safegate.data.refusal_classifier import RefusalClassifier, fit_logistic
+from safegate.data.refusal_labels import (
+    LabelledResponse,
+    labels_fingerprint,
+    load_compliant_answers,
     load_labelled_responses,
     split_by_group,
 )
-from safegate.data.sources import data_folder
+from safegate.data.refusals import is_refusal
 
 REFUSALS = [
     "I'm sorry, but I can't help with that request.",
@@ -38,16 +40,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize("text", REFUSALS)
 def test_keyword_matcher_flags_refusals(text):
-    assert keyword_refusal(text)
+    assert is_refusal(text)
 
 
 @pytest.mark.parametrize("text", COMPLIANCES)
 def test_keyword_matcher_passes_compliance(text):
-    assert not keyword_refusal(text)  # the last one says "I cannot" only after 300 characters
+    assert not is_refusal(text)  # the last one says "I cannot" only after 300 characters
 
 
 def test_split_by_group_is_deterministic_and_keeps_groups_whole():
-    items = [rc.LabelledResponse(f"answer {i} {m}", i % 2 == 0, f"prompt {i}", m) for i in range(50) for m in "ab"]
+    items = [LabelledResponse(f"answer {i} {m}", i % 2 == 0, f"prompt {i}", m) for i in range(50) for m in "ab"]
     train, test = split_by_group(items, held_out=0.2, seed=1)
     assert len(test) == 20 and len(train) == 80 and split_by_group(items, 0.2, seed=1) == (train, test)
     assert {i.group for i in train}.isdisjoint(i.group for i in test)
@@ -110,12 +112,12 @@ def test_packaged_head_is_accurate_on_the_held_out_prompts_and_not_stale():
     judge = RefusalClassifier.packaged()
     folder = data_folder()
     items = load_labelled_responses(folder)
-    assert judge.metadata["data_fingerprint"] == rc._fingerprint(items + rc.load_compliant_answers(folder))
+    assert judge.metadata["data_fingerprint"] == labels_fingerprint(items + load_compliant_answers(folder))
     assert judge.metadata["measures"] == "refusal, not harm" and judge.weight.shape == (385,)
     _, test = split_by_group(items, held_out=judge.metadata["held_out"], seed=judge.metadata["seed"])
     predicted = judge.predict_refusal([item.text for item in test])
     accuracy = sum(p == item.refusal for p, item in zip(predicted, test)) / len(test)
-    keyword = sum(keyword_refusal(item.text) == item.refusal for item in test) / len(test)
+    keyword = sum(is_refusal(item.text, explicit=True) == item.refusal for item in test) / len(test)
     assert len(test) == judge.metrics["n_held_out"] > 400
     assert accuracy >= 0.9 and accuracy > keyword + 0.02
     assert abs(accuracy - judge.metrics["held_out_accuracy"]) < 0.01
