@@ -28,7 +28,7 @@ _LAZY = {
     "load_bundle": "safegate.hub.bundle",
     "SafeGateBundle": "safegate.hub.bundle",
     "train": "safegate.training.trainer",
-    "fit_gate": "safegate.training.trainer",
+    "fit_gate": "safegate.training.gate_fit",
     "load_model": "safegate.backbones.load",
     "format_prompt": "safegate.data.records",
 }
