@@ -1,0 +1,156 @@
+"""What the gate checks, refuses or infers before it runs, so that its verdict depends only on the prompt and the gate.
+
+- `check_generation_mode`: of transformers' decoding modes (`GenerationMode`) only greedy decoding and sampling run
+  the prompt once and then one token per step, which is what the gate decides on; every other mode (beams,
+  assisted / self-speculative / prompt-lookup / multi-token-prediction decoding, contrastive search, DoLa,
+  constraints), a `custom_generate` recipe, token healing (it re-tokenizes the prompt) and paged continuous batching
+  are refused, naming the argument that selected it, whether it came as an argument, in `generation_config=` or in
+  the model's own generation config.
+- `infer_attention_mask`: an omitted mask is inferred exactly as `generate` infers it (pad positions masked when the
+  pad id occurs and differs from EOS, else all ones), once, and handed to every path.
+- `check_embeds`: prompt embeddings nearer to a safety token's row than to any other token's are a safety token fed
+  as an embedding, and are refused like such an id.
+
+Example:
+    >>> import torch
+    >>> from transformers import GenerationConfig
+    >>> check_generation_mode({"num_beams": 2}, GenerationConfig())
+    Traceback (most recent call last):
+    ...
+    ValueError: `num_beams=2` selects beam search, which a safety gate cannot run: ...
+    >>> infer_attention_mask(torch.tensor([[0, 0, 5, 6], [4, 5, 6, 7]]), {"pad_token_id": 0}, GenerationConfig())
+    tensor([[0, 0, 1, 1],
+            [1, 1, 1, 1]])
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import GenerationMode
+
+#: The modes that keep the verdict: the prompt is run once (the gate reads that pass), then one token per step.
+KEEPS_THE_VERDICT = frozenset({GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE})
+#: Per refused mode: the fields that select it, and why the gate cannot run it.
+_REFUSED: dict[Any, tuple[tuple[str, ...], str]] = {
+    GenerationMode.BEAM_SEARCH: (("num_beams",), "several hypotheses per row are scored and re-ranked"),
+    GenerationMode.BEAM_SAMPLE: (("num_beams",), "several hypotheses per row are scored and re-ranked"),
+    GenerationMode.GROUP_BEAM_SEARCH: (("num_beam_groups", "num_beams"), "hypotheses are scored and re-ranked"),
+    GenerationMode.CONSTRAINED_BEAM_SEARCH: (("force_words_ids", "constraints"), "constraints re-rank hypotheses"),
+    GenerationMode.CONTRASTIVE_SEARCH: (("penalty_alpha",), "candidates are re-ranked by their hidden states"),
+    GenerationMode.DOLA_GENERATION: (("dola_layers",), "logits are contrasted with early layers' logits"),
+    GenerationMode.ASSISTED_GENERATION: (
+        ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp"),
+        "a draft (another model, an early exit of this one, extra heads or the prompt) proposes tokens that are "
+        "verified in blocks, so the gate would read the draft's states or never see the safety step",
+    ),
+}
+_NOT_A_MODE = {
+    "custom_generate": "a custom decoding recipe runs instead of the decoding loop the gate hooks into",
+    "token_healing": "token healing re-tokenizes the prompt after the gate's checks",
+}
+
+
+def effective_generation_config(kwargs: dict[str, Any], model_config: GenerationConfig) -> GenerationConfig:
+    """The configuration `generate` will run with: `generation_config=` (or a fresh one), the model's values where it
+    leaves a field unset, then the keyword arguments, as `GenerationMixin._prepare_generation_config` merges them."""
+    passed = kwargs.get("generation_config")
+    config = copy.deepcopy(passed) if passed is not None else GenerationConfig()
+    fields = {k: v for k, v in model_config.to_dict().items() if hasattr(config, k)}
+    config.update(**fields, defaults_only=True)
+    config.update(**{k: v for k, v in kwargs.items() if k != "generation_config" and hasattr(config, k)})
+    return config
+
+
+def _is_set(value: Any, key: str) -> bool:
+    if key in ("num_beams", "num_beam_groups"):
+        return value is not None and value > 1
+    return value not in (None, False)
+
+
+def check_generation_mode(kwargs: dict[str, Any], model_config: GenerationConfig) -> None:
+    """Raise `ValueError` naming the argument unless `generate` would decode greedily or by sampling."""
+    for key, why in _NOT_A_MODE.items():
+        if kwargs.get(key) not in (None, False):
+            raise ValueError(f"`{key}={kwargs[key]!r}`: {why}; it is not supported with a safety gate.")
+    config = effective_generation_config(kwargs, model_config)
+    if config.token_healing:
+        why = _NOT_A_MODE["token_healing"]
+        raise ValueError(f"`token_healing=True`: {why}; it is not supported with a safety gate.")
+    if config.cache_implementation == "paged":
+        raise ValueError("`cache_implementation='paged'` (continuous batching) is not supported by the gate.")
+    mode = config.get_generation_mode(kwargs.get("assistant_model"))
+    if mode in KEEPS_THE_VERDICT:
+        return
+    fields, why = _REFUSED.get(mode, ((), "the gate does not know this decoding mode"))
+    values = {**{f: getattr(config, f, None) for f in fields}, "assistant_model": kwargs.get("assistant_model")}
+    chosen = [f for f in fields if _is_set(values[f], f)]
+    name = f"`{chosen[0]}={values[chosen[0]]!r}`" if chosen else f"this generation configuration ({mode.value})"
+    raise ValueError(
+        f"{name} selects {mode.value.replace('_', ' ')}, which a safety gate cannot run: {why}. "
+        "Use greedy decoding or sampling (leave the argument unset, also in `generation_config`)."
+    )
+
+
+def infer_attention_mask(
+    input_ids: torch.Tensor, kwargs: dict[str, Any], model_config: GenerationConfig
+) -> torch.Tensor:
+    """The mask `generate` infers for `input_ids` when none is passed (`_prepare_attention_mask_for_generation`).
+
+    Pad positions are masked when the pad id (`pad_token_id`, else the first EOS id) occurs in the ids and is not an
+    EOS id; otherwise every position counts.
+    """
+    config = effective_generation_config(kwargs, model_config)
+    eos = config.eos_token_id
+    eos = [] if eos is None else ([int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)])
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
+    ones = torch.ones(input_ids.shape[:2], dtype=torch.long, device=input_ids.device)
+    if pad is None or int(pad) in eos or not bool((input_ids == int(pad)).any()):
+        return ones
+    return input_ids.ne(int(pad)).long()
+
+
+@torch.no_grad()
+def check_embeds(
+    embed: nn.Module,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    safety_ids: tuple[int, int],
+    chunk: int = 4096,
+) -> None:
+    """Raise `ValueError` if a position of `inputs_embeds` is nearer (Euclidean) to a safety token's embedding than to
+    every other token's: the model would read it as that safety token. A tie with another token (the same vector) is
+    that token. Costs one distance per position and vocabulary row, on this path only."""
+    flat = inputs_embeds.detach().reshape(-1, inputs_embeds.shape[-1]).float()
+    if attention_mask is not None:
+        keep = attention_mask.reshape(-1).to(flat.device) != 0
+        positions = keep.nonzero().squeeze(1)
+        flat = flat[keep]
+    else:
+        positions = torch.arange(flat.shape[0], device=flat.device)
+    if flat.shape[0] == 0:
+        return
+    device = embed.weight.device if hasattr(embed, "weight") else flat.device
+    flat = flat.to(device)
+    rows = embed(torch.tensor(safety_ids, device=device)).float()
+    nearest_safety = torch.cdist(flat, rows).min(1).values
+    nearest_other = torch.full_like(nearest_safety, float("inf"))
+    vocab = embed.weight.shape[0] if hasattr(embed, "weight") else embed.num_embeddings
+    for start in range(0, vocab, chunk):
+        ids = torch.arange(start, min(start + chunk, vocab), device=device)
+        ids = ids[~torch.isin(ids, torch.tensor(safety_ids, device=device))]
+        if ids.numel():
+            nearest_other = torch.minimum(nearest_other, torch.cdist(flat, embed(ids).float()).min(1).values)
+    forged = nearest_safety < nearest_other
+    if bool(forged.any()):
+        width = inputs_embeds.shape[1]
+        where = int(positions[forged.nonzero()[0, 0]])
+        raise ValueError(
+            f"`inputs_embeds` row {where // width}, position {where % width} is the embedding of a safety token "
+            f"(nearer to the row of id {safety_ids[0]} or {safety_ids[1]} than to any other token's): this is an "
+            "injection attempt and is refused. Pass `input_ids`, or embeddings of ordinary tokens."
+        )
