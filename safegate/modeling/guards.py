@@ -10,6 +10,7 @@
   pad id occurs and differs from EOS, else all ones), once, and handed to every path.
 - `check_embeds`: prompt embeddings nearer to a safety token's row than to any other token's are a safety token fed
   as an embedding, and are refused like such an id.
+- `prepare_prompt`: all of the above for one call's prompt, plus its assistant prefixes (`modeling.turns`).
 
 Example:
     >>> import torch
@@ -26,12 +27,21 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import GenerationMode
+
+from safegate.modeling.inputs import check_prompt, per_token_inputs
+from safegate.modeling.prefix import repeat_rows
+from safegate.modeling.tokens import padding_id
+from safegate.modeling.turns import scan_prefixes
+
+if TYPE_CHECKING:
+    from safegate.modeling.model import SafeGateModel
 
 #: The modes that keep the verdict: the prompt is run once (the gate reads that pass), then one token per step.
 KEEPS_THE_VERDICT = frozenset({GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE})
@@ -154,3 +164,50 @@ def check_embeds(
             f"(nearer to the row of id {safety_ids[0]} or {safety_ids[1]} than to any other token's): this is an "
             "injection attempt and is refused. Pass `input_ids`, or embeddings of ordinary tokens."
         )
+
+
+@dataclass
+class Prompt:
+    """A checked prompt: ids and mask (inferred where omitted), inputs, and each row's assistant prefix.
+
+    `lengths`/`closed`: as `turns.PrefixScan`. `caller_ids`: the ids as passed where a header that merged with its
+    prefix was split back (`input_ids` then differ from them), else `None`.
+    """
+
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    kwargs: dict[str, Any]
+    lengths: list[int]
+    closed: list[bool]
+    caller_ids: torch.Tensor | None = None
+
+
+def prepare_prompt(gated: SafeGateModel, input_ids: Any, attention_mask: Any, kwargs: dict[str, Any]) -> Prompt:
+    """Check the decoding mode and the prompt (safety ids, right padding, embeddings), infer an omitted mask, and
+    find each row's assistant prefix."""
+    check_generation_mode(kwargs, gated.generation_config)
+    safety_ids = (gated.safe_token_id, gated.unsafe_token_id)
+    spec, device = gated.arch.spec, gated.device
+    input_ids, attention_mask = check_prompt(input_ids, attention_mask, kwargs, spec, device, safety_ids)
+    if attention_mask is None and input_ids is not None:
+        inferred = infer_attention_mask(input_ids, kwargs, gated.generation_config)
+        input_ids, attention_mask = check_prompt(input_ids, inferred, kwargs, spec, device, safety_ids)
+    if kwargs.get("inputs_embeds") is not None:
+        check_embeds(gated.get_input_embeddings(), kwargs["inputs_embeds"], attention_mask, safety_ids)
+    rows = input_ids.shape[0] if input_ids is not None else kwargs["inputs_embeds"].shape[0]
+    markers = gated.chat_markers
+    if input_ids is None or attention_mask is None or markers is None:
+        return Prompt(input_ids, attention_mask, kwargs, [0] * rows, [False] * rows)
+    per_token = per_token_inputs(input_ids, kwargs)
+    pad_id = padding_id(gated.tokenizer)
+    scan = scan_prefixes(input_ids, attention_mask, kwargs, markers, gated.tokenizer, pad_id, per_token)
+    caller = input_ids if scan.rewritten else None
+    return Prompt(scan.input_ids, scan.attention_mask, scan.kwargs, scan.lengths, scan.closed, caller)
+
+
+def restore_caller_ids(out: Any, prompt: Prompt, keep_safety_token: bool) -> Any:
+    """Returned sequences start with the caller's own ids, also where a merged header was split for the gate."""
+    if prompt.caller_ids is not None and not keep_safety_token and prompt.input_ids is not None:
+        caller = repeat_rows(prompt.caller_ids, out.sequences.shape[0] // prompt.caller_ids.shape[0])
+        out.sequences = torch.cat([caller.to(out.sequences.device), out.sequences[:, prompt.input_ids.shape[1] :]], 1)
+    return out

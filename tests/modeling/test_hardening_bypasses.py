@@ -17,12 +17,6 @@ PATHS = ["speculative", "two-step", "classify"]
 SAFE, UNSAFE = "safe", "unsafe"
 
 
-def case(*values, fails_today=False, item=0):
-    """A parameter set, marked strict-xfail while issue 17's `item` is open where it fails on today's main."""
-    marks = [pytest.mark.xfail(strict=True, reason=f"issue 17 item {item}")] if fails_today else []
-    return pytest.param(*values, marks=marks)
-
-
 @pytest.fixture
 def gated():
     model, tok = tiny_model_and_tokenizer("qwen2")
@@ -75,21 +69,9 @@ def settings(banned, other):
     }
 
 
-def _item1_fails_today(path, setting, side):
-    if path == "speculative" or (setting == "guidance_scale" and side != "random"):
-        return False
-    return not (path == "classify" and setting in ("logits_processor", "min_new_tokens+eos"))
-
-
-ITEM1 = [
-    case(path, setting, side, fails_today=_item1_fails_today(path, setting, side), item=1)
-    for path in PATHS
-    for setting in settings(0, 1)
-    for side in ("unsafe", "safe", "random")
-]
-
-
-@pytest.mark.parametrize("path, setting, side", ITEM1)
+@pytest.mark.parametrize("side", ["unsafe", "safe", "random"])
+@pytest.mark.parametrize("setting", list(settings(0, 1)))
+@pytest.mark.parametrize("path", PATHS)
 def test_generation_settings_never_change_the_verdict(gated, side, setting, path):
     """A confident gate (p(unsafe) 1 or 0) must hold against arguments that ban its token; a random gate's score
     must not move at all."""
@@ -111,7 +93,7 @@ def test_generation_settings_never_change_the_verdict(gated, side, setting, path
         assert tokens == [ids[label] for label in expected], "the decided safety token is the one generated"
 
 
-@pytest.mark.parametrize("path", [case(p, fails_today=p != "speculative", item=1) for p in PATHS])
+@pytest.mark.parametrize("path", PATHS)
 def test_a_model_generation_config_never_changes_the_verdict(gated, path):
     with torch.no_grad():
         gated.gate.out.bias.fill_(30.0)
@@ -140,7 +122,7 @@ MODES = {
     GenerationMode.BEAM_SEARCH: [dict(num_beams=2)],
     GenerationMode.BEAM_SAMPLE: [dict(num_beams=2, do_sample=True)],
     GenerationMode.CONSTRAINED_BEAM_SEARCH: [dict(force_words_ids=[[5]]), dict(constraints=[object()])],
-    GenerationMode.GROUP_BEAM_SEARCH: [dict(num_beam_groups=2, num_beams=2, diversity_penalty=0.5)],
+    GenerationMode.GROUP_BEAM_SEARCH: [dict(num_beams=2, num_beam_groups=2, diversity_penalty=0.5)],
 }
 KEEP = {GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE}
 REFUSED = [(mode, kw) for mode, cases in MODES.items() if mode not in KEEP for kw in cases]
@@ -178,15 +160,8 @@ def _materialise(gated, kw):
     return kw
 
 
-ALREADY_REFUSED = {"num_beams", "prompt_lookup_num_tokens", "assistant_model", "cache_implementation"}
-ITEM2 = [
-    case(path, str(mode), kw, fails_today=next(iter(kw)) not in ALREADY_REFUSED, item=2)
-    for path in PATHS
-    for mode, kw in REFUSED + [(None, kw) for kw in OTHER]
-]
-
-
-@pytest.mark.parametrize("path, mode, kw", ITEM2, ids=lambda v: str(v)[:40])
+@pytest.mark.parametrize("mode, kw", REFUSED + [(None, kw) for kw in OTHER], ids=lambda v: str(v)[:40])
+@pytest.mark.parametrize("path", PATHS)
 def test_every_other_mode_is_refused_naming_the_argument(gated, path, mode, kw):
     inputs = chat(gated.tokenizer, PROMPTS[:1])
     name = next(iter(kw))
@@ -194,14 +169,8 @@ def test_every_other_mode_is_refused_naming_the_argument(gated, path, mode, kw):
         verdict(gated, path, inputs, **_materialise(gated, kw))
 
 
-@pytest.mark.parametrize(
-    "path, kw",
-    [
-        case(path, kw, fails_today="num_beams" not in kw, item=2)
-        for path in PATHS
-        for kw in (dict(assistant_early_exit=1), dict(dola_layers="low"), dict(num_beams=2))
-    ],
-)
+@pytest.mark.parametrize("kw", [dict(assistant_early_exit=1), dict(dola_layers="low"), dict(num_beams=2)])
+@pytest.mark.parametrize("path", PATHS)
 def test_a_mode_set_in_the_model_generation_config_is_refused(gated, kw, path):
     for key, value in kw.items():
         setattr(gated.generation_config, key, value)
@@ -215,7 +184,6 @@ def embeds_of(gated, ids):
         return gated.get_input_embeddings()(ids)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 5")
 @pytest.mark.parametrize("noise", [0.0, 1e-3])
 @pytest.mark.parametrize("path", ["two-step", "classify"])
 def test_a_safety_token_passed_as_an_embedding_is_refused(gated, noise, path):
@@ -239,7 +207,7 @@ def test_plain_embeddings_are_gated_like_their_ids(gated, path):
 
 
 # --------------------------------------------------------------------------------- item 6: no attention mask
-@pytest.mark.parametrize("path", [case(p, fails_today=p == "speculative", item=6) for p in PATHS])
+@pytest.mark.parametrize("path", PATHS)
 def test_an_omitted_mask_is_inferred_from_the_pads_on_every_path(gated, path):
     randomise(gated)
     inputs = chat(gated.tokenizer, PROMPTS)
@@ -250,7 +218,6 @@ def test_an_omitted_mask_is_inferred_from_the_pads_on_every_path(gated, path):
 
 
 # ------------------------------------------------------------------------------ item 13: cache_implementation
-@pytest.mark.xfail(strict=True, reason="issue 17 item 13")
 @pytest.mark.parametrize("where", ["argument", "generation_config"])
 @pytest.mark.parametrize("implementation", ["static", "dynamic"])
 def test_cache_implementation_gives_the_two_step_answers(gated, where, implementation):
