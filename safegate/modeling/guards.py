@@ -8,8 +8,8 @@
   the model's own generation config.
 - `infer_attention_mask`: an omitted mask is inferred exactly as `generate` infers it (pad positions masked when the
   pad id occurs and differs from EOS, else all ones), once, and handed to every path.
-- `check_embeds`: prompt embeddings nearer to a safety token's row than to any other token's are a safety token fed
-  as an embedding, and are refused like such an id.
+- `check_embeds`: a prompt embedding that points towards a safety token's row more than towards any other token's
+  is that safety token fed as an embedding, and is refused like such an id.
 - `prepare_prompt`: all of the above for one call's prompt, plus its assistant prefixes (`modeling.turns`).
 
 Example:
@@ -124,6 +124,12 @@ def infer_attention_mask(
     return input_ids.ne(int(pad)).long()
 
 
+#: How aligned (cosine) with a safety token's row a prompt embedding must be, besides being more aligned with it than
+#: with any other token's row, to be read as that token. Unrelated vectors (image features) sit near 0 in the
+#: thousands of dimensions of a language model; the row itself, scaled or with noise, near 1.
+SIMILARITY_FLOOR = 0.5
+
+
 @torch.no_grad()
 def check_embeds(
     embed: nn.Module,
@@ -132,37 +138,41 @@ def check_embeds(
     safety_ids: tuple[int, int],
     chunk: int = 4096,
 ) -> None:
-    """Raise `ValueError` if a position of `inputs_embeds` is nearer (Euclidean) to a safety token's embedding than to
-    every other token's: the model would read it as that safety token. A tie with another token (the same vector) is
-    that token. Costs one distance per position and vocabulary row, on this path only."""
+    """Raise `ValueError` if a position of `inputs_embeds` points (cosine) more towards a safety token's embedding
+    than towards any other token's, and at least `SIMILARITY_FLOOR` towards it: the model would read it as that
+    safety token, at any scale (pre-norm decoders normalise what they read). A tie with another token (the same
+    direction) is that token. Costs one product per position and vocabulary row, on this path only."""
     flat = inputs_embeds.detach().reshape(-1, inputs_embeds.shape[-1]).float()
+    positions = torch.arange(flat.shape[0], device=flat.device)
     if attention_mask is not None:
         keep = attention_mask.reshape(-1).to(flat.device) != 0
-        positions = keep.nonzero().squeeze(1)
-        flat = flat[keep]
-    else:
-        positions = torch.arange(flat.shape[0], device=flat.device)
+        positions, flat = positions[keep], flat[keep]
     if flat.shape[0] == 0:
         return
     device = embed.weight.device if hasattr(embed, "weight") else flat.device
-    flat = flat.to(device)
-    rows = embed(torch.tensor(safety_ids, device=device)).float()
-    nearest_safety = torch.cdist(flat, rows).min(1).values
-    nearest_other = torch.full_like(nearest_safety, float("inf"))
+    flat = torch.nn.functional.normalize(flat.to(device), dim=-1)
+    safety = torch.tensor(safety_ids, device=device)
+
+    def cosines(ids: torch.Tensor) -> torch.Tensor:
+        return flat @ torch.nn.functional.normalize(embed(ids).float(), dim=-1).T
+
+    to_safety = cosines(safety).max(1).values
+    to_other = torch.full_like(to_safety, -1.0)
     vocab = embed.weight.shape[0] if hasattr(embed, "weight") else embed.num_embeddings
     for start in range(0, vocab, chunk):
         ids = torch.arange(start, min(start + chunk, vocab), device=device)
-        ids = ids[~torch.isin(ids, torch.tensor(safety_ids, device=device))]
+        ids = ids[~torch.isin(ids, safety)]
         if ids.numel():
-            nearest_other = torch.minimum(nearest_other, torch.cdist(flat, embed(ids).float()).min(1).values)
-    forged = nearest_safety < nearest_other
+            to_other = torch.maximum(to_other, cosines(ids).max(1).values)
+    forged = (to_safety > to_other) & (to_safety >= SIMILARITY_FLOOR)
     if bool(forged.any()):
         width = inputs_embeds.shape[1]
         where = int(positions[forged.nonzero()[0, 0]])
         raise ValueError(
             f"`inputs_embeds` row {where // width}, position {where % width} is the embedding of a safety token "
-            f"(nearer to the row of id {safety_ids[0]} or {safety_ids[1]} than to any other token's): this is an "
-            "injection attempt and is refused. Pass `input_ids`, or embeddings of ordinary tokens."
+            f"(it points towards the row of id {safety_ids[0]} or {safety_ids[1]} more than towards any other "
+            "token's): this is an injection attempt and is refused. Pass `input_ids`, or embeddings of ordinary "
+            "tokens."
         )
 
 

@@ -34,7 +34,7 @@ from safegate.modeling.guards import prepare_prompt, restore_caller_ids
 from safegate.modeling.hooks import ContiguousHeadInput, HiddenStateTap
 from safegate.modeling.inputs import extend_length_budget, normalise_generate_kwargs, single_step_kwargs, strip_prefix
 from safegate.modeling.peft_tokens import speed_up_trainable_tokens, token_layers
-from safegate.modeling.prefix import assistant_header, repeat_rows
+from safegate.modeling.prefix import repeat_rows
 from safegate.modeling.speculative import SpeculationSupport, generate_speculatively, probe_speculation_support
 from safegate.modeling.stepwise import closed_turn_floor, generate_after_prefix, generate_stepwise
 from safegate.modeling.tokens import add_safety_tokens, padding_id, text_tokenizer, word_rows
@@ -102,8 +102,8 @@ class SafeGateModel(nn.Module):
         self.gate = SafetyGate(
             query.shape[-1], query, config.attention_dim, config.aggregation, config.train_query
         ).to(query.device)
-        self._header = assistant_header(self.tokenizer, tokenizer_or_processor)
         self._markers = chat_markers(self.tokenizer, tokenizer_or_processor)
+        self._header = list(self._markers.header) if self._markers is not None else None
         training = arch.root.training
         self.train(False)
         self._support = probe_speculation_support(self)
