@@ -356,7 +356,6 @@ class SafeGateModel(nn.Module):
         with ContiguousHeadInput(self.arch.root.get_output_embeddings()):
             return self.arch.root.generate(**kwargs)
 
-    # ------------------------------------------------------------------------------------------ helpers
     # ------------------------------------------------------------------------------- bundles, LoRA merging
     def save_bundle(
         self, path: str | os.PathLike, *, recipe: str | None = None, evaluation: Mapping | Sequence | None = None
