@@ -200,8 +200,13 @@ def prepare_prompt(gated: SafeGateModel, input_ids: Any, attention_mask: Any, kw
     spec, device = gated.arch.spec, gated.device
     input_ids, attention_mask = check_prompt(input_ids, attention_mask, kwargs, spec, device, safety_ids)
     if attention_mask is None and input_ids is not None:
-        inferred = infer_attention_mask(input_ids, kwargs, gated.generation_config)
-        input_ids, attention_mask = check_prompt(input_ids, inferred, kwargs, spec, device, safety_ids)
+        attention_mask = infer_attention_mask(input_ids, kwargs, gated.generation_config)
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError(
+                "no `attention_mask` was passed and a row of `input_ids` ends with the pad id: the mask `generate` "
+                "infers marks that position as padding (right padding), and the gate would decide at a pad "
+                "position. Pad on the left (`tokenizer.padding_side = 'left'`) and pass the mask."
+            )
     if kwargs.get("inputs_embeds") is not None:
         check_embeds(gated.get_input_embeddings(), kwargs["inputs_embeds"], attention_mask, safety_ids)
     rows = input_ids.shape[0] if input_ids is not None else kwargs["inputs_embeds"].shape[0]

@@ -232,6 +232,13 @@ def test_an_omitted_mask_is_inferred_from_the_pads_on_every_path(gated, path):
     torch.testing.assert_close(scores, reference, atol=1e-5, rtol=0)
 
 
+def test_an_omitted_mask_that_reveals_right_padding_is_refused(gated):
+    right = gated.tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="right")
+    for path in PATHS:
+        with pytest.raises(ValueError, match="right padding"):
+            verdict(gated, path, dict(input_ids=right["input_ids"]))
+
+
 # ------------------------------------------------------------------------------ item 13: cache_implementation
 @pytest.mark.parametrize("where", ["argument", "generation_config"])
 @pytest.mark.parametrize("implementation", ["static", "dynamic"])
