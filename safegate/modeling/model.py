@@ -30,19 +30,15 @@ from transformers import GenerationConfig
 from safegate.modeling.arch import resolve
 from safegate.modeling.config import GateConfig, check_threshold
 from safegate.modeling.gate import SafetyGate, gate_pair_logits, unsafe_probability
+from safegate.modeling.guards import prepare_prompt, restore_caller_ids
 from safegate.modeling.hooks import ContiguousHeadInput, HiddenStateTap
-from safegate.modeling.inputs import (
-    check_prompt,
-    extend_length_budget,
-    normalise_generate_kwargs,
-    single_step_kwargs,
-    strip_prefix,
-)
+from safegate.modeling.inputs import extend_length_budget, normalise_generate_kwargs, single_step_kwargs, strip_prefix
 from safegate.modeling.peft_tokens import speed_up_trainable_tokens, token_layers
-from safegate.modeling.prefix import assistant_header, prefix_lengths, repeat_rows, special_ids
+from safegate.modeling.prefix import repeat_rows
 from safegate.modeling.speculative import SpeculationSupport, generate_speculatively, probe_speculation_support
-from safegate.modeling.stepwise import generate_after_prefix, generate_stepwise
+from safegate.modeling.stepwise import closed_turn_floor, generate_after_prefix, generate_stepwise
 from safegate.modeling.tokens import add_safety_tokens, padding_id, text_tokenizer, word_rows
+from safegate.modeling.turns import ChatMarkers, chat_markers
 from safegate.modeling.verdict import SAFE, UNSAFE
 
 
@@ -106,8 +102,8 @@ class SafeGateModel(nn.Module):
         self.gate = SafetyGate(
             query.shape[-1], query, config.attention_dim, config.aggregation, config.train_query
         ).to(query.device)
-        self._header = assistant_header(self.tokenizer, tokenizer_or_processor)
-        self._special_ids = special_ids(self.tokenizer) - {self.safe_token_id, self.unsafe_token_id}
+        self._markers = chat_markers(self.tokenizer, tokenizer_or_processor)
+        self._header = list(self._markers.header) if self._markers is not None else None
         training = arch.root.training
         self.train(False)
         self._support = probe_speculation_support(self)
@@ -179,6 +175,11 @@ class SafeGateModel(nn.Module):
     def assistant_header_ids(self) -> list[int] | None:
         """Ids the chat template appends for `add_generation_prompt=True` (`None`: no prefix detection)."""
         return self._header
+
+    @property
+    def chat_markers(self) -> ChatMarkers | None:
+        """Where the chat template puts the assistant header (`modeling.turns`; `None`: no prefix detection)."""
+        return self._markers
 
     @property
     def tap_module(self) -> nn.Module:
@@ -309,15 +310,14 @@ class SafeGateModel(nn.Module):
             safety_threshold if safety_threshold is not None else self.gate_config.threshold, "safety_threshold"
         )
         kwargs = normalise_generate_kwargs(kwargs, self.arch.spec.kwarg_prefix, self.generation_config)
-        input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, kwargs)
+        prompt = prepare_prompt(self, input_ids, attention_mask, kwargs)
+        kwargs, lengths = prompt.kwargs, prompt.lengths
         want_dict = kwargs.pop("return_dict_in_generate", None)
         if want_dict is None:
             want_dict = bool((kwargs.get("generation_config") or self.generation_config).return_dict_in_generate)
-        lengths = [0] * (input_ids.shape[0] if input_ids is not None else 0)
-        if input_ids is not None and self._header is not None:
-            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            lengths = prefix_lengths(input_ids, mask, self._header, self._special_ids)
-        args = (input_ids, attention_mask, lengths, threshold, keep_safety_token, kwargs)
+        input_ids, attention_mask = prompt.input_ids, prompt.attention_mask
+        floor = closed_turn_floor(self, input_ids, attention_mask, prompt.closed, threshold, kwargs)
+        args = (input_ids, attention_mask, lengths, threshold, keep_safety_token, kwargs, floor)
         if speculative and self.speculative and input_ids is not None:
             out = generate_speculatively(self, *args)
         elif any(lengths):
@@ -325,6 +325,7 @@ class SafeGateModel(nn.Module):
         else:
             kwargs = extend_length_budget(kwargs, self.generation_config)
             out = generate_stepwise(self, input_ids, attention_mask, threshold, keep_safety_token, kwargs)
+        out = restore_caller_ids(out, prompt, keep_safety_token)
         self._thread_state.labels = out.safety
         return out if want_dict else out.sequences
 
@@ -335,14 +336,13 @@ class SafeGateModel(nn.Module):
         """p(unsafe) per row (B,), exactly the score `generate` would decide on; nothing is generated."""
         self._check_attached()
         kwargs = normalise_generate_kwargs(kwargs, self.arch.spec.kwarg_prefix, self.generation_config)
-        kwargs = single_step_kwargs(kwargs)
-        input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, kwargs)
-        if input_ids is not None and self._header is not None:
-            lengths = prefix_lengths(input_ids, attention_mask, self._header, self._special_ids)
-            if any(lengths):
-                pad_id = padding_id(self.tokenizer)
-                input_ids, attention_mask, kwargs = strip_prefix(input_ids, attention_mask, lengths, kwargs, pad_id)
-        out = generate_stepwise(self, input_ids, attention_mask, None, True, kwargs)
+        prompt = prepare_prompt(self, input_ids, attention_mask, single_step_kwargs(kwargs))
+        input_ids, attention_mask, kwargs = prompt.input_ids, prompt.attention_mask, prompt.kwargs
+        floor = closed_turn_floor(self, input_ids, attention_mask, prompt.closed, None, kwargs)
+        if any(prompt.lengths):
+            pad_id = padding_id(self.tokenizer)
+            input_ids, attention_mask, kwargs = strip_prefix(input_ids, attention_mask, prompt.lengths, kwargs, pad_id)
+        out = generate_stepwise(self, input_ids, attention_mask, None, True, kwargs, floor)
         self._thread_state.labels = out.safety
         return out.safety_scores
 
@@ -355,13 +355,6 @@ class SafeGateModel(nn.Module):
         """
         with ContiguousHeadInput(self.arch.root.get_output_embeddings()):
             return self.arch.root.generate(**kwargs)
-
-    # ------------------------------------------------------------------------------------------ helpers
-    def _check_prompt(
-        self, input_ids: Any, attention_mask: Any, kwargs: dict[str, Any]
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        safety_ids = (self.safe_token_id, self.unsafe_token_id)
-        return check_prompt(input_ids, attention_mask, kwargs, self.arch.spec, self.device, safety_ids)
 
     # ------------------------------------------------------------------------------- bundles, LoRA merging
     def save_bundle(

@@ -1,8 +1,11 @@
 """Prefill attacks: find an attacker-written assistant prefix so the gate can decide before it.
 
-A prompt built with `add_generation_prompt=True` ends with the assistant header (`<|im_start|>assistant\\n`).
-Text after the last header that holds no special token is an assistant prefix ("Sure, here is"). safegate
-decides the safety token on the prompt up to the header, then feeds `header, safety token, prefix`.
+A prompt built with `add_generation_prompt=True` ends with the assistant header (`<|im_start|>assistant\\n`); text
+after it is an assistant prefix ("Sure, here is"). safegate decides the safety token on the prompt up to the header,
+then feeds `header, safety token, prefix`. The gate finds prefixes with `modeling.turns.scan_prefixes` (headers
+only where a chat template puts them, merged headers, special tokens in a prefix); `prefix_lengths` here is the
+plain ids match that tools and tests use on prompts they built themselves. This module also holds the row helpers
+the prefix paths share.
 
 Example:
     >>> import torch
@@ -48,7 +51,9 @@ def special_ids(tokenizer: Any) -> set[int]:
 def prefix_lengths(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, header: list[int], special_ids: set[int]
 ) -> list[int]:
-    """Per row, the number of tokens after the last assistant header (0 when there is no plain-text prefix)."""
+    """Per row, the number of tokens after the last assistant header (0 when there is no plain-text prefix).
+
+    Ids only, for prompts a tool built itself; the gate reads the chat structure instead (`turns.scan_prefixes`)."""
     h = len(header)
     if input_ids.shape[1] >= h and bool((input_ids[:, -h:] == torch.tensor(header, device=input_ids.device)).all()):
         return [0] * input_ids.shape[0]  # the common case: every row ends with the header

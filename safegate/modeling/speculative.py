@@ -115,7 +115,10 @@ class SpeculativeDecision(ThreadHook):
 
     Reads the tapped prompt states and the pair of safety logits at each row's last prompt position (from the final
     states times the head's two safety rows when `pair_from` gives them, else from the returned logits), fills
-    `verdict`, and raises `SpeculationMiss` when any row is unsafe. Removes itself after that first forward.
+    `verdict`, and raises `SpeculationMiss` when any row is unsafe (unless `stop_on_unsafe=False`: the two-step path
+    decides here too, from the model's raw output before any logits processor). `floor`, per prompt row `(p_unsafe,
+    unsafe)`, is a verdict the decision never goes below (a prefix that closes its turn, `modeling.turns`). Removes
+    itself after that first forward.
     """
 
     def __init__(
@@ -126,10 +129,14 @@ class SpeculativeDecision(ThreadHook):
         plan: SpeculativePlan,
         threshold: float | None,
         verdict: Verdict,
+        *,
+        floor: tuple[torch.Tensor, torch.Tensor] | None = None,
+        stop_on_unsafe: bool = True,
     ) -> None:
         super().__init__(gated.arch.root)
         self.gated, self.tap, self.pair_from, self.plan = gated, tap, pair_from, plan
         self.threshold, self.verdict = threshold, verdict
+        self.floor, self.stop_on_unsafe = floor, stop_on_unsafe
 
     def _act(self, module: nn.Module, args: Any, output: Any) -> None:
         self._remove()  # decided once: no per-token work while decoding
@@ -165,8 +172,11 @@ class SpeculativeDecision(ThreadHook):
             pair = scores[:, [gated.safe_token_id, gated.unsafe_token_id]]
         states = self.tap.states[:, : mask.shape[1]]  # the prompt columns the mask covers
         p_unsafe, unsafe = gated.decide_pair(pair[:, 0], pair[:, 1], states, mask, self.threshold)
+        if self.floor is not None:
+            floor_p, floor_unsafe = (repeat_rows(t.to(p_unsafe.device), expand) for t in self.floor)
+            p_unsafe, unsafe = torch.maximum(p_unsafe, floor_p), unsafe | floor_unsafe
         self.verdict.p_unsafe, self.verdict.unsafe = p_unsafe, unsafe
-        if bool(unsafe.any()):
+        if self.stop_on_unsafe and bool(unsafe.any()):
             raise SpeculationMiss(output_cache(output))
 
 
@@ -217,6 +227,9 @@ def resume_from_cache(
     ids[:, -1] = tokens.to(ids.device)
     resumed = {k: v for k, v in kwargs.items() if k not in PREFILL_ONLY_INPUTS}
     resumed[CACHE_KWARG] = cache
+    config = kwargs.get("generation_config") or gated.generation_config
+    if kwargs.get("cache_implementation") or config.cache_implementation:
+        resumed["cache_implementation"] = None  # the prefill built the cache as asked; generate refuses both
     return gated.base_generate(
         input_ids=ids, attention_mask=plan.attention_mask, return_dict_in_generate=True, **resumed
     )
@@ -291,8 +304,10 @@ def generate_speculatively(
     threshold: float | None,
     keep_safety_token: bool,
     kwargs: dict[str, Any],
+    floor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Any:
-    """`SafeGateModel.generate` with the safety token speculated in the prefill (see the module docstring)."""
+    """`SafeGateModel.generate` with the safety token speculated in the prefill (see the module docstring);
+    `floor`: see `SpeculativeDecision`."""
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     kwargs = count_safety_token_in_length(kwargs, gated.generation_config)
     plan = build_plan(gated, input_ids, mask, prefix_lengths, kwargs)
@@ -315,7 +330,7 @@ def generate_speculatively(
         with contextlib.ExitStack() as stack:
             tap = stack.enter_context(HiddenStateTap(gated.tap_module))
             pair_from = None if weight is None else (final_states_tap(gated, tap, stack), weight)
-            stack.enter_context(SpeculativeDecision(gated, tap, pair_from, plan, threshold, verdict))
+            stack.enter_context(SpeculativeDecision(gated, tap, pair_from, plan, threshold, verdict, floor=floor))
             out = gated.base_generate(
                 input_ids=plan.input_ids, attention_mask=plan.attention_mask, return_dict_in_generate=True,
                 **plan.kwargs,

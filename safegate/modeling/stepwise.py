@@ -1,9 +1,11 @@
 """The safety token as a decode step of its own: `generate(..., speculative=False)`, `classify`, and prompts that
 end with an assistant prefix on models that cannot speculate.
 
-A logits processor forces the decided token at the first new position (every other id `-inf`); the gate decides
-there from the tapped prompt states. With an assistant prefix (a prefill attack) the gate decides on the prompt
-without it, then `prompt, safety token, prefix` is fed (`generate_after_prefix`).
+The gate decides in the prefill, from the tapped prompt states and the model's raw logits at the last prompt
+position (a forward hook: no logits processor or generation argument has touched them); a logits processor then
+forces the decided token at the first new position (every other id `-inf`). With an assistant prefix (a prefill
+attack) the gate decides on the prompt without it, then `prompt, safety token, prefix` is fed
+(`generate_after_prefix`).
 
 Example:
     >>> import safegate
@@ -19,7 +21,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,12 +32,16 @@ from safegate.modeling.hooks import HiddenStateTap
 from safegate.modeling.inputs import insert_tokens, single_step_kwargs, strip_prefix
 from safegate.modeling.logits_process import SafeGateLogitsProcessor
 from safegate.modeling.prefix import repeat_rows
+from safegate.modeling.speculative import SpeculativeDecision, SpeculativePlan, final_states_tap, pair_weight
 from safegate.modeling.streamers import SkipSafetyTokenStreamer
 from safegate.modeling.tokens import padding_id
 from safegate.modeling.verdict import UNSAFE, Verdict, attach_verdict
 
 if TYPE_CHECKING:
     from safegate.modeling.model import SafeGateModel
+
+#: Per prompt row `(p_unsafe, unsafe)` the verdict never goes below, or `None` (see `SpeculativeDecision`).
+Floor = tuple[torch.Tensor, torch.Tensor] | None
 
 
 def generate_stepwise(
@@ -44,8 +51,15 @@ def generate_stepwise(
     threshold: float | None,
     keep_safety_token: bool,
     kwargs: dict[str, Any],
+    floor: Floor = None,
 ) -> Any:
-    """Generate with the safety token forced at the first new position; `kwargs` already count it in the budget."""
+    """Generate with the safety token forced at the first new position; `kwargs` already count it in the budget.
+
+    The gate decides in a forward hook on the prefill, from the model's raw output (`SpeculativeDecision` reading
+    the last prompt position): nothing `generate` does to the scores afterwards (`suppress_tokens`, `sequence_bias`,
+    `bad_words_ids`, `prefix_allowed_tokens_fn`, guidance, a caller's `logits_processor`, ...) reaches the verdict.
+    The last logits processor then allows only the decided token, and the generated token is checked against it.
+    """
     prompt_length = input_ids.shape[1] if input_ids is not None else 0
     mask = attention_mask
     if mask is None:
@@ -53,11 +67,19 @@ def generate_stepwise(
         shape = input_ids.shape if input_ids is not None else embeds.shape[:2]
         mask = torch.ones(shape, dtype=torch.long, device=gated.device)
     verdict = Verdict()
+    rows = mask.shape[0]
+    plan = SpeculativePlan(mask, mask, mask, torch.zeros(rows, dtype=torch.long, device=mask.device), {}, tail=0)
     processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+    processors.append(SafeGateLogitsProcessor(prompt_length, functools.partial(_decided_ids, gated, verdict)))
     if kwargs.get("streamer") is not None:
         kwargs["streamer"] = SkipSafetyTokenStreamer(kwargs["streamer"])
-    with HiddenStateTap(gated.tap_module) as tap:
-        processors.append(SafeGateLogitsProcessor(prompt_length, _decision(gated, tap, mask, threshold, verdict)))
+    with contextlib.ExitStack() as stack:
+        tap = stack.enter_context(HiddenStateTap(gated.tap_module))
+        weight = pair_weight(gated)
+        pair_from = None if weight is None else (final_states_tap(gated, tap, stack), weight)
+        stack.enter_context(
+            SpeculativeDecision(gated, tap, pair_from, plan, threshold, verdict, floor=floor, stop_on_unsafe=False)
+        )
         out = gated.base_generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -67,6 +89,13 @@ def generate_stepwise(
         )
     if verdict.unsafe is None:
         raise RuntimeError("generation ended before the safety step; the gate did not run")
+    if out.sequences.shape[1] <= prompt_length or not torch.equal(
+        out.sequences[:, prompt_length], _decided_ids(gated, verdict).to(out.sequences.device)
+    ):
+        raise RuntimeError(
+            "the generated safety token is not the one the gate decided (a generation argument changed the first "
+            "new token after the gate's logits processor); refusing to return it"
+        )
     if not keep_safety_token:
         seq = out.sequences
         out.sequences = torch.cat([seq[:, :prompt_length], seq[:, prompt_length + 1 :]], dim=1)
@@ -76,19 +105,11 @@ def generate_stepwise(
     return attach_verdict(out, verdict)
 
 
-def _decision(
-    gated: SafeGateModel, tap: HiddenStateTap, mask: torch.Tensor, threshold: float | None, verdict: Verdict
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The processor's callback: decide from the logits at the safety step, fill `verdict`, return the token ids."""
-
-    def decide(scores: torch.Tensor) -> torch.Tensor:
-        if tap.states is None:
-            raise RuntimeError("the hidden-state tap saw no prefill pass; the gate cannot decide")
-        verdict.p_unsafe, verdict.unsafe = gated.decide(scores, tap.states, mask, threshold)
-        ids = torch.tensor([gated.safe_token_id, gated.unsafe_token_id], device=scores.device)
-        return ids[verdict.unsafe.long()]
-
-    return decide
+def _decided_ids(gated: SafeGateModel, verdict: Verdict, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """The decided safety id per row (what the processor allows at the safety step; `scores` are not read)."""
+    if verdict.unsafe is None:
+        raise RuntimeError("the gate did not decide in the prefill; the safety token cannot be chosen")
+    return torch.where(verdict.unsafe, gated.unsafe_token_id, gated.safe_token_id)
 
 
 def generate_after_prefix(
@@ -99,16 +120,17 @@ def generate_after_prefix(
     threshold: float | None,
     keep_safety_token: bool,
     kwargs: dict[str, Any],
+    floor: Floor = None,
 ) -> Any:
     """Decide on the prompt without the assistant prefix (`lengths[i]` positions), then feed
-    `prompt, safety token, prefix`.
+    `prompt, safety token, prefix` (`floor`: see `SpeculativeDecision`).
 
     With `GateConfig.unsafe_prefix="drop"` (default) rows judged unsafe get `prompt, safety token` only: an
     attacker-written prefix is never fed after `<|unsafe|>`, so the answer starts from the refusal.
     """
     pad_id = padding_id(gated.tokenizer)
     p_ids, p_mask, p_kwargs = strip_prefix(input_ids, attention_mask, lengths, kwargs, pad_id)
-    scored = generate_stepwise(gated, p_ids, p_mask, threshold, True, single_step_kwargs(p_kwargs))
+    scored = generate_stepwise(gated, p_ids, p_mask, threshold, True, single_step_kwargs(p_kwargs), floor)
     verdict = Verdict(scored.safety_scores, torch.tensor([s == UNSAFE for s in scored.safety]))
     tokens = torch.where(verdict.unsafe, gated.unsafe_token_id, gated.safe_token_id).tolist()
     drop = gated.gate_config.unsafe_prefix == "drop"
@@ -123,3 +145,21 @@ def generate_after_prefix(
     if not keep_safety_token:
         out.sequences = torch.cat([input_ids, out.sequences[:, new_ids.shape[1] :]], dim=1)
     return attach_verdict(out, verdict)
+
+
+def closed_turn_floor(
+    gated: SafeGateModel,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    closed: list[bool],
+    threshold: float | None,
+    kwargs: dict[str, Any],
+) -> Floor:
+    """The verdict on the whole prompt for rows whose prefix closes its turn (`modeling.turns`), neutral elsewhere;
+    `None` when no row does. Such a row is decided on the more unsafe of this and the prompt without its prefix."""
+    if input_ids is None or not any(closed):
+        return None
+    scored = generate_stepwise(gated, input_ids, attention_mask, threshold, True, single_step_kwargs(kwargs))
+    rows = torch.tensor(closed, device=scored.safety_scores.device)
+    unsafe = torch.tensor([s == UNSAFE for s in scored.safety], device=rows.device)
+    return torch.where(rows, scored.safety_scores, torch.zeros_like(scored.safety_scores)), unsafe & rows
