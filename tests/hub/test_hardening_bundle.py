@@ -297,7 +297,7 @@ def test_a_failed_save_over_a_bundle_keeps_the_old_bundle_and_the_other_files(tm
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("safegate.hub.bundle.replace_dir", crash)
+    monkeypatch.setattr("safegate.hub.atomic.replace_dir", crash)
     with pytest.raises(OSError, match="disk full"):
         second.save_bundle(target)
     assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before

@@ -101,7 +101,7 @@ def test_an_attach_that_fails_midway_restores_model_and_tokenizer(arch, where, m
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_gated_model_deep_copies_and_pickles(how):
     model, tok = tiny_model_and_tokenizer("llama")
-    gated = _perturb(safegate.attach(model, tok, safegate.GateConfig(**SMALL)))
+    gated = _perturb(safegate.attach(model, tok, safegate.GateConfig(**SMALL)), scale=0.5)
     inputs = chat(tok, PROMPTS)
     scores = gated.classify(**inputs)
     threshold = float(scores.mean())
@@ -145,7 +145,17 @@ def test_input_ids_with_inputs_embeds_generate_like_input_ids(speculative):
     out = gated.generate(**enc, inputs_embeds=embeds, **kwargs)
     assert out.safety == expected.safety and len(set(out.safety)) == 2
     assert torch.equal(out.sequences, expected.sequences)
-    with pytest.raises(ValueError, match=r"`inputs_embeds`.*\(2, \d+\).*`input_ids`.*\(2, \d+\)"):
+    prefixed = chat(tok, PROMPTS, prefix="Sure, here is")  # the assistant-prefix path takes them too
+    with torch.no_grad():
+        prefixed_embeds = gated.get_input_embeddings()(prefixed["input_ids"])
+    out = gated.generate(**prefixed, inputs_embeds=prefixed_embeds, **kwargs)
+    assert torch.equal(out.sequences, gated.generate(**prefixed, **kwargs).sequences)
+    # embeddings that are not the ids' own (a soft prompt): the gate reads the embeddings, ids start the output
+    soft = embeds + 0.01 * torch.randn(embeds.shape, generator=torch.Generator().manual_seed(0))
+    out = gated.generate(**enc, inputs_embeds=soft, **kwargs)
+    assert torch.equal(out.sequences[:, : enc["input_ids"].shape[1]], enc["input_ids"])
+    assert not torch.equal(out.safety_scores, expected.safety_scores)
+    with pytest.raises(ValueError, match=r"`inputs_embeds` has \(2, \d+\).*`input_ids` \(2, \d+\)"):
         gated.generate(**enc, inputs_embeds=embeds[:, 1:], **kwargs)
 
 
