@@ -205,22 +205,9 @@ MALFORMED = [
     ("gate_int", _tensor(WEIGHTS, "gate.w_v.weight", lambda t: t.long()), r"gate\.w_v\.weight"),
     ("lora_extra_module", _extra_lora, "up_proj"),
 ]
-FAIL_TODAY = {
-    "lora_dropout_str", "layer_99", "layer_-4", "attention_dim_huge", "attention_dim_other", "lora_r_other",
-    "lora_alpha_other", "train_query_str", "safety_prompt_int", "lora_target_bad_regex",
-    "files_missing", "files_list", "hidden_size_str", "num_layers_float", "tied_str", "embed_module_int",
-    "tokens_disagree", "peft_type", "r_str", "r_zero", "r_other", "alpha_str", "dropout_str", "target_modules_int",
-    "use_dora", "modules_to_save", "bias_all", "token_indices_int", "nan_gate", "inf_gate_bias", "nan_query",
-    "inf_rows", "nan_lora", "gate_shape", "gate_extra", "gate_int",
-}  # fmt: skip
 
 
-def _case(name, edit, message):
-    marks = [pytest.mark.xfail(strict=True, reason="issue 17 items 11/12")] if name in FAIL_TODAY else []
-    return pytest.param(edit, message, id=name, marks=marks)
-
-
-@pytest.mark.parametrize("edit, message", [_case(*c) for c in MALFORMED])
+@pytest.mark.parametrize("edit, message", [pytest.param(e, m, id=n) for n, e, m in MALFORMED])
 def test_a_malformed_bundle_is_refused_before_anything_is_touched(bundle, edit, message):
     edit(bundle)
     model, tok = tiny_model_and_tokenizer("llama")
@@ -242,7 +229,6 @@ def test_the_unedited_bundle_loads(bundle):
     assert _snapshot(model, tok)["state"] == before["state"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 11")
 def test_a_load_that_fails_while_placing_weights_restores_model_and_tokenizer(bundle, monkeypatch):
     """Defence in depth: even a failure after the checks (inside PEFT) leaves the tokenizer as it was."""
 
@@ -258,7 +244,6 @@ def test_a_load_that_fails_while_placing_weights_restores_model_and_tokenizer(bu
 
 
 # ------------------------------------------------------------------------------------------------ item 9
-@pytest.mark.xfail(strict=True, reason="issue 17 item 9")
 def test_saving_over_a_bundle_replaces_only_the_bundles_files(tmp_path):
     first, tok = _trained(seed=1)
     second, _ = _trained(seed=2)
@@ -286,7 +271,6 @@ def test_saving_over_a_bundle_replaces_only_the_bundles_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gate", "reference"]  # no temporary folder left
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 9")
 def test_a_failed_save_over_a_bundle_keeps_the_old_bundle_and_the_other_files(tmp_path, monkeypatch):
     first, _ = _trained(seed=1)
     second, _ = _trained(seed=2)
@@ -308,7 +292,6 @@ def test_a_failed_save_over_a_bundle_keeps_the_old_bundle_and_the_other_files(tm
 
 
 # -------------------------------------------------------------------------------------- item 14 (files)
-@pytest.mark.xfail(strict=True, reason="issue 17 item 14: interrupted saves")
 def test_a_killed_save_leaves_no_temporary_folder_after_the_next_save(tmp_path):
     gated, _ = _trained(seed=1)
     target = gated.save_bundle(tmp_path / "gate")
@@ -332,7 +315,6 @@ def test_a_killed_save_leaves_no_temporary_folder_after_the_next_save(tmp_path):
     load_bundle(*tiny_model_and_tokenizer("llama"), target)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 14: file modes")
 def test_bundle_files_get_the_umask_modes_and_the_target_keeps_its_mode(tmp_path):
     gated, _ = _trained()
     old = os.umask(0o022)
@@ -359,9 +341,7 @@ def _info(folder, capsys):
     ["versions", "evaluation", "recipe", "method", "backbone.gated_module", "backbone.vocab_rows_gated",
      "backbone.dtype", "tokens.ids_at_save"],
 )  # fmt: skip
-def test_info_works_without_the_optional_fields(bundle, path, capsys, request):
-    if path in ("versions", "backbone.gated_module", "backbone.vocab_rows_gated", "backbone.dtype"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 17 item 14: safegate info"))
+def test_info_works_without_the_optional_fields(bundle, path, capsys):
     _config(path, _DELETE)(bundle)
     code, out, err = _info(bundle, capsys)
     assert code == 0, err
@@ -381,14 +361,11 @@ MALFORMED_OPTIONAL = [
     ("backbone.dtype", 16),
     ("tokens.ids_at_save", [1, 2]),
 ]
-INFO_FAIL_TODAY = {f"{p}={v!r}" for p, v in MALFORMED_OPTIONAL}
 
 
 @pytest.mark.parametrize("path, value", MALFORMED_OPTIONAL, ids=[f"{p}={v!r}" for p, v in MALFORMED_OPTIONAL])
-def test_info_names_a_malformed_optional_field_in_one_line(bundle, path, value, capsys, request):
+def test_info_names_a_malformed_optional_field_in_one_line(bundle, path, value, capsys):
     _config(path, value)(bundle)
-    if request.node.callspec.id in INFO_FAIL_TODAY:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 17 item 14: safegate info"))
     code, out, err = _info(bundle, capsys)  # an exception escaping here is the traceback the issue reports
     assert code == 2 and path.split(".")[-1] in err and "Traceback" not in err, err
     with pytest.raises(BundleError, match=path.split(".")[-1]):
