@@ -8,6 +8,7 @@
 - `MergedWeights`: merging LoRA into bf16 weights rounds, and PEFT's unmerge subtracts the delta again, which
   does not give back the original bits; the original weights of the merged layers are kept (on the CPU) and put
   back on unmerge, so `detach()` after `merge_adapter()` returns the original model bit for bit.
+- `GateLifecycle`: `SafeGateModel`'s merging, detaching, deep-copying and pickling (a mixin).
 
 Example:
     >>> import safegate
@@ -23,8 +24,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
+import threading
 from typing import Any
 
 import torch
@@ -84,7 +87,8 @@ class AttachRollback:
     def restore(self, peft_model: nn.Module | None) -> None:
         """Undo everything `attach` did so far (call from its `except`); never raises for a missing step."""
         if peft_model is not None:
-            peft_model.unload()
+            with contextlib.suppress(Exception):  # whatever PEFT could not unload is unwrapped below
+                peft_model.unload()
         _unwrap_adapters(self.root)
         if self.root.get_input_embeddings().weight.shape[0] != self.rows:
             self.root.resize_token_embeddings(self.rows, mean_resizing=False)
@@ -146,33 +150,55 @@ class MergedWeights:
         self.saved = []
 
 
-def main_input(input_ids: Any, kwargs: dict[str, Any], embed: nn.Module) -> Any:
-    """The prompt ids, from `input_ids` or transformers' `inputs` (popped from `kwargs`).
+class GateLifecycle:
+    """Merging, detaching, copying and pickling of a `SafeGateModel` (a mixin; the state is the model's)."""
 
-    With `inputs_embeds` too, `input_ids` must be the ids of those embeddings (transformers returns them as the
-    prompt): the shapes must agree, and embeddings that are exactly `embed(input_ids)` are dropped from `kwargs`
-    (the ids then say the same, and every path of `generate` takes ids).
-    """
-    if "inputs" in kwargs:
-        inputs = kwargs.pop("inputs")
-        if input_ids is not None and inputs is not None:
-            raise ValueError("pass the prompt once: as `inputs` (transformers' name) or as `input_ids`, not both.")
-        if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
-            raise ValueError("`inputs` holds floating-point values: pass embeddings as `inputs_embeds=`.")
-        input_ids = inputs if inputs is not None else input_ids
-    embeds = kwargs.get("inputs_embeds")
-    if input_ids is None or embeds is None:
-        return input_ids
-    ids = torch.as_tensor(input_ids, device=embeds.device)
-    ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
-    if tuple(embeds.shape[:2]) != tuple(ids.shape):
-        raise ValueError(
-            f"`inputs_embeds` has {tuple(embeds.shape[:2])} (batch, positions), `input_ids` {tuple(ids.shape)}: "
-            "with both, `input_ids` must be the ids of those embeddings (they start the returned sequences). "
-            "Pass only `inputs_embeds`, or ids that match them."
-        )
-    with torch.no_grad():
-        same = torch.equal(embed(ids).to(embeds.dtype), embeds)
-    if same:
-        del kwargs["inputs_embeds"]
-    return input_ids
+    def merge_adapter(self) -> None:
+        """Merge LoRA into the base weights for faster inference (PEFT naming; undo with `unmerge_adapter`).
+
+        The merged layers' original weights are kept on the CPU, so unmerging (and `detach`) gives them back bit for
+        bit; subtracting the delta again would not, in bf16.
+        """
+        self._check_attached()
+        if not self.merged:
+            self.__dict__["_merged_weights"] = MergedWeights(self.peft_model)
+            self.peft_model.merge_adapter()
+
+    def unmerge_adapter(self) -> None:
+        """Undo `merge_adapter`: separate LoRA weights again, base weights exactly as before the merge."""
+        self._check_attached()
+        if self.merged:
+            self.peft_model.unmerge_adapter()
+        saved = self.__dict__.pop("_merged_weights", None)
+        if saved is not None:
+            saved.restore()
+
+    @property
+    def merged(self) -> bool:
+        """Whether LoRA and the token rows are currently merged into the base weights."""
+        return any(getattr(m, "merged", False) for m in self.peft_model.modules() if hasattr(m, "merged_adapters"))
+
+    def _check_attached(self) -> None:
+        if self._detached:
+            raise RuntimeError("this SafeGateModel was detached; call safegate.attach(model, tokenizer) again.")
+
+    def detach(self) -> nn.Module:
+        """Remove LoRA, token rows and any resize; return the original model exactly as before `attach()`."""
+        self._check_attached()
+        self.unmerge_adapter()
+        root = self.peft_model.unload()
+        if root.get_input_embeddings().weight.shape[0] != self._original_rows:
+            root.resize_token_embeddings(self._original_rows, mean_resizing=False)
+        for name, param in root.named_parameters():
+            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
+        self._detached = True
+        del self._modules["peft_model"]
+        return self._original
+
+    def __getstate__(self) -> dict[str, Any]:
+        """`copy.deepcopy` and `pickle`: everything but the per-thread verdicts of the last calls."""
+        return {k: v for k, v in self.__dict__.items() if k != "_thread_state"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        self.__dict__["_thread_state"] = threading.local()
