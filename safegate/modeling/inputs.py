@@ -205,7 +205,7 @@ def main_input(input_ids: Any, kwargs: dict[str, Any], embed: nn.Module) -> Any:
     embeds = kwargs.get("inputs_embeds")
     if input_ids is None or embeds is None:
         return input_ids
-    ids = torch.as_tensor(input_ids, device=embeds.device)
+    ids = torch.as_tensor(input_ids, device=next(embed.parameters()).device)
     ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
     if tuple(embeds.shape[:2]) != tuple(ids.shape):
         raise ValueError(
@@ -214,7 +214,7 @@ def main_input(input_ids: Any, kwargs: dict[str, Any], embed: nn.Module) -> Any:
             "Pass only `inputs_embeds`, or ids that match them."
         )
     with torch.no_grad():
-        same = torch.equal(embed(ids).to(embeds.dtype), embeds)
+        same = torch.equal(embed(ids).to(embeds.device, embeds.dtype), embeds)
     if same:
         del kwargs["inputs_embeds"]
     return input_ids

@@ -81,8 +81,12 @@ class AttachRollback:
         config = getattr(root, "config", None)
         self.vocab_size = getattr(config.get_text_config(), "vocab_size", None) if config is not None else None
         self.vocab_attr = root.__dict__.get("vocab_size", _ABSENT)
-        missing = any(token_id(tokenizer, t) is None for t in tokens)
-        self.tokenizer_state = copy.deepcopy(tokenizer.__dict__) if missing else None
+        self.tokenizer_state = None
+        if any(token_id(tokenizer, t) is None for t in tokens):  # attach will add them
+            try:
+                self.tokenizer_state = copy.deepcopy(tokenizer.__dict__)
+            except Exception:  # noqa: BLE001 - an exotic attribute: BPE tokenizers only swap `_tokenizer`
+                self.tokenizer_state = dict(tokenizer.__dict__)
 
     def restore(self, peft_model: nn.Module | None) -> None:
         """Undo everything `attach` did so far (call from its `except`); never raises for a missing step."""
@@ -141,7 +145,8 @@ class MergedWeights:
             if isinstance(module, LoraLayer) and not module.merged:
                 base = module.get_base_layer()
                 for name, param in base.named_parameters(recurse=False):
-                    self.saved.append((base, name, param.detach().to("cpu", copy=True)))
+                    if param.is_floating_point():  # quantized storage is left to PEFT's own unmerge
+                        self.saved.append((base, name, param.detach().to("cpu", copy=True)))
 
     @torch.no_grad()
     def restore(self) -> None:
