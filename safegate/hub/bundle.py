@@ -27,8 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from peft import PeftConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from safetensors.torch import save_file
 from torch import nn
 
+from safegate.hub.atomic import write_folder
 from safegate.hub.card import evaluation_rows, model_card
 from safegate.hub.checks import check_fits, check_tensors, delta_key
 from safegate.hub.files import (
@@ -57,20 +56,20 @@ from safegate.hub.files import (
     BundleMismatchError,
     BundleNotFoundError,
     bundle_sizes,
-    check_config,
     check_file,
     check_target,
     file_record,
-    fsync_tree,
     read_json,
     read_safetensors,
-    replace_dir,
     resolve_bundle,
     versions,
 )
-from safegate.modeling.arch import model_type_of
+from safegate.hub.schema import check_adapter_config, check_config
+from safegate.modeling.arch import model_type_of, resolve
 from safegate.modeling.config import GateConfig
+from safegate.modeling.lifecycle import AttachRollback
 from safegate.modeling.model import SafeGateModel
+from safegate.modeling.tokens import text_tokenizer
 
 __all__ = [
     "BUNDLE_FILES", "CONFIG_NAME", "SCHEMA_VERSION", "WEIGHTS_NAME", "BundleError", "BundleMismatchError",
@@ -207,24 +206,20 @@ class SafeGateBundle(
 
         The files go to a temporary folder next to the target, which then replaces the target in one rename: a
         crash leaves either no bundle or the previous one, never half a bundle. An existing folder is only
-        replaced if it is a bundle.
+        updated if it is a bundle, and only the bundle's own files are replaced: a report or a `checkpoints/`
+        folder beside them stays (`safegate.hub.atomic`).
         """
         if config is not None:
             raise ValueError("`config` is not supported: a bundle never writes a root config.json (see CONFIG_NAME).")
         target = Path(os.path.abspath(save_directory))  # "." or "gate/" get a real name for the temp folder
         check_target(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-        tmp.mkdir()
-        try:
-            super().save_pretrained(tmp, model_card_kwargs=model_card_kwargs)
-            if (tmp / "config.json").exists():
+
+        def write(folder: Path) -> None:
+            ModelHubMixin.save_pretrained(self, folder, model_card_kwargs=model_card_kwargs)
+            if (folder / "config.json").exists():
                 raise RuntimeError("a root config.json was written; bundles must not have one")
-            fsync_tree(tmp)
-            replace_dir(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        write_folder(target, write, own=BUNDLE_FILES)
         self.folder = target
         if push_to_hub:
             return self.push_to_hub(repo_id or target.name, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
@@ -288,11 +283,11 @@ class SafeGateBundle(
                 f"{folder} is not a complete safegate bundle: missing {missing}. Re-export it with "
                 "`gated.save_bundle(...)` or re-download it."
             )
-        config = read_json(folder / CONFIG_NAME)
-        check_config(config)
+        config = check_config(read_json(folder / CONFIG_NAME), with_files=True)  # every field, `hub.schema`
         for name in CHECKSUMMED:
-            check_file(folder, name, config["files"].get(name))
+            check_file(folder, name, config["files"][name])
         adapter_config = read_json(folder / ADAPTER_CONFIG_NAME)
+        check_adapter_config(adapter_config, GateConfig.from_dict(config["gate_config"]))
         try:
             peft_config = PeftConfig.from_peft_type(**adapter_config)
         except (TypeError, ValueError, KeyError) as err:
@@ -317,11 +312,15 @@ class SafeGateBundle(
     def attach(self, model: nn.Module, tokenizer_or_processor: Any) -> SafeGateModel:
         """Check the fit (see `check`), then attach the gate with the bundle's weights and return the model."""
         config = self.check(model, tokenizer_or_processor)
+        root = resolve(model, config.lora_target, config.lora_modules).root
+        tokens = (config.safe_token, config.unsafe_token)
+        rollback = AttachRollback(model, root, text_tokenizer(tokenizer_or_processor), tokens)
         gated = SafeGateModel(model, tokenizer_or_processor, config)
         try:
             self._load_into(gated)
-        except BaseException:
+        except BaseException:  # after every check passed (it should not happen): model and tokenizer as they were
             gated.detach()
+            rollback.restore(None)
             raise
         return gated
 

@@ -16,6 +16,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from safegate.hub.files import PAPER_URL
+from safegate.modeling.config import GateConfig
 
 
 def model_card(metadata: ModelCardData, config: dict[str, Any], payload_bytes: int) -> ModelCard:
@@ -59,9 +60,10 @@ def evaluation_rows(evaluation: Mapping | Sequence | None) -> list[dict[str, Any
 
 def card_body(config: dict[str, Any], payload_bytes: int) -> str:
     """Markdown body of the bundle's README.md (the YAML header comes from `ModelHubMixin` metadata)."""
-    b, g, tokens = config["backbone"], config["gate_config"], config["tokens"]
+    b, tokens = config["backbone"], config["tokens"]
+    g = GateConfig.from_dict(config["gate_config"]).to_dict()  # fields an older bundle omits: their defaults
     base = b["name_or_path"] or f"a `{b['model_type']}` model"
-    gated = f"`{b['gated_module']}` of " if b["gated_module"] else ""
+    gated = f"`{b['gated_module']}` of " if b.get("gated_module") else ""
     lora = f"r={g['lora_r']}, alpha={g['lora_alpha']} on {g['lora_target'] or ', '.join(g['lora_modules'])}"
     lora = lora if g["lora_r"] else "none (gate and token rows only)"
     threshold = "argmax of the gated pair" if g["threshold"] is None else f"p(unsafe) >= {g['threshold']}"

@@ -30,8 +30,10 @@ from peft import PeftModel
 from torch import nn
 
 from safegate.hub.files import ADAPTER_WEIGHTS_NAME, FINGERPRINT, WEIGHTS_NAME, BundleError, BundleMismatchError
+from safegate.hub.schema import check_gate_tensors, check_tensor_values
 from safegate.modeling.arch import ResolvedArch, model_type_of, resolve
 from safegate.modeling.config import GateConfig
+from safegate.modeling.lifecycle import check_attachable
 from safegate.modeling.model import SafeGateModel
 from safegate.modeling.peft_tokens import PEFT_PREFIX
 from safegate.modeling.tokens import check_protected, text_tokenizer, token_id
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from safegate.hub.bundle import SafeGateBundle
 
 _DELTA = "trainable_tokens_delta"
+_LORA_KEY = re.compile(re.escape(PEFT_PREFIX) + r".+\.lora_(?P<ab>[AB])\.weight")
 
 
 def delta_key(tensors: Mapping[str, torch.Tensor], module: str) -> str | None:
@@ -51,7 +54,8 @@ def delta_key(tensors: Mapping[str, torch.Tensor], module: str) -> str | None:
 
 
 def check_tensors(bundle: SafeGateBundle) -> None:
-    """Raise `BundleError` unless both safetensors files hold exactly the expected tensors, and agree on the rows."""
+    """Raise `BundleError` unless both safetensors files hold exactly the expected tensors (names, shapes, finite
+    floating-point values), and agree on the rows."""
     cfg, hidden = bundle.gate_config, bundle.backbone["hidden_size"]
     token_keys = {f"tokens.{part}.{t}" for part in bundle.token_modules for t in (cfg.safe_token, cfg.unsafe_token)}
     missing = sorted(token_keys - set(bundle.tensors)) + (["gate.query"] if "gate.query" not in bundle.tensors else [])
@@ -61,6 +65,18 @@ def check_tensors(bundle: SafeGateBundle) -> None:
     bad = [k for k in [*token_keys, "gate.query"] if tuple(bundle.tensors[k].shape) != (hidden,)]
     if bad:
         raise BundleError(f"{WEIGHTS_NAME}: tensors {bad} do not have the backbone's hidden size {hidden}.")
+    check_tensor_values(bundle.tensors, WEIGHTS_NAME)
+    check_tensor_values(bundle.adapter_tensors, ADAPTER_WEIGHTS_NAME)
+    check_gate_tensors(bundle.tensors, cfg, hidden, WEIGHTS_NAME)
+    deltas = {delta_key(bundle.adapter_tensors, module) for module in bundle.token_modules.values()}
+    for key, tensor in bundle.adapter_tensors.items():
+        lora = _LORA_KEY.fullmatch(key)
+        if key in deltas or (lora and cfg.lora_r and tensor.shape[0 if lora["ab"] == "A" else -1] == cfg.lora_r):
+            continue
+        raise BundleError(
+            f"{ADAPTER_WEIGHTS_NAME}: unexpected tensor `{key}` {tuple(tensor.shape)}: a bundle's adapter holds only "
+            f"LoRA A/B of rank lora_r={cfg.lora_r} and the token rows. Re-export the bundle."
+        )
     for part, module in bundle.token_modules.items():
         key = delta_key(bundle.adapter_tensors, module)
         if key is None:
@@ -76,6 +92,7 @@ def check_fits(bundle: SafeGateBundle, model: nn.Module, tokenizer_or_processor:
     """Raise `BundleMismatchError` if `bundle` does not fit `model`; return the GateConfig to attach with."""
     if isinstance(model, (SafeGateModel, PeftModel)):
         raise TypeError(f"`model` is a {type(model).__name__}; load a bundle onto the plain Hugging Face model.")
+    check_attachable(model)  # a model that already carries a gate says so (not "another backbone")
     cfg, b = bundle.gate_config, bundle.backbone
     arch = resolve(model, cfg.lora_target, cfg.lora_modules)
     live = {

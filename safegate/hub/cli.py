@@ -68,15 +68,16 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"path": str(folder), "config": bundle.config, "sizes": sizes}, indent=2))
         return 0
-    c, b, g = bundle.config, bundle.backbone, bundle.gate_config
-    gated = f" (gated: {b['gated_module']} = {b['gated_model_type']})" if b["gated_module"] else ""
+    c, b, g = bundle.config, bundle.backbone, bundle.gate_config  # optional fields may be absent (`hub.schema`)
+    gated = f" (gated: {b['gated_module']} = {b['gated_model_type']})" if b.get("gated_module") else ""
+    writers = ", ".join(f"{k} {v}" for k, v in (c.get("versions") or {}).items()) or "(not recorded)"
+    rows_gated = f"{b['vocab_rows_gated']} with the tokens" if "vocab_rows_gated" in b else "gated rows not recorded"
     lines = [
         f"bundle: {folder}",
-        f"schema_version: {c['schema_version']}  written by "
-        + ", ".join(f"{k} {v}" for k, v in c["versions"].items()),
+        f"schema_version: {c['schema_version']}  written by {writers}",
         f"backbone: {b['name_or_path'] or '(name not recorded)'}  model_type={b['model_type']}{gated}",
         f"  hidden_size={b['hidden_size']} num_layers={b['num_layers']} vocab_rows={b['vocab_rows']} "
-        f"({b['vocab_rows_gated']} with the tokens) {'tied' if b['tied'] else 'untied'} head, dtype={b['dtype']}",
+        f"({rows_gated}) {'tied' if b['tied'] else 'untied'} head, dtype={b.get('dtype', '(not recorded)')}",
         f"tokens: safe={g.safe_token!r} unsafe={g.unsafe_token!r}",
         f"gate: attention_dim={g.attention_dim} aggregation={g.aggregation} scaling={g.scaling} layer={g.layer} "
         f"train_query={g.train_query}",

@@ -1,29 +1,23 @@
-"""The files of a gate bundle: names, errors, finding them (folder or Hub snapshot), strict reading, checksums and
-atomic folder replacement.
+"""The files of a gate bundle: names, errors, finding them (folder or Hub snapshot), strict reading, checksums.
 
-`safegate.hub.bundle` builds and applies bundles; this module only deals with bytes on disk and re-exports nothing.
+`safegate.hub.bundle` builds and applies bundles, `safegate.hub.schema` checks what they hold and
+`safegate.hub.atomic` writes their folders; this module only deals with bytes on disk and re-exports nothing.
 
 Example:
     >>> import tempfile
     >>> from pathlib import Path
     >>> tmp = Path(tempfile.mkdtemp())
-    >>> (tmp / "new").mkdir(); _ = (tmp / "new" / CONFIG_NAME).write_text("{}")
-    >>> replace_dir(tmp / "new", tmp / "bundle")
-    >>> sorted(p.name for p in tmp.iterdir()), bundle_sizes(tmp / "bundle")
-    (['bundle'], {'safegate_config.json': 2})
+    >>> _ = (tmp / CONFIG_NAME).write_text("{}")
+    >>> bundle_sizes(tmp), read_json(tmp / CONFIG_NAME)
+    ({'safegate_config.json': 2}, {})
     >>> import shutil; shutil.rmtree(tmp)
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import json
 import os
-import shutil
-import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,8 +26,6 @@ import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from safetensors.torch import load_file
-
-from safegate.modeling.config import GateConfig
 
 SCHEMA_VERSION = 1
 FORMAT = "safegate-bundle"
@@ -69,37 +61,6 @@ class BundleMismatchError(BundleError):
         if others:
             message += " Also different: " + "; ".join(f"`{f}` {b!r} vs {m!r}" for f, b, m in others) + "."
         super().__init__(f"{message} {hint}".strip())
-
-
-def check_config(config: Any) -> dict[str, Any]:
-    """Return `config` (the parsed `safegate_config.json`) if it is a bundle config this version reads."""
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise BundleError(f"{CONFIG_NAME} is not a safegate bundle config (`format` is {found!r}, not {FORMAT!r}).")
-    version = config.get("schema_version")
-    if version != SCHEMA_VERSION:
-        writer = (config.get("versions") or {}).get("safegate", "an unknown version")
-        raise BundleError(
-            f"unknown bundle `schema_version` {version!r} (written by safegate {writer}); this safegate reads "
-            f"schema_version {SCHEMA_VERSION}. Upgrade safegate, or re-export the bundle with this version."
-        )
-    for key in ("backbone", "tokens", "gate_config"):
-        if not isinstance(config.get(key), dict):
-            raise BundleError(f"{CONFIG_NAME} lacks the `{key}` section.")
-    missing = [k for k in (*FINGERPRINT, "embed_module", "head_module", "name_or_path", "model_type")
-               if k not in config["backbone"]]  # fmt: skip
-    if missing:
-        raise BundleError(f"{CONFIG_NAME}: `backbone` lacks {missing}.")
-    try:
-        gate_config = GateConfig.from_dict(config["gate_config"])
-    except (TypeError, ValueError) as err:
-        raise BundleError(f"{CONFIG_NAME}: invalid `gate_config`: {err}") from err
-    if config.get("threshold") != gate_config.threshold:
-        raise BundleError(
-            f"{CONFIG_NAME}: `threshold` {config.get('threshold')!r} differs from `gate_config.threshold` "
-            f"{gate_config.threshold!r}; re-export with `safegate export --threshold` instead of editing by hand."
-        )
-    return config
 
 
 def read_json(path: Path) -> Any:
@@ -147,55 +108,6 @@ def check_target(target: Path) -> None:
             f"refusing to replace {target}: the folder is not empty and is not a safegate bundle (no {CONFIG_NAME})."
             " Choose a new or empty folder."
         )
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush every file under `folder`, and the folder itself, to disk (before it is renamed into place)."""
-    for path in [*folder.rglob("*"), folder]:
-        _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Make `new` appear at `target` in one step; the old bundle (if any) is removed afterwards."""
-    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
-        os.replace(new, target)
-    elif _exchange(new, target):
-        shutil.rmtree(new)  # `new` now holds the old bundle
-    else:  # no atomic exchange: two renames, the old bundle kept aside until the new one is in place
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
-        os.rename(target, old)
-        try:
-            os.rename(new, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync(target.parent)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux `renameat2(RENAME_EXCHANGE)`; False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
 
 
 def bundle_sizes(folder: str | os.PathLike) -> dict[str, int]:

@@ -35,7 +35,7 @@ from torch import nn
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import GenerationMode
 
-from safegate.modeling.inputs import check_prompt, per_token_inputs
+from safegate.modeling.inputs import check_prompt, main_input, per_token_inputs
 from safegate.modeling.prefix import repeat_rows
 from safegate.modeling.tokens import padding_id
 from safegate.modeling.turns import scan_prefixes
@@ -198,6 +198,7 @@ def prepare_prompt(gated: SafeGateModel, input_ids: Any, attention_mask: Any, kw
     check_generation_mode(kwargs, gated.generation_config)
     safety_ids = (gated.safe_token_id, gated.unsafe_token_id)
     spec, device = gated.arch.spec, gated.device
+    input_ids = main_input(input_ids, kwargs, gated.get_input_embeddings())  # `inputs=`; ids with their embeddings
     input_ids, attention_mask = check_prompt(input_ids, attention_mask, kwargs, spec, device, safety_ids)
     if attention_mask is None and input_ids is not None:
         attention_mask = infer_attention_mask(input_ids, kwargs, gated.generation_config)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import GenerationConfig
 
 from safegate.modeling.arch import MULTIMODAL_INPUTS, ArchSpec, check_required_inputs
@@ -185,3 +186,35 @@ def insert_tokens(
     for key in per_token_inputs(input_ids, kwargs):
         out_kwargs[key] = insert(kwargs[key], None, 0, key)
     return insert(input_ids, tokens, pad_id), insert(attention_mask, [1] * len(tokens), 0), out_kwargs
+
+
+def main_input(input_ids: Any, kwargs: dict[str, Any], embed: nn.Module) -> Any:
+    """The prompt ids, from `input_ids` or transformers' `inputs` (popped from `kwargs`).
+
+    With `inputs_embeds` too, `input_ids` must be the ids of those embeddings (transformers returns them as the
+    prompt): the shapes must agree, and embeddings that are exactly `embed(input_ids)` are dropped from `kwargs`
+    (the ids then say the same, and every path of `generate` takes ids).
+    """
+    if "inputs" in kwargs:
+        inputs = kwargs.pop("inputs")
+        if input_ids is not None and inputs is not None:
+            raise ValueError("pass the prompt once: as `inputs` (transformers' name) or as `input_ids`, not both.")
+        if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
+            raise ValueError("`inputs` holds floating-point values: pass embeddings as `inputs_embeds=`.")
+        input_ids = inputs if inputs is not None else input_ids
+    embeds = kwargs.get("inputs_embeds")
+    if input_ids is None or embeds is None:
+        return input_ids
+    ids = torch.as_tensor(input_ids, device=next(embed.parameters()).device)
+    ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+    if tuple(embeds.shape[:2]) != tuple(ids.shape):
+        raise ValueError(
+            f"`inputs_embeds` has {tuple(embeds.shape[:2])} (batch, positions), `input_ids` {tuple(ids.shape)}: "
+            "with both, `input_ids` must be the ids of those embeddings (they start the returned sequences). "
+            "Pass only `inputs_embeds`, or ids that match them."
+        )
+    with torch.no_grad():
+        same = torch.equal(embed(ids).to(embeds.device, embeds.dtype), embeds)
+    if same:
+        del kwargs["inputs_embeds"]
+    return input_ids

@@ -27,12 +27,13 @@ from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
 from torch import nn
 from transformers import GenerationConfig
 
-from safegate.modeling.arch import resolve
+from safegate.modeling.arch import ResolvedArch, resolve
 from safegate.modeling.config import GateConfig, check_threshold
 from safegate.modeling.gate import SafetyGate, gate_pair_logits, unsafe_probability
 from safegate.modeling.guards import prepare_prompt, restore_caller_ids
 from safegate.modeling.hooks import ContiguousHeadInput, HiddenStateTap
 from safegate.modeling.inputs import extend_length_budget, normalise_generate_kwargs, single_step_kwargs, strip_prefix
+from safegate.modeling.lifecycle import AttachRollback, GateLifecycle, check_attachable
 from safegate.modeling.peft_tokens import speed_up_trainable_tokens, token_layers
 from safegate.modeling.prefix import repeat_rows
 from safegate.modeling.speculative import SpeculationSupport, generate_speculatively, probe_speculation_support
@@ -50,12 +51,12 @@ def quiet_get_peft_model(model: nn.Module, config: Any) -> PeftModel:
         return get_peft_model(model, config)
 
 
-class SafeGateModel(nn.Module):
+class SafeGateModel(GateLifecycle, nn.Module):
     """A model that first emits a safety token (`safe`/`unsafe`) chosen by a CASA gate, then answers.
 
     Built by composition with `attach()`; the wrapped Hugging Face model keeps its class. `parameters()` with
     `requires_grad=True` are exactly what training may change: LoRA on the language model, the gate and the
-    two token rows.
+    two token rows. Merging, detaching, copying and pickling: `modeling.lifecycle.GateLifecycle`.
 
     `save_bundle` / `push_to_hub` write through `bundle_class`, which `safegate.hub.bundle` registers when it is
     imported (importing `safegate` does that): the inference core itself imports nothing from the hub layer.
@@ -74,14 +75,23 @@ class SafeGateModel(nn.Module):
                 f"`model` is a {type(model).__name__}; attach the gate to the plain Hugging Face model "
                 "(call `.detach()` or `.unload()` first)."
             )
+        check_attachable(model)  # nothing is touched before this: a gated or compiled model is refused
         self.gate_config = config
         self.processor = tokenizer_or_processor
         self.tokenizer = text_tokenizer(tokenizer_or_processor)
         self.__dict__["_original"] = model  # not a submodule: parameters() come from peft_model
         self._thread_state = threading.local()
         self._detached = False
-
         arch = resolve(model, config.lora_target, config.lora_modules)
+        rollback = AttachRollback(model, arch.root, self.tokenizer, (config.safe_token, config.unsafe_token))
+        try:
+            self._attach(model, arch, tokenizer_or_processor)
+        except BaseException:  # model and tokenizer exactly as they were
+            rollback.restore(self._modules.get("peft_model"))
+            raise
+
+    def _attach(self, model: nn.Module, arch: ResolvedArch, tokenizer_or_processor: Any) -> None:
+        config = self.gate_config
         self._requires_grad = {n: p.requires_grad for n, p in arch.root.named_parameters()}
         self.safe_token_id, self.unsafe_token_id = add_safety_tokens(
             self.tokenizer, config.safe_token, config.unsafe_token
@@ -316,9 +326,11 @@ class SafeGateModel(nn.Module):
         if want_dict is None:
             want_dict = bool((kwargs.get("generation_config") or self.generation_config).return_dict_in_generate)
         input_ids, attention_mask = prompt.input_ids, prompt.attention_mask
+        if any(lengths) and "inputs_embeds" in kwargs:
+            raise ValueError("an assistant prefix with `inputs_embeds` is not supported: pass `input_ids` only.")
         floor = closed_turn_floor(self, input_ids, attention_mask, prompt.closed, threshold, kwargs)
         args = (input_ids, attention_mask, lengths, threshold, keep_safety_token, kwargs, floor)
-        if speculative and self.speculative and input_ids is not None:
+        if speculative and self.speculative and input_ids is not None and "inputs_embeds" not in kwargs:
             out = generate_speculatively(self, *args)
         elif any(lengths):
             out = generate_after_prefix(self, *args)
@@ -386,41 +398,6 @@ class SafeGateModel(nn.Module):
                 "no bundle format is registered: `import safegate.hub.bundle` first (`import safegate` does it)."
             )
         return cls.bundle_class
-
-    def merge_adapter(self) -> None:
-        """Merge LoRA into the base weights for faster inference (PEFT naming; undo with `unmerge_adapter`)."""
-        self._check_attached()
-        if not self.merged:
-            self.peft_model.merge_adapter()
-
-    def unmerge_adapter(self) -> None:
-        """Undo `merge_adapter`, restoring separate LoRA weights (needed before training or `detach`)."""
-        self._check_attached()
-        if self.merged:
-            self.peft_model.unmerge_adapter()
-
-    @property
-    def merged(self) -> bool:
-        """Whether LoRA and the token rows are currently merged into the base weights."""
-        return any(getattr(m, "merged", False) for m in self.peft_model.modules() if hasattr(m, "merged_adapters"))
-
-    # --------------------------------------------------------------------------------------------- detach
-    def _check_attached(self) -> None:
-        if self._detached:
-            raise RuntimeError("this SafeGateModel was detached; call safegate.attach(model, tokenizer) again.")
-
-    def detach(self) -> nn.Module:
-        """Remove LoRA, token rows and any resize; return the original model exactly as before `attach()`."""
-        self._check_attached()
-        self.unmerge_adapter()
-        root = self.peft_model.unload()
-        if root.get_input_embeddings().weight.shape[0] != self._original_rows:
-            root.resize_token_embeddings(self._original_rows, mean_resizing=False)
-        for name, param in root.named_parameters():
-            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
-        self._detached = True
-        del self._modules["peft_model"]
-        return self._original
 
 
 def attach(model: nn.Module, tokenizer_or_processor: Any, config: GateConfig | None = None) -> SafeGateModel:

@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-import types
+import functools
 from typing import Any
 
 import torch
@@ -32,8 +32,9 @@ def speed_up_trainable_tokens(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if type(module).__name__ == "TrainableTokensLayer" and not hasattr(module, "_safegate_peft_forward"):
-            module._safegate_peft_forward = module.forward_adapters
-            module.forward_adapters = types.MethodType(_sparse_forward_adapters, module)
+            # partials of importable functions, not bound methods: a gated model must deep-copy and pickle
+            module._safegate_peft_forward = functools.partial(type(module).forward_adapters, module)
+            module.forward_adapters = functools.partial(_sparse_forward_adapters, module)
             count += 1
     return count
 
