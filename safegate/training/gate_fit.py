@@ -272,7 +272,8 @@ def standardize_gate(gated: Any, data: Any, *, max_prompts: int = 64, safety_pro
     """
     records = load_records(data, require_response=False)[:max_prompts]
     if records:
-        cache = cache_prompts(gated, records, safety_prompt=safety_prompt)
+        # one prompt per forward: no padding, and multimodal inputs of different lengths need no merging
+        cache = cache_prompts(gated, records, batch_size=1, safety_prompt=safety_prompt)
         gated.gate.set_input_stats(*state_statistics(cache.states))
 
 
