@@ -37,6 +37,9 @@ ATTENTION_SCALE = 0.05
 class SafetyGate(nn.Module):
     """Single-head attention pooling over prompt states, read out to one logit per row."""
 
+    #: State entries a saved gate may lack (bundles from before they existed): they load as the identity.
+    OPTIONAL_STATE = ("input_mean", "input_inv_std")
+
     def __init__(
         self,
         hidden_size: int,
@@ -87,7 +90,7 @@ class SafetyGate(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
         # gates saved before the standardisation buffers existed load as the identity (their exact old behaviour)
-        for name, fill in (("input_mean", torch.zeros_like), ("input_inv_std", torch.ones_like)):
+        for name, fill in zip(self.OPTIONAL_STATE, (torch.zeros_like, torch.ones_like)):
             state_dict.setdefault(prefix + name, fill(getattr(self, name)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
