@@ -29,6 +29,7 @@ _LAZY = {
     "SafeGateBundle": "safegate.hub.bundle",
     "train": "safegate.training.trainer",
     "fit_gate": "safegate.training.gate_fit",
+    "calibrate_threshold": "safegate.training.calibrate",
     "load_model": "safegate.backbones.load",
     "format_prompt": "safegate.data.records",
 }

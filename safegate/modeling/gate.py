@@ -9,6 +9,12 @@ descriptor embedding, and returns the gate logit `x` with `v_s = sigmoid(x)`:
 `w_o`, `b_o` and `W_K` start at zero (a no-op gate, attention as the masked mean); `kappa = ATTENTION_SCALE`
 (0.05) keeps Adam from saturating the softmax early. Why: `docs/design.md` ("The gate's initialisation").
 
+The states (and the query) are first standardised per feature, `H <- (H - mu) * s` with the buffers
+`input_mean` / `input_inv_std`; they are the identity (0 / 1) until `set_input_stats` fills them from training
+prompts (`fit_gate`, `safegate.train`), so a freshly attached gate and a bundle saved without them behave as before.
+Backbones differ in state scale by orders of magnitude (and a few features carry most of the norm); without the
+standardisation the same learning rate saturates the attention on one backbone and barely moves it on another.
+
 Example:
     >>> import torch
     >>> gate = SafetyGate(hidden_size=8, query=torch.zeros(8), attention_dim=4)
@@ -30,6 +36,9 @@ ATTENTION_SCALE = 0.05
 
 class SafetyGate(nn.Module):
     """Single-head attention pooling over prompt states, read out to one logit per row."""
+
+    #: State entries a saved gate may lack (bundles from before they existed): they load as the identity.
+    OPTIONAL_STATE = ("input_mean", "input_inv_std")
 
     def __init__(
         self,
@@ -53,26 +62,58 @@ class SafetyGate(nn.Module):
         # (system prompt, template tokens), which would make the gate a constant that never learns.
         nn.init.zeros_(self.w_k.weight)
         query = query.detach().float().reshape(hidden_size).clone()
+        # per-feature standardisation of the states, identity until `set_input_stats` (see the module docstring)
+        self.register_buffer("input_mean", torch.zeros(hidden_size))
+        self.register_buffer("input_inv_std", torch.ones(hidden_size))
         if train_query:
             self.query = nn.Parameter(query)
         else:
             self.register_buffer("query", query)
+
+    @torch.no_grad()
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise the gate's input per feature with `mean` / `std` (each `(hidden,)`) from now on.
+
+        Tiny stds are floored at 1 % of the mean std, so a near-constant feature is not blown up into noise.
+        """
+        mean = mean.detach().double().reshape(self.input_mean.shape)
+        std = std.detach().double().reshape(self.input_inv_std.shape)
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise ValueError("the gate's input statistics must be finite")
+        std = std.clamp_min(max(1e-2 * float(std.mean()), 1e-12))
+        self.input_mean.copy_(mean.to(self.input_mean))
+        self.input_inv_std.copy_(std.reciprocal().to(self.input_inv_std))
+
+    def has_input_stats(self) -> bool:
+        """Whether `set_input_stats` (or a loaded state) has set a standardisation other than the identity."""
+        return bool(self.input_mean.any() or (self.input_inv_std != 1).any())
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        # gates saved before the standardisation buffers existed load as the identity (their exact old behaviour)
+        for name, fill in zip(self.OPTIONAL_STATE, (torch.zeros_like, torch.ones_like)):
+            state_dict.setdefault(prefix + name, fill(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Gate logit `x` (B,) from prompt states `hidden` (B, T, d) and prompt mask `mask` (B, T).
 
         The projections are linear, so `q~ . (W_K h_t) = (W_K^T q~) . h_t` and `sum_t a_t W_V h_t = W_V sum_t a_t h_t`:
         the gate costs O(T d) instead of O(T d d_a) with identical math, which matters for long audio/video prompts.
+        The standardisation `h' = (h - mu) * s` folds in the same way (`sum_t a_t = 1`): the scores are
+        `h . (s * k) - (mu * s) . k` and the pooled state is `(sum_t a_t h_t - mu) * s`, so no standardised copy of
+        the states is ever built.
         """
         h = hidden.detach().to(self.w_k.weight.dtype)  # stop-gradient: nothing flows back into the prompt
-        q = self.w_q(self.query.to(h.dtype))  # (d_a,)
-        key_query = q @ self.w_k.weight  # (d,) = W_K^T q~
-        scores = (h @ key_query) * (ATTENTION_SCALE / math.sqrt(q.shape[-1]))  # (b, t)
+        mean, inv_std = self.input_mean.to(h.dtype), self.input_inv_std.to(h.dtype)
+        q = self.w_q((self.query.to(h.dtype) - mean) * inv_std)  # (d_a,)
+        key_query = (q @ self.w_k.weight) * inv_std  # (d,) = s * W_K^T q~
+        scale = ATTENTION_SCALE / math.sqrt(q.shape[-1])
+        scores = (h @ key_query - mean @ key_query) * scale  # (b, t)
         valid = mask.to(device=h.device, dtype=torch.bool)
         if self.aggregation == "attention":
             weights = scores.masked_fill(~valid, float("-inf")).softmax(-1)
-            pooled = self.w_v(torch.bmm(weights.unsqueeze(1), h).squeeze(1))  # (b, d) -> (b, d_a)
-            return self.out(self.norm(pooled)).squeeze(-1)
+            pooled = (torch.bmm(weights.unsqueeze(1), h).squeeze(1) - mean) * inv_std  # (b, d)
+            return self.out(self.norm(self.w_v(pooled))).squeeze(-1)
         # mean_sigmoid / max_sigmoid: per-position probabilities, scaled by w_o's first weight (0 at start).
         probs = torch.sigmoid(scores * self.out.weight[0, 0] + self.out.bias[0])
         if self.aggregation == "mean_sigmoid":

@@ -1,8 +1,9 @@
 """Training: `train` on transformers' `Trainer`, the CASA objective, batching, the gate-only fit, recipes, CLI.
 
 Modules: `trainer` (`train`, `CASATrainer`), `state` (trainable-state I/O), `examples` (records encoded for the
-collator, `prompt_scores`), `objective` (the CASA loss), `collate`, `gate_fit` (`fit_gate`), `recipes`, `cli`,
-`demo` (a seconds-long gate fit on the shipped data).
+collator, `prompt_scores`), `objective` (the CASA loss), `collate`, `gate_fit` (`fit_gate`), `gate_opt` (its
+optimiser loop), `calibrate` (`calibrate_threshold`), `recipes`, `cli`, `demo` (a seconds-long gate fit on the
+shipped data).
 
 `safegate.training` was a module before the 0.2 layout; its public names still resolve here, lazily.
 """
@@ -23,6 +24,8 @@ HOMES = {
     "PromptCache": "safegate.training.gate_fit",
     "cache_prompts": "safegate.training.gate_fit",
     "fit_gate": "safegate.training.gate_fit",
+    "GateFitError": "safegate.training.gate_opt",
+    "calibrate_threshold": "safegate.training.calibrate",
     "demo_gate_training": "safegate.training.demo",
     "auroc": "safegate.evaluation.metrics",  # the one AUROC; re-exported for the old `safegate.training.auroc`
 }

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from safegate.data.records import label_id, load_records
 from safegate.evaluation.metrics import auroc
@@ -32,7 +31,13 @@ from safegate.modeling.gate import gate_pair_logits, unsafe_probability
 from safegate.modeling.hooks import HiddenStateTap
 from safegate.modeling.tokens import padding_id
 from safegate.training.collate import build_inputs, concat_model_inputs
+from safegate.training.gate_opt import GateFitError, optimise
 from safegate.training.objective import class_weighted_mean
+
+__all__ = [
+    "GateFitError", "PromptCache", "cache_prompts", "cached_scores", "fit_gate", "standardize_gate",
+    "state_statistics",
+]  # fmt: skip
 
 
 @dataclass
@@ -55,6 +60,16 @@ class PromptCache:
 
     def __len__(self) -> int:
         return len(self.states)
+
+    def subset(self, index: torch.Tensor) -> PromptCache:
+        """The cached prompts `index` (a view: the state tensors are shared)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return PromptCache(
+            states=[self.states[int(i)] for i in index],
+            logits=self.logits[index],
+            last_hidden=self.last_hidden[index],
+            labels=self.labels[index],
+        )
 
 
 @torch.no_grad()
@@ -129,7 +144,7 @@ def fit_gate(
     gated: Any,
     data: Any,
     epochs: int = 30,
-    lr: float = 1e-2,
+    lr: float = 3e-3,
     train_token_rows: bool = False,
     *,
     batch_size: int = 32,
@@ -141,14 +156,27 @@ def fit_gate(
     cache_batch_size: int = 8,
     safety_prompt: str | None = None,
     progress: bool = False,
+    val_fraction: float = 0.15,
+    warmup: float = 0.1,
+    max_grad_norm: float | None = 1.0,
+    retries: int = 2,
+    standardize: bool = True,
+    neutral_start: bool = True,
 ) -> dict[str, Any]:
     """Fit the gate (and optionally the two head token rows) on frozen prompt states, in seconds.
+
+    The fit cannot silently diverge (`safegate.training.gate_opt`; docs/training.md, "A robust gate fit"): it
+    standardises the gate's input on the training prompts' states (unless the gate already has statistics), starts
+    the gate's bias so that the untrained token rows' mean offset is neutral, trains with warmup + cosine decay and
+    gradient clipping, keeps the best validation state, and retries a diverged run at a quarter of the learning rate
+    (twice at most). If no attempt gives a gate that varies across prompts it raises `GateFitError` (with `.stats`)
+    and leaves the best state it found in place: nothing downstream can save a dead gate by accident.
 
     Args:
         gated (`SafeGateModel`): Model whose gate is fitted in place.
         data: Training records (list of dicts, `datasets.Dataset`, JSONL path) or a `PromptCache`.
         epochs (`int`): Passes over the cached prompts.
-        lr (`float`): AdamW learning rate.
+        lr (`float`): Peak AdamW learning rate (after warmup; divided by 4 on each retry).
         train_token_rows (`bool`): Also fit the safe/unsafe head rows (the embedding rows when tied), using the
             cached last hidden states; the logits must be a plain dot product with the head rows.
         batch_size (`int`): Prompts per optimiser step.
@@ -156,16 +184,31 @@ def fit_gate(
         aux_weight (`float`): Weight of the auxiliary BCE on v_s.
         weight_decay (`float`): AdamW weight decay of the gate.
         eval_data: Held-out records (or a `PromptCache`) scored after fitting.
-        seed (`int`): Seed of the batch order.
+        seed (`int`): Seed of the validation split and the batch order.
         cache_batch_size (`int`): Prompts per forward while caching.
         safety_prompt (`str | None`): System message (default: the gate config's `safety_prompt`).
         progress (`bool`): Show progress bars.
+        val_fraction (`float`): Share of each class held out to pick the best state (only when every class has
+            8 validation prompts; otherwise the training prompts themselves are monitored).
+        warmup (`float`): Share of the optimiser steps spent in linear warmup.
+        max_grad_norm (`float | None`): Gradient-norm clipping (`None`: off).
+        retries (`int`): Reruns at a lower learning rate after a divergence.
+        standardize (`bool`): Set the gate's input statistics from the training prompts if it has none yet.
+        neutral_start (`bool`): On a fresh gate, start the output bias at minus the class-balanced mean of the
+            token rows' offset `z_unsafe - z_safe`, so the untrained rows do not start the fit biased.
 
     Returns:
-        `dict`: `loss_history` (mean loss per epoch), `final_loss`, `train_accuracy`, `train_auroc`,
-        `eval_accuracy` / `eval_auroc` (with `eval_data`), `cache_seconds`, `fit_seconds`, `n_train`, `n_eval`.
+        `dict`: `loss_history` (mean loss per epoch of the kept attempt), `final_loss`, `train_accuracy`,
+        `train_auroc` (of the gated pair), `gate_auroc` (of the gate logit alone), `eval_*` likewise (with
+        `eval_data`), `diverged`, `lr_used`, `attempts`, `best_epoch`, `val_loss`, `n_val`, `ok`,
+        `cache_seconds`, `fit_seconds`, `n_train`, `n_eval`.
+
+    Raises:
+        `GateFitError`: Every attempt diverged and the best state is a gate that does not vary across prompts.
     """
     _check_fit_args(epochs, lr, beta, aux_weight, batch_size)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction!r}.")
     cache = (
         data
         if isinstance(data, PromptCache)
@@ -173,38 +216,28 @@ def fit_gate(
     )
     gate = gated.gate
     device = next(gate.parameters()).device
+    if standardize and not gate.has_input_stats():
+        gate.set_input_stats(*state_statistics(cache.states))
     rows = _head_rows(gated, cache) if train_token_rows else None
+    if neutral_start and not (gate.out.weight.any() or gate.out.bias.any()):
+        _neutral_bias(gated, cache, rows, beta)
     params = [p for p in gate.parameters() if p.requires_grad] + ([rows[0]] if rows is not None else [])
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
-    history = []
     was_training = gate.training
     gate.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(cache), generator=generator)
-        total, count = 0.0, 0
-        for start in range(0, len(cache), batch_size):
-            index = order[start : start + batch_size]
-            pair, gate_logit = _gated_pair(gated, cache, index, device, rows)
-            labels = cache.labels[index].to(device)
-            per_sample = F.cross_entropy(pair, labels, reduction="none")
-            if aux_weight:
-                per_sample = per_sample + aux_weight * F.binary_cross_entropy_with_logits(
-                    gate_logit.float(), labels.float(), reduction="none"
-                )
-            loss = class_weighted_mean(per_sample, labels, beta)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(index)
-            count += len(index)
-        history.append(total / count)
-    gate.train(was_training)
+    try:
+        fit = optimise(
+            params, lambda index: _gated_pair(gated, cache, index, device, rows), cache.labels, epochs=epochs,
+            lr=lr, batch_size=batch_size, beta=beta, aux_weight=aux_weight, weight_decay=weight_decay, seed=seed,
+            val_fraction=val_fraction, warmup=warmup, max_grad_norm=max_grad_norm, retries=retries,
+        )  # fmt: skip
+    finally:
+        gate.train(was_training)
     if rows is not None:
         _write_head_rows(gated, rows)
+    history = fit["loss_history"]
     stats: dict[str, Any] = {
-        "loss_history": history,
+        **fit,
         "final_loss": history[-1] if history else None,
         "cache_seconds": cache.seconds,
         "fit_seconds": time.perf_counter() - started,
@@ -212,6 +245,14 @@ def fit_gate(
         "train_token_rows": bool(train_token_rows),
     }
     stats.update(_scores(gated, cache, "train", rows))
+    if not fit["ok"]:
+        raise GateFitError(
+            f"fit_gate: no attempt gave a gate that varies across prompts (learning rates "
+            f"{[a['lr'] for a in fit['attempts']]}; {fit['attempts'][-1]['diverged']}). The best state found is "
+            "left in place; do not save it. Lower `lr`, add `epochs`, or check the data (both classes, enough "
+            "prompts) and `GateConfig.layer`.",
+            stats,
+        )
     if eval_data is not None:
         held = (
             eval_data
@@ -223,19 +264,52 @@ def fit_gate(
     return stats
 
 
+def standardize_gate(gated: Any, data: Any, *, max_prompts: int = 64, safety_prompt: str | None = None) -> None:
+    """Set the gate's input statistics from the tapped states of the first `max_prompts` prompts of `data`.
+
+    What `safegate.train` does before its first step when the gate has no statistics yet (`fit_gate` sets them
+    from all its prompts): one frozen forward over a few dozen prompts.
+    """
+    records = load_records(data, require_response=False)[:max_prompts]
+    if records:
+        # one prompt per forward: no padding, and multimodal inputs of different lengths need no merging
+        cache = cache_prompts(gated, records, batch_size=1, safety_prompt=safety_prompt)
+        gated.gate.set_input_stats(*state_statistics(cache.states))
+
+
+def state_statistics(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and standard deviation over every token of `states` (float64 sums, one pass)."""
+    total = torch.zeros(states[0].shape[-1], dtype=torch.float64)
+    square = torch.zeros_like(total)
+    count = 0
+    for s in states:
+        s = s.double()
+        total += s.sum(0)
+        square += s.pow(2).sum(0)
+        count += s.shape[0]
+    mean = total / count
+    return mean, (square / count - mean.pow(2)).clamp_min(0).sqrt()
+
+
 @torch.no_grad()
-def cached_scores(gated: Any, cache: PromptCache, rows: tuple | None = None) -> torch.Tensor:
-    """p(unsafe) of every cached prompt under the current gate, `(N,)`.
+def cached_scores(
+    gated: Any, cache: PromptCache, rows: tuple | None = None, *, with_gate: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """p(unsafe) of every cached prompt under the current gate, `(N,)` (and the gate logits with `with_gate`).
 
     The cached safety-step logits are used as they are, unless `rows` (head rows, bias) recompute them.
     """
     device = next(gated.gate.parameters()).device
-    out = []
+    was_training = gated.gate.training
+    gated.gate.eval()
+    out, logits = [], []
     for start in range(0, len(cache), 64):
         index = torch.arange(start, min(start + 64, len(cache)))
-        pair, _ = _gated_pair(gated, cache, index, device, rows)
+        pair, gate_logit = _gated_pair(gated, cache, index, device, rows)
         out.append(unsafe_probability(pair[:, 0], pair[:, 1]).cpu())
-    return torch.cat(out)
+        logits.append(gate_logit.float().cpu())
+    gated.gate.train(was_training)
+    return (torch.cat(out), torch.cat(logits)) if with_gate else torch.cat(out)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -259,6 +333,19 @@ def _gated_pair(
             z = z + bias
     z_safe, z_unsafe = gate_pair_logits(z[:, 0], z[:, 1], gate_logit, gated.gate_config.scaling)
     return torch.stack([z_safe, z_unsafe], -1), gate_logit
+
+
+@torch.no_grad()
+def _neutral_bias(gated: Any, cache: PromptCache, rows: tuple | None, beta: float) -> None:
+    """Start the gate's output bias at minus the class-balanced mean offset `z_unsafe - z_safe` of the rows."""
+    if rows is None:
+        z = cache.logits
+    else:
+        z = cache.last_hidden @ rows[0].detach().float().cpu().t() + (0 if rows[1] is None else rows[1].cpu())
+    offset = (z[:, 1] - z[:, 0]).float()
+    both = bool(cache.labels.any() and not cache.labels.all())
+    mean = class_weighted_mean(offset, cache.labels, beta) if both else offset.mean()
+    gated.gate.out.bias.fill_(-float(mean))
 
 
 def _token_layer(gated: Any) -> Any:
@@ -292,12 +379,14 @@ def _write_head_rows(gated: Any, rows: tuple[torch.nn.Parameter, torch.Tensor | 
 
 @torch.no_grad()
 def _scores(gated: Any, cache: PromptCache, prefix: str, rows: tuple | None = None) -> dict[str, float]:
-    scores = cached_scores(gated, cache, rows)
+    scores, gate_logits = cached_scores(gated, cache, rows, with_gate=True)
     labels = cache.labels
     out = {f"{prefix}_accuracy": float(((scores >= 0.5).long() == labels).float().mean())}
     score = auroc(scores, labels)
     if score is not None:  # `None`: the cached prompts hold one class only
         out[f"{prefix}_auroc"] = score
+        # the gate alone: untrained or inverted token rows cannot hide a dead gate behind the pair's score
+        out["gate_auroc" if prefix == "train" else f"{prefix}_gate_auroc"] = auroc(gate_logits, labels)
     return out
 
 

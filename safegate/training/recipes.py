@@ -81,7 +81,7 @@ class FitGateSection:
 
     enabled: bool = False
     epochs: int = 30
-    lr: float = 1e-2
+    lr: float = 3e-3
     batch_size: int = 32
     train_token_rows: bool = False
 

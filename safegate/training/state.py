@@ -93,6 +93,9 @@ def load_trainable_state(gated: Any, path: str | os.PathLike) -> None:
     own = dict(gated.named_parameters())
     own.update({f"gate.{n}": b for n, b in gated.gate.named_buffers()})
     expected = set(trainable_state_names(gated))
+    for name in ("gate.input_mean", "gate.input_inv_std"):  # checkpoints from before the gate's standardisation
+        if name in expected and name not in state:
+            state[name] = torch.zeros_like(own[name]) if name.endswith("mean") else torch.ones_like(own[name])
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(

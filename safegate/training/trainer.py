@@ -42,7 +42,7 @@ from safegate.evaluation.metrics import auroc
 from safegate.modeling.tokens import padding_id
 from safegate.training.collate import CASACollator, check_method
 from safegate.training.examples import encode_records
-from safegate.training.gate_fit import fit_gate
+from safegate.training.gate_fit import fit_gate, standardize_gate
 from safegate.training.objective import casa_loss
 from safegate.training.state import (
     TRAINABLE_STATE_NAME,
@@ -330,6 +330,8 @@ def train(
         options.setdefault("beta", beta)
         options.setdefault("safety_prompt", safety_prompt)
         warm = fit_gate(gated, records, **options)
+    elif method == "casa" and not resume_from_checkpoint and not gated.gate.has_input_stats():
+        standardize_gate(gated, records, safety_prompt=safety_prompt)
     was_training = gated.training
     trainer = CASATrainer(
         gated,

@@ -109,11 +109,12 @@ def test_bundle_bytes_are_the_trainable_bytes(tmp_path, arch_name):
     folder = gated.save_bundle(tmp_path / "gate")
     trainable = sum(p.numel() * p.element_size() for p in gated.parameters() if p.requires_grad)
     hidden, rows = gated.arch.embed.weight.shape[1], gated.arch.embed.weight.shape[0]
-    # extras: the frozen query buffer, and the adapter's copy of the token rows (so that plain PEFT works)
+    # extras: the frozen query and standardisation (mean, inverse std) buffers, and the adapter's copy of the
+    # token rows (so that plain PEFT works)
     copies = (1 if gated.arch.tied else 2) * 2 * hidden * 4
     tensors = {**load_file(folder / "safegate.safetensors"), **load_file(folder / "adapter/adapter_model.safetensors")}
     payload = sum(t.numel() * t.element_size() for t in tensors.values())
-    assert payload == trainable + hidden * 4 + copies
+    assert payload == trainable + 3 * hidden * 4 + copies
     on_disk = sum((folder / n).stat().st_size for n in ("safegate.safetensors", "adapter/adapter_model.safetensors"))
     assert payload < on_disk < payload + 3000  # safetensors headers only
     assert all(rows not in t.shape for t in tensors.values()), "a full embedding/head matrix was saved"

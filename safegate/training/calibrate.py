@@ -1,0 +1,73 @@
+"""Threshold calibration: the p(unsafe) threshold that flags at most a target share of benign prompts.
+
+`calibrate_threshold` scores held-out benign prompts with the current gate (the same cached path as `fit_gate`,
+which agrees with `gated.classify`) and sets `gated.gate_config.threshold`, which travels in the bundle
+(`safegate_config.json`) and is the default of `generate` / `classify`.
+
+Example:
+    >>> threshold_for_fpr([0.1, 0.2, 0.3, 0.9], target_fpr=0.25)  # flags the 0.9 only
+    0.3001
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from safegate.data.records import load_records
+from safegate.training.gate_fit import PromptCache, cache_prompts, cached_scores
+
+__all__ = ["calibrate_threshold", "threshold_for_fpr"]
+
+MARGIN = 1e-4
+"""How far above the highest benign score that must pass the threshold sits (absorbs float jitter)."""
+
+
+def threshold_for_fpr(benign_scores: Any, target_fpr: float) -> float:
+    """Lowest threshold (unsafe iff p >= threshold) that flags at most `target_fpr` of `benign_scores`.
+
+    It sits a hair (`MARGIN`, or half the gap to the next benign score) above the highest benign score that must
+    stay below it, so the calibration set's false-positive rate is <= `target_fpr` exactly.
+    """
+    if not 0.0 <= target_fpr < 1.0:
+        raise ValueError(f"`target_fpr` must be in [0, 1), got {target_fpr!r}.")
+    scores = torch.as_tensor(benign_scores, dtype=torch.float64).flatten().sort(descending=True).values
+    if not len(scores):
+        raise ValueError("threshold calibration needs at least one benign prompt.")
+    allowed = int(target_fpr * len(scores) + 1e-9)  # benign prompts that may be flagged
+    border = float(scores[allowed])  # the highest score that must stay below the threshold
+    above = float(scores[allowed - 1]) if allowed else 1.0
+    return round(min(1.0, border + min(MARGIN, (above - border) / 2) if above > border else border + MARGIN), 6)
+
+
+def calibrate_threshold(
+    gated: Any,
+    data: Any,
+    target_fpr: float = 0.05,
+    *,
+    safety_prompt: str | None = None,
+    batch_size: int = 8,
+) -> float:
+    """Set `gated.gate_config.threshold` so at most `target_fpr` of the benign prompts in `data` are flagged.
+
+    Args:
+        gated (`SafeGateModel`): The trained gated model (its threshold is set in place; saved with the bundle).
+        data: Held-out records or a `PromptCache`; only the benign (`label: safe`) prompts are used. They must
+            not be the prompts the gate was fitted on, or the rate will be optimistic.
+        target_fpr (`float`): Largest share of benign prompts the threshold may flag.
+        safety_prompt (`str | None`): System message (default: the gate config's `safety_prompt`).
+        batch_size (`int`): Prompts per forward while scoring.
+
+    Returns:
+        `float`: The threshold now in `gated.gate_config.threshold`.
+    """
+    if isinstance(data, PromptCache):
+        cache = data
+    else:
+        benign = [r for r in load_records(data, require_response=False) if r["label"] == "safe"]
+        cache = cache_prompts(gated, benign, batch_size=batch_size, safety_prompt=safety_prompt)
+    scores = cached_scores(gated, cache)[cache.labels == 0]
+    threshold = threshold_for_fpr(scores, target_fpr)
+    gated.gate_config.threshold = threshold
+    return threshold
