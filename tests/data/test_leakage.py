@@ -18,7 +18,7 @@ def test_disjoint_passes_and_leak_names_the_prompts():
     train = [{"prompt": f"train prompt {i}", "label": "safe"} for i in range(10)]
     check_disjoint(train, [{"prompt": "something else", "label": "safe"}])
     held = [{"prompt": "TRAIN prompt 3!", "label": "safe"}, {"prompt": "new", "label": "safe"}]
-    with pytest.raises(LeakageError, match=r"1 evaluation prompt\(s\).*'TRAIN prompt 3!'") as error:
+    with pytest.raises(LeakageError, match=r"(?s)1 evaluation prompt\(s\).*'TRAIN prompt 3!'") as error:
         check_disjoint(train, held)
     assert error.value.overlap == ["train prompt 3"]
     assert isinstance(error.value, ValueError)
