@@ -19,6 +19,8 @@ from safegate.hub import bundle as _bundle  # noqa: F401 - registers the format 
 from safegate.modeling.config import GateConfig
 from safegate.modeling.gate import SafetyGate
 from safegate.modeling.model import SafeGateModel, attach
+from safegate.modeling.pipeline import SafeGateTextGenerationPipeline
+from safegate.modeling.pipeline import register as _register_pipeline
 
 SafeGateConfig = GateConfig
 __version__ = "0.1.0"
@@ -32,8 +34,19 @@ _LAZY = {
     "calibrate_threshold": "safegate.training.calibrate",
     "load_model": "safegate.backbones.load",
     "format_prompt": "safegate.data.records",
+    "pipeline": "safegate.modeling.pipeline",
 }
 
-__all__ = ["GateConfig", "SafeGateConfig", "SafeGateModel", "SafetyGate", "attach", "__version__", *_LAZY]
+__all__ = [
+    "GateConfig",
+    "SafeGateConfig",
+    "SafeGateModel",
+    "SafeGateTextGenerationPipeline",
+    "SafetyGate",
+    "attach",
+    "__version__",
+    *_LAZY,
+]
 __getattr__ = lazy_attributes(__name__, _LAZY)
 _install_moved_finder()
+_register_pipeline()  # `pipeline("text-generation", model=gated)` supports the gated model and reports its verdict

@@ -245,6 +245,12 @@ class SafeGateModel(GateLifecycle, nn.Module):
         """Verdicts of this thread's most recent `generate` call (useful when it returned plain ids)."""
         return getattr(self._thread_state, "labels", None)
 
+    @property
+    def last_verdict(self) -> tuple[list[str], torch.Tensor] | None:
+        """`(labels, p_unsafe)` per row of this thread's most recent `generate`/`classify` call (pipelines read it)."""
+        labels, scores = getattr(self._thread_state, "labels", None), getattr(self._thread_state, "scores", None)
+        return None if labels is None or scores is None else (labels, scores)
+
     # -------------------------------------------------------------------------------------------- gate math
     def gate_logit(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Gate logit `x` (v_s = sigmoid(x)) from tapped prompt states and the prompt mask."""
@@ -338,7 +344,7 @@ class SafeGateModel(GateLifecycle, nn.Module):
             kwargs = extend_length_budget(kwargs, self.generation_config)
             out = generate_stepwise(self, input_ids, attention_mask, threshold, keep_safety_token, kwargs)
         out = restore_caller_ids(out, prompt, keep_safety_token)
-        self._thread_state.labels = out.safety
+        self._thread_state.labels, self._thread_state.scores = out.safety, out.safety_scores
         return out if want_dict else out.sequences
 
     @torch.no_grad()
@@ -355,7 +361,7 @@ class SafeGateModel(GateLifecycle, nn.Module):
             pad_id = padding_id(self.tokenizer)
             input_ids, attention_mask, kwargs = strip_prefix(input_ids, attention_mask, prompt.lengths, kwargs, pad_id)
         out = generate_stepwise(self, input_ids, attention_mask, None, True, kwargs, floor)
-        self._thread_state.labels = out.safety
+        self._thread_state.labels, self._thread_state.scores = out.safety, out.safety_scores
         return out.safety_scores
 
     def base_generate(self, **kwargs: Any) -> Any:
