@@ -18,16 +18,14 @@ import pytest
 import torch
 
 import safegate.data
+from safegate.data import distill, sources
 from safegate.data import io as data_io
-from safegate.data import sources
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "smollm2_135m_cpu.yaml"
 DEMO_SETS = ("advbench", "harmbench", "alpaca", "xstest", "jailbreak_templates")
 PACKAGED = {"xstest": (450, "CC-BY-4.0"), "alpaca": (175, "CC BY-NC 4.0"), "harmbench": (400, "MIT")}
 PYRIT = "pyrit==1.1.0"
-
-pytestmark = pytest.mark.xfail(strict=True, reason="issue 17 items 16-17")
 
 
 @pytest.fixture
@@ -71,13 +69,14 @@ def _answers_without_generation(model, tokenizer, records, *args, **kwargs):
 
 
 def test_demo_data_prepares_from_installed_wheels_and_package_data(fresh_machine, tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "self_distill", _answers_without_generation)
+    monkeypatch.setattr(distill, "self_distill", _answers_without_generation)
     files = _demo().prepare_data(_recipe(), tmp_path / "data", n_harmful=40, n_xstest=125)
     manifest = json.loads((tmp_path / "data" / "sources.json").read_text())
     assert sorted(manifest) == sorted(DEMO_SETS)
     for name, origin in manifest.items():
         assert origin.startswith(("wheel:", "package:")), (name, origin)
     assert manifest["advbench"] == manifest["jailbreak_templates"] == f"wheel:{PYRIT}"
+    assert all(manifest[name] == f"package:safegate/data/sets/{name}" for name in PACKAGED)
     assert fresh_machine == []  # the Hub was never asked
     train = _read(files["train"])
     harmful = [r for r in train if r["label"] == "unsafe" and r.get("gate", True)]
@@ -116,7 +115,7 @@ def test_demo_fails_early_naming_the_install_when_a_wheel_is_missing(fresh_machi
 @pytest.mark.parametrize("name", sorted(PACKAGED))
 def test_packaged_sets_load_offline_with_their_license(name, fresh_machine):
     count, license_name = PACKAGED[name]
-    records = sources.load_records(name, sources=("package",))
+    records = sources.load_named_set(name, sources=("package",))
     assert len(records) == count
     assert all(r["loaded_from"].startswith("package:") for r in records)
     folder = Path(safegate.data.__file__).parent / "sets" / name
@@ -153,5 +152,5 @@ def test_installed_sources_give_the_development_folders_records(name):
     if not folder.is_dir():
         pytest.skip("no development data folder to compare with")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "loaded_from"} for r in rows]  # noqa: E731
-    installed = sources.load_records(name, sources=("package", "wheel"))
-    assert strip(installed) == strip(sources.load_records(name, folder, sources=("folder",)))
+    installed = sources.load_named_set(name, sources=("package", "wheel"))
+    assert strip(installed) == strip(sources.load_named_set(name, folder, sources=("folder",)))
