@@ -23,7 +23,8 @@ COUNTS = {
 @pytest.fixture(scope="module")
 def data_dir():
     folder = data_folder()
-    assert folder is not None and folder.is_dir(), "the shared data folder (../shared/data or $SAFEGATE_DATA)"
+    if folder is None or not folder.is_dir():  # a fresh clone: tests/data/test_fresh_machine.py covers it
+        pytest.skip("needs the development data folder (../shared/data or $SAFEGATE_DATA); a fresh clone has none")
     return folder
 
 
