@@ -118,6 +118,7 @@ def prepare_data(recipe: Any, folder: Path, n_harmful: int = 40, n_xstest: int =
     from safegate.data.build import fill_refusals, split_records
     from safegate.data.distill import self_distill
     from safegate.data.io import data_folder, require_data_folder
+    from safegate.data.leakage import check_disjoint
 
     # the recipe's folder, else the data folder ($SAFEGATE_DATA or the development checkout's), else None: the
     # sets then come from safegate's package data and the installed wheels (never the Hub: see load_data_sets)
@@ -149,6 +150,7 @@ def prepare_data(recipe: Any, folder: Path, n_harmful: int = 40, n_xstest: int =
     harm_train = fill_refusals(harm_train, seed=seed)
     train = _wrap_in_templates(harm_train, templates, seed) + ben_train
     train += xs_train + _counterfactuals(ben_train + xs_train, seed)
+    check_disjoint(train, harm_test[:n_harmful] + ben_test + xs_test)  # no evaluation prompt trains
     del model
     files = {
         "train": _write(folder / "train.jsonl", train),
