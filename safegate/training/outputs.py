@@ -60,11 +60,10 @@ def check_bundle_target(bundle: str | os.PathLike, output_dir: str | os.PathLike
         )
 
 
-def check_recipe_outputs(recipe: Any) -> None:
-    """`training.output_dir` and `output.bundle` of a recipe (see the module docstring)."""
-    from safegate.training.trainer import DEFAULT_ARGS
-
-    output_dir = recipe.training.get("output_dir") or DEFAULT_ARGS["output_dir"]
+def check_recipe_outputs(recipe: Any, default_output_dir: str) -> None:
+    """`training.output_dir` (default `default_output_dir`) and `output.bundle` of a recipe (see the module
+    docstring)."""
+    output_dir = recipe.training.get("output_dir") or default_output_dir
     check_output_dir(output_dir, "training.output_dir")
     if recipe.output.bundle:
         check_bundle_target(recipe.output.bundle, output_dir)

@@ -340,9 +340,9 @@ def run_recipe(recipe: Recipe, *, resume_from_checkpoint: str | bool | None = No
     import safegate
     from safegate.training.outputs import check_recipe_outputs
     from safegate.training.state import save_trainable_state
-    from safegate.training.trainer import train
+    from safegate.training.trainer import DEFAULT_ARGS, train
 
-    check_recipe_outputs(recipe)  # every output path, before the model loads (issue 17 item 8)
+    check_recipe_outputs(recipe, DEFAULT_ARGS["output_dir"])  # every output path, before the model loads
     model, processor = load_recipe_model(recipe.model)
     train_records, eval_records = recipe_records(recipe, model, processor)
     gated = safegate.attach(model, processor, recipe.gate_config())
