@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,7 +211,7 @@ def fit_gate(
     _check_fit_args(epochs, lr, beta, aux_weight, batch_size)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction!r}.")
-    # ---- issue 17: single-class data (AUROC undefined, the gate learns a constant) is refused before caching
+    # ---- issue 17: single-class data (AUROC undefined, the gate learns a constant) is named before caching
     if not isinstance(data, PromptCache):
         data = load_records(data, require_response=False)
     counts = (
@@ -220,7 +221,7 @@ def fit_gate(
     )
     single = single_label_message(counts, "fit_gate data")
     if single:
-        raise ValueError(single)
+        warnings.warn(f"{single} AUROC is undefined, so no train_auroc is reported.", UserWarning, stacklevel=2)
     # ---- end of the single-class check
     cache = (
         data
