@@ -142,6 +142,29 @@ def image_digest(image: Any) -> str:
     return h.hexdigest()
 
 
+JUDGE_CONTRACT = (
+    "a judge must return one verdict per JudgeRequest: the string 'safe' or 'unsafe' (any case) or a "
+    "safegate.defenses.judges.Verdict (or be a SafetyJudge, e.g. FunctionSafetyJudge(fn(prompt, image)))"
+)
+
+
+def coerce_verdict(value: Any, where: str = "the judge") -> Verdict:
+    """A `Verdict` from what a judge returned: a `Verdict` or the string `"safe"`/`"unsafe"` (any case, stripped);
+    anything else is a `ValueError` in one line that says what a judge must return."""
+    label = value.label if isinstance(value, Verdict) else value
+    norm = label.strip().lower() if isinstance(label, str) else None
+    if norm not in (SAFE, UNSAFE):
+        raise ValueError(f"{where} returned {_short(value)}; {JUDGE_CONTRACT}.")
+    if isinstance(value, Verdict):
+        return value if value.label == norm else replace(value, label=norm)
+    return Verdict(norm, 1.0 if norm == UNSAFE else 0.0, raw=value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def parse_verdict(text: str) -> str | None:
     """`"safe"`/`"unsafe"` from a judge's answer (first of the two words that appears), or `None`."""
     match = _WORD.search(text.lower())
@@ -181,11 +204,7 @@ class SafetyJudge(ABC):
             if hit is not None:
                 out.append(replace(hit, cached=True))
                 continue
-            verdict = self._judge(request)
-            if verdict.label not in (SAFE, UNSAFE):
-                raise ValueError(
-                    f"{type(self).__name__} returned label {verdict.label!r}; expected 'safe' or 'unsafe'."
-                )
+            verdict = coerce_verdict(self._judge(request), type(self).__name__)
             self.calls += 1
             with self._lock:
                 self._cache[key] = verdict
@@ -212,7 +231,7 @@ class FunctionSafetyJudge(SafetyJudge):
     def _judge(self, request: JudgeRequest) -> Verdict:
         answer = self.fn(request.prompt, request.image)
         if isinstance(answer, Verdict):
-            return answer
+            return coerce_verdict(answer, "the judge function")
         if isinstance(answer, bool):
             return Verdict(UNSAFE if answer else SAFE, float(answer))
         if isinstance(answer, (int, float)):
@@ -306,7 +325,12 @@ class HFSafetyJudge(SafetyJudge):
                 rest = torch.tensor([tokens], device=device)
                 mask = torch.ones(1, len(prefix_ids) + len(tokens) - 1, dtype=torch.long, device=device)
                 cache = expanded_cache(output_cache(out), 1)
-                logits = self.model(input_ids=rest[:, :-1], attention_mask=mask, **{CACHE_KWARG: cache}).logits[0]
+                # explicit positions: some models (the Qwen2.5-Omni thinker) derive them from the whole mask and
+                # then mis-shape the attention of a cached continuation
+                positions = torch.arange(len(prefix_ids), mask.shape[1], device=device).unsqueeze(0)
+                logits = self.model(
+                    input_ids=rest[:, :-1], attention_mask=mask, position_ids=positions, **{CACHE_KWARG: cache}
+                ).logits[0]
                 logits = logits.float()
                 logp = torch.log_softmax(logits, dim=-1)
                 total += float(logp.gather(1, rest[0, 1:].view(-1, 1)).sum())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,7 +37,16 @@ from safegate.defenses.decoding import (
     expected_rows,
     rows_with_images,
 )
-from safegate.defenses.judges import SAFE, UNSAFE, HFSafetyJudge, JudgeRequest, SafetyJudge, Verdict, image_digest
+from safegate.defenses.judges import (
+    JUDGE_CONTRACT,
+    UNSAFE,
+    HFSafetyJudge,
+    JudgeRequest,
+    SafetyJudge,
+    Verdict,
+    coerce_verdict,
+    image_digest,
+)
 from safegate.defenses.pixels import image_stats, images_from_pixels, neutral_pixels
 from safegate.modeling.arch import resolve
 from safegate.modeling.tokens import text_tokenizer
@@ -76,8 +86,10 @@ class SafeCoDe(DropInSurface):
     Args:
         model: the model (Qwen2.5-Omni: its thinker generates; kwargs prefixed `thinker_` are accepted).
         processor: its processor or tokenizer.
-        judge (`SafetyJudge | None`): verdict judge; default `HFSafetyJudge(model, processor)` (the model
-            judges itself, OUR CHOICE for an offline default; the paper uses GPT-4o, see `OpenAISafetyJudge`).
+        judge (`SafetyJudge | Callable | None`): verdict judge; default `HFSafetyJudge(model, processor)` (the
+            model judges itself, OUR CHOICE for an offline default; the paper uses GPT-4o, see
+            `OpenAISafetyJudge`). A plain callable gets the list of `JudgeRequest`s and returns one verdict per
+            request: `"safe"`/`"unsafe"` (any case) or a `Verdict`.
         alpha (`float`): contrast weight (0.3, official default).
         noise_sigma (`float`): std of the pixel noise in [0, 1] units (0.1).
         boost (`float`): lambda_boost = lambda_supp (1.0).
@@ -121,7 +133,8 @@ class SafeCoDe(DropInSurface):
         if not (isinstance(steps, int) and steps >= 0):
             raise ValueError(f"`steps` must be an int >= 0, got {steps!r}.")
         if judge is not None and not callable(judge):
-            raise TypeError(f"`judge` must be a safegate.defenses.judges.SafetyJudge, got {type(judge).__name__}.")
+            kind = type(judge).__name__
+            raise TypeError(f"`judge` must be a SafetyJudge or a callable, got {kind}; {JUDGE_CONTRACT}.")
         self.model = model
         self.processor = processor
         self.tokenizer = text_tokenizer(processor)
@@ -304,19 +317,27 @@ class SafeCoDe(DropInSurface):
         images: Sequence[Any] | None,
     ) -> list[Verdict]:
         if verdicts is None:
-            return self.judge(self.judge_requests(input_ids, attention_mask, kwargs, judge_prompts, images))
+            requests = self.judge_requests(input_ids, attention_mask, kwargs, judge_prompts, images)
+            answers = self.judge(requests)
+            if isinstance(answers, (str, Verdict)) or not isinstance(answers, Sequence):
+                answers = [answers] if len(requests) == 1 and isinstance(answers, (str, Verdict)) else answers
+            if not isinstance(answers, Sequence) or isinstance(answers, str) or len(answers) != len(requests):
+                got = f"{len(answers)} answers" if isinstance(answers, Sequence) else type(answers).__name__
+                raise ValueError(f"the judge returned {got} for {len(requests)} requests; {JUDGE_CONTRACT}.")
+            return [coerce_verdict(a, f"the judge (request {i})") for i, a in enumerate(answers)]
         if len(verdicts) != input_ids.shape[0]:
             raise ValueError(
                 f"`verdicts` must hold one entry per prompt row ({input_ids.shape[0]}), got {len(verdicts)}."
             )
         out = []
         for v in verdicts:
-            if isinstance(v, Verdict):
-                out.append(v)
-            elif v in (SAFE, UNSAFE):
-                out.append(Verdict(v, 1.0 if v == UNSAFE else 0.0, raw="given"))
-            else:
+            if not isinstance(v, (str, Verdict)):
                 raise ValueError(f"`verdicts` entries must be 'safe', 'unsafe' or a Verdict, got {v!r}.")
+            try:
+                verdict = coerce_verdict(v, "`verdicts`")
+            except ValueError:
+                raise ValueError(f"`verdicts` entries must be 'safe', 'unsafe' or a Verdict, got {v!r}.") from None
+            out.append(replace(verdict, raw="given") if isinstance(v, str) else verdict)
         return out
 
     def _forward_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:

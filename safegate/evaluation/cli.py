@@ -2,7 +2,9 @@
 
 Everything the user passes is validated before the model loads (data files line by line, attack and judge
 names, the judge's endpoint, the output folder); a problem ends the command with one line on stderr and exit
-status 2, and DIR is left as it was.
+status 2, and DIR is left as it was. The plots need matplotlib (`pip install 'safegate[eval]'`); without it the
+command stops before loading the model unless `--no-plots` is given. The results are written before the plots,
+so a plot that fails costs only the plots.
 
 Example:
     >>> import argparse
@@ -66,7 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per interval")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"])
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: where the model loads)")
-    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--no-plots", action="store_true", help="skip the PNG plots (they need: pip install 'safegate[eval]')"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -93,6 +97,13 @@ def run(args: argparse.Namespace) -> int:
     judge = get_judge(args.judge)
     factory = get_defense_factory(args.defense)
     check_out_dir(args.out)
+    if not args.no_plots:  # an optional dependency is checked before the model loads, not after generation
+        from safegate.evaluation.plots import check_plot_dependencies
+
+        try:
+            check_plot_dependencies("--no-plots")
+        except ImportError as err:
+            raise CLIError(str(err)) from None
     judge.check()
 
     # 2. model, defense, evaluation

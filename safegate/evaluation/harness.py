@@ -31,7 +31,7 @@ from safegate.evaluation.data import Dataset, coerce_datasets
 from safegate.evaluation.defense import Defense, as_defense
 from safegate.evaluation.judges import AnswerJudge, RefusalJudge, get_judge
 from safegate.evaluation.media_attacks import write_wav
-from safegate.evaluation.plots import write_plots
+from safegate.evaluation.plots import PLOT_FILES, check_plot_dependencies, write_plots
 from safegate.evaluation.report import (
     REPORT_JSON,
     REPORT_MD,
@@ -145,6 +145,8 @@ def evaluate(
     judge_obj.check()
     if out_dir is not None:
         check_out_dir(out_dir)
+        if plots:  # before hours of generation, not after
+            check_plot_dependencies("plots=False")
     rows, skipped = build_cases(defense, data, attack_list, seed)
     if not rows:
         reasons = "; ".join(f"{s['dataset']}/{s['attack']}: {s['reason']}" for s in skipped)
@@ -253,13 +255,27 @@ def _fill(
     gated_refused: list,
     plots: bool,
 ) -> None:
-    if plots:
-        scored = [(o.score, c.record.harmful) for c, o in zip(cases, outcomes) if o.score is not None]
-        report["plots"] = write_plots(folder, [s for s, _ in scored], [y for _, y in scored], report["results"])
-    samples = _write_samples(folder, cases)
+    """The results first (responses.jsonl, report.md, report.json), the optional plots last: a plot that fails
+    costs the plots only (noted in the report's warnings), never the results."""
+    write_jsonl(folder / RESPONSES, response_rows(cases, outcomes, base_refused, gated_refused))
+    try:
+        samples = _write_samples(folder, cases)
+    except Exception as err:  # noqa: BLE001 - a sample file is an illustration; the results must survive
+        samples = []
+        report["warnings"].append(f"sample inputs not written ({type(err).__name__}: {err})")
     if samples:
         report["samples"] = samples
-    write_jsonl(folder / RESPONSES, response_rows(cases, outcomes, base_refused, gated_refused))
+    (folder / REPORT_MD).write_text(markdown(report), encoding="utf-8")
+    write_json(folder / REPORT_JSON, report)
+    if not plots:
+        return
+    scored = [(o.score, c.record.harmful) for c, o in zip(cases, outcomes) if o.score is not None]
+    try:
+        report["plots"] = write_plots(folder, [s for s, _ in scored], [y for _, y in scored], report["results"])
+    except Exception as err:  # noqa: BLE001 - plots are optional; the written report stays
+        for name in PLOT_FILES:
+            (folder / name).unlink(missing_ok=True)
+        report["warnings"].append(f"plots not written ({type(err).__name__}: {err})")
     (folder / REPORT_MD).write_text(markdown(report), encoding="utf-8")
     write_json(folder / REPORT_JSON, report)
 

@@ -20,6 +20,20 @@ from typing import Any
 
 from safegate.evaluation.metrics import auroc, roc_curve
 
+PLOT_FILES = ("roc.png", "score_hist.png", "asr_by_attack.png")
+PLOTS_EXTRA = "pip install 'safegate[eval]'"
+
+
+def check_plot_dependencies(option: str = "--no-plots") -> None:
+    """Raise one-line `ImportError` naming the fix if matplotlib cannot be imported (checked before any work)."""
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            f"the report's plots need matplotlib ({type(err).__name__}: {err}); {PLOTS_EXTRA}, or pass {option}."
+        ) from None
+
 
 def _figure(width: float = 5.0, height: float = 4.0) -> tuple[Any, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -43,9 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from safegate.training.outputs import check_recipe_outputs
     from safegate.training.recipes import load_recipe, recipe_records, run_recipe
+    from safegate.training.trainer import DEFAULT_ARGS
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)
+    check_recipe_outputs(recipe, DEFAULT_ARGS["output_dir"])  # a dry run reports it too
     if args.dry_run:
         train_records, eval_records = recipe_records(recipe) if recipe.data.refusals == "template" else ([], None)
         print(f"recipe {args.recipe}: valid (model {recipe.model.name}, method {recipe.method}, beta {recipe.beta})")

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from safegate.modeling.hooks import HiddenStateTap
 from safegate.modeling.tokens import padding_id
 from safegate.training.collate import build_inputs, concat_model_inputs
 from safegate.training.gate_opt import GateFitError, optimise
+from safegate.training.label_check import label_counts, single_label_message
 from safegate.training.objective import class_weighted_mean
 
 __all__ = [
@@ -209,6 +211,18 @@ def fit_gate(
     _check_fit_args(epochs, lr, beta, aux_weight, batch_size)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction!r}.")
+    # ---- issue 17: single-class data (AUROC undefined, the gate learns a constant) is named before caching
+    if not isinstance(data, PromptCache):
+        data = load_records(data, require_response=False)
+    counts = (
+        {"safe": int((data.labels == 0).sum()), "unsafe": int((data.labels == 1).sum())}
+        if isinstance(data, PromptCache)
+        else label_counts(data)
+    )
+    single = single_label_message(counts, "fit_gate data")
+    if single:
+        warnings.warn(f"{single} AUROC is undefined, so no train_auroc is reported.", UserWarning, stacklevel=2)
+    # ---- end of the single-class check
     cache = (
         data
         if isinstance(data, PromptCache)

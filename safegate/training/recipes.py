@@ -141,8 +141,16 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist.")
+    data = path.read_bytes()
     try:
-        raw = _yaml(path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"recipe {str(path)!r} line {line}: not UTF-8 text ({err.reason}); save it as UTF-8."
+        ) from None
+    try:
+        raw = _yaml(text)
     except yaml.YAMLError as err:
         raise ValueError(f"recipe {str(path)!r} is not valid YAML: {err}") from err
     return parse_recipe(raw if raw is not None else {}, overrides=overrides, where=str(path))
@@ -330,9 +338,11 @@ def recipe_records(recipe: Recipe, model: Any = None, processor: Any = None) -> 
 def run_recipe(recipe: Recipe, *, resume_from_checkpoint: str | bool | None = None) -> dict[str, Any]:
     """Load the model, build the data, attach the gate, (warm-start and) train, save the bundle; return stats."""
     import safegate
+    from safegate.training.outputs import check_recipe_outputs
     from safegate.training.state import save_trainable_state
-    from safegate.training.trainer import train
+    from safegate.training.trainer import DEFAULT_ARGS, train
 
+    check_recipe_outputs(recipe, DEFAULT_ARGS["output_dir"])  # every output path, before the model loads
     model, processor = load_recipe_model(recipe.model)
     train_records, eval_records = recipe_records(recipe, model, processor)
     gated = safegate.attach(model, processor, recipe.gate_config())

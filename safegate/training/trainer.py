@@ -43,7 +43,9 @@ from safegate.modeling.tokens import padding_id
 from safegate.training.collate import CASACollator, check_method
 from safegate.training.examples import encode_records
 from safegate.training.gate_fit import fit_gate, standardize_gate
+from safegate.training.label_check import label_counts, single_label_message
 from safegate.training.objective import casa_loss
+from safegate.training.outputs import check_output_dir
 from safegate.training.state import (
     TRAINABLE_STATE_NAME,
     TRAINING_ARGS_NAME,
@@ -311,6 +313,9 @@ def train(
     started = time.perf_counter()
     records = load_records(train_data)
     eval_records = load_records(eval_data) if eval_data is not None else None
+    single = single_label_message(label_counts(records), "training data")
+    if single:
+        warnings.warn(single, UserWarning, stacklevel=2)
     train_set, skipped = encode_records(
         gated, records, method=method, safety_prompt=safety_prompt, max_length=max_length
     )
@@ -322,6 +327,7 @@ def train(
     if not train_set:
         raise ValueError(f"every training prompt is longer than `max_length={max_length}`; raise `max_length`.")
     training_args = training_arguments(args)
+    check_output_dir(training_args.output_dir, "args.output_dir")  # before training, not at save time
     warm = None
     if warm_start and method != "casa":
         warnings.warn(f"`warm_start` fits the gate, which method={method!r} does not use; skipped.", stacklevel=2)
