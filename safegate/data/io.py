@@ -36,6 +36,18 @@ class BadLine(str):
     """A JSONL line that is not valid JSON, as `read_jsonl(..., keep_bad_lines=True)` returns it: the reason."""
 
 
+def read_utf8(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file; bytes that are not UTF-8 raise `DataFileError` naming the file and the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        number = data[: err.start].count(b"\n") + 1
+        reason = f"{err.reason} at byte {err.start}"
+        message = f"{path}:{number}: line {number} is not UTF-8 text ({reason}); save it as UTF-8."
+        raise DataFileError(message) from None
+
+
 def read_jsonl(
     path: str | os.PathLike, *, allow_empty: bool = False, keep_bad_lines: bool = False
 ) -> list[tuple[int, Any]]:
@@ -50,13 +62,7 @@ def read_jsonl(
     if not path.is_file():
         hint = "it is a folder" if path.is_dir() else "no such file"
         raise DataFileError(f"{path}: cannot read data file ({hint}); pass an existing JSONL file.")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        number = data[: err.start].count(b"\n") + 1
-        message = f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8."
-        raise DataFileError(message) from None
+    text = read_utf8(path)
     rows = []
     # split on "\n" only: `str.splitlines` would also split on U+2028 and friends, which JSON strings may hold
     for number, line in enumerate(text.split("\n"), start=1):

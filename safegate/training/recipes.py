@@ -40,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from safegate.data.io import DataFileError, read_utf8
 from safegate.modeling.config import GateConfig
 from safegate.training.collate import METHODS
 
@@ -141,14 +142,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist.")
-    data = path.read_bytes()
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise ValueError(
-            f"recipe {str(path)!r} line {line}: not UTF-8 text ({err.reason}); save it as UTF-8."
-        ) from None
+        text = read_utf8(path)
+    except DataFileError as err:
+        raise ValueError(f"recipe {err}") from None
     try:
         raw = _yaml(text)
     except yaml.YAMLError as err:
