@@ -130,6 +130,9 @@ def test_saving_leaves_the_gated_model_bitwise_unchanged_and_equals_peft_merge(t
     assert all(saved[k].dtype == dtype and torch.equal(saved[k], reference[k]) for k in saved)
     merged, _ = load_merged(folder, dtype=torch.bfloat16 if dtype == torch.bfloat16 else None)
     assert merged.dtype == dtype
+    gated.merge_adapter()  # a gated model merged in place exports the same weights
+    again = load_file(str(gated.save_merged(tmp_path / "again") / "model.safetensors"))
+    assert all(torch.equal(again[k], saved[k]) for k in saved)
 
 
 def test_saving_is_atomic_refuses_foreign_folders_and_replaces_only_its_own_files(tmp_path):
