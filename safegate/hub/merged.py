@@ -136,9 +136,9 @@ def merged_verdict(
       (`gate.tapped_layer`: `-1` = the final norm's output, i.e. what the head projects; `k` = decoder layer `k`'s
       output; with transformers, `output_hidden_states[gate.hidden_states_index]`). All positions count (the gate's
       mask is all ones).
-    - `safety_logits` (`(2,)`): the model's raw logits of `(safe_id, unsafe_id)` at the last prompt position
-      (before temperature, penalties or any logits processor), i.e. the head's two safety rows times the final
-      norm's output there.
+    - `safety_logits` (`(2,)`): the model's raw logits of `(safe_id, unsafe_id)` at the last prompt position, as
+      the model returns them (after any soft-capping the model itself applies; before temperature, penalties or any
+      logits processor); for most models the head's two safety rows times the final norm's output there.
 
     Computation (`modeling/model.py` `gate_logit`, `gated_pair`, `decide_pair`; `modeling/gate.py`):
 
