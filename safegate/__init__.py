@@ -16,6 +16,7 @@ Example:
 from safegate._lazy import lazy_attributes
 from safegate._moved import install as _install_moved_finder
 from safegate.hub import bundle as _bundle  # noqa: F401 - registers the format `SafeGateModel.save_bundle` writes
+from safegate.hub import merged as _merged  # noqa: F401 - registers the writer `SafeGateModel.save_merged` calls
 from safegate.modeling.config import GateConfig
 from safegate.modeling.gate import SafetyGate
 from safegate.modeling.model import SafeGateModel, attach
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_bundle": "safegate.hub.bundle",
     "SafeGateBundle": "safegate.hub.bundle",
+    "load_merged": "safegate.hub.merged",
     "train": "safegate.training.trainer",
     "fit_gate": "safegate.training.gate_fit",
     "calibrate_threshold": "safegate.training.calibrate",

@@ -4,6 +4,7 @@
     safegate export --model NAME --bundle-out DIR                 # fresh (untrained) gate: size of a bundle
     safegate export --from-bundle SRC --model NAME --bundle-out DIR   # check SRC fits NAME, re-export it
     safegate export --from-bundle SRC --bundle-out DIR            # verified copy (e.g. Hub repo -> folder)
+    safegate export [--from-bundle SRC] --model NAME --merged DIR  # plain checkpoint, LoRA merged, + the gate
     ... [--push-to-hub REPO_ID [--private]] [--threshold P] [--recipe NAME]
 
 Example:
@@ -23,6 +24,7 @@ from typing import Any
 from safegate.errors import CLIError
 from safegate.hub.bundle import SafeGateBundle
 from safegate.hub.files import bundle_sizes, resolve_bundle
+from safegate.modeling.model import SafeGateModel
 
 
 def register(subparsers: Any) -> None:
@@ -37,14 +39,20 @@ def register(subparsers: Any) -> None:
     info.set_defaults(func=run_info)
 
     export = subparsers.add_parser(
-        "export", help="write (or re-export) a gate bundle and report its size in bytes",
+        "export", help="write (or re-export) a gate bundle or a merged checkpoint and report sizes in bytes",
         description="Write a gate bundle. With --from-bundle, the source bundle is validated (and, with --model, "
         "loaded strictly onto that backbone) and written again; without it, a fresh untrained gate is attached "
-        "to --model, which shows the bundle size for that backbone.",
+        "to --model, which shows the bundle size for that backbone. --merged DIR writes the gated --model as a "
+        "plain transformers checkpoint (LoRA merged, safety tokens in) plus the gate, for engines such as vLLM.",
     )  # fmt: skip
     export.add_argument("--model", help="backbone: folder, Hub id, tiny:qwen2, tiny:llama or builtin:<name>")
     export.add_argument("--from-bundle", metavar="SRC", help="bundle folder or Hub repo id to re-export")
     export.add_argument("--bundle-out", metavar="DIR", help="folder to write (atomically)")
+    export.add_argument(
+        "--merged", metavar="DIR",
+        help="also write a merged export to DIR (atomically): a plain transformers checkpoint with LoRA merged and "
+        "the safety tokens in, plus the gate; needs --model (docs/serving.md)",
+    )  # fmt: skip
     export.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the bundle to this Hub repo")
     export.add_argument("--private", action="store_true", help="create the Hub repo as private")
     export.add_argument("--threshold", type=float, help="set the default p(unsafe) threshold of the gate")
@@ -94,17 +102,23 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    if not args.bundle_out and not args.push_to_hub:
-        raise CLIError("give --bundle-out DIR and/or --push-to-hub REPO_ID.")
+    if not args.bundle_out and not args.push_to_hub and not args.merged:
+        raise CLIError("give --bundle-out DIR, --merged DIR and/or --push-to-hub REPO_ID.")
     if not args.model and not args.from_bundle:
         raise CLIError("give --model NAME (fresh gate or target backbone) and/or --from-bundle SRC.")
+    if args.merged and not args.model:
+        raise CLIError(
+            f"--merged {args.merged} needs --model NAME: the backbone LoRA and the token rows are merged into "
+            "(with --from-bundle SRC, the backbone SRC was trained for)."
+        )
     source = None
     if args.from_bundle:
         source = SafeGateBundle.from_pretrained(args.from_bundle, revision=args.revision, cache_dir=args.cache_dir)
     recipe = args.recipe if args.recipe is not None else (source.config.get("recipe") if source else None)
     evaluation = source.config.get("evaluation") if source else None
-    if args.model:
-        bundle = _bundle_from_model(args, source, recipe, evaluation)
+    gated = _gated_from_model(args, source) if args.model else None
+    if gated is not None:
+        bundle = SafeGateBundle.from_model(gated, recipe=recipe, evaluation=evaluation)
     else:
         assert source is not None
         bundle = _with_metadata(source, recipe, args.threshold)
@@ -112,15 +126,19 @@ def run_export(args: argparse.Namespace) -> int:
         bundle.save_pretrained(args.bundle_out)
         print(f"wrote bundle to {args.bundle_out}")
         _print_sizes(bundle_sizes(args.bundle_out), bundle)
+    if args.merged:
+        assert gated is not None
+        folder = gated.save_merged(args.merged)
+        sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+        print(f"wrote merged export (plain transformers checkpoint + gate) to {folder}")
+        _print_sizes(sizes, None)
     if args.push_to_hub:
         url = bundle.push_to_hub(args.push_to_hub, private=args.private or None, commit_message="Upload a gate bundle")
         print(f"pushed to {args.push_to_hub}: {url}")
     return 0
 
 
-def _bundle_from_model(
-    args: argparse.Namespace, source: SafeGateBundle | None, recipe: str | None, evaluation: Any
-) -> SafeGateBundle:
+def _gated_from_model(args: argparse.Namespace, source: SafeGateBundle | None) -> SafeGateModel:
     import safegate
     from safegate.backbones.load import load_model
 
@@ -133,7 +151,7 @@ def _bundle_from_model(
         print("note: exporting a fresh, untrained gate (train one with `safegate train`).")
     if args.threshold is not None:
         gated.gate_config.threshold = _threshold(args.threshold)
-    return SafeGateBundle.from_model(gated, recipe=recipe, evaluation=evaluation)
+    return gated
 
 
 def _with_metadata(bundle: SafeGateBundle, recipe: str | None, threshold: float | None) -> SafeGateBundle:
@@ -152,11 +170,13 @@ def _threshold(value: float) -> float:
     return checked
 
 
-def _print_sizes(sizes: dict[str, int], bundle: SafeGateBundle) -> None:
+def _print_sizes(sizes: dict[str, int], bundle: SafeGateBundle | None) -> None:
     width = max(len(name) for name in sizes) + 2
     print("files (bytes):")
     for name, size in sizes.items():
         print(f"  {name:<{width}}{size:>12}")
     print(f"  {'total':<{width}}{sum(sizes.values()):>12}")
+    if bundle is None:
+        return
     n_tensors = len(bundle.tensors) + len(bundle.adapter_tensors)
     print(f"tensors: {n_tensors}, tensor data {bundle.payload_bytes} bytes")

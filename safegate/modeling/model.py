@@ -18,7 +18,7 @@ import contextlib
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -64,6 +64,8 @@ class SafeGateModel(GateLifecycle, nn.Module):
 
     #: The bundle type `save_bundle` and `push_to_hub` write (`safegate.hub.bundle.SafeGateBundle`, registered there).
     bundle_class: ClassVar[type | None] = None
+    #: The writer `save_merged` calls (`safegate.hub.merged.save_merged`, registered there).
+    merged_writer: ClassVar[Callable[[SafeGateModel, str | os.PathLike], Path] | None] = None
 
     def __init__(self, model: nn.Module, tokenizer_or_processor: Any, config: GateConfig | None = None) -> None:
         super().__init__()
@@ -385,6 +387,17 @@ class SafeGateModel(GateLifecycle, nn.Module):
         bundle = self._require_bundle_class().from_model(self, recipe=recipe, evaluation=evaluation)
         bundle.save_pretrained(path)
         return Path(path)
+
+    def save_merged(self, path: str | os.PathLike) -> Path:
+        """Write a plain Hugging Face checkpoint (LoRA merged, safety tokens in) plus the gate to `path`; return it.
+
+        Format and loading back (`safegate.load_merged`): `docs/serving.md`, "Merged export". `self` is not modified.
+        """
+        if type(self).merged_writer is None:
+            raise RuntimeError(
+                "no merged writer is registered: `import safegate.hub.merged` (`import safegate` does)."
+            )
+        return type(self).merged_writer(self, path)
 
     def push_to_hub(
         self, repo_id: str, *, recipe: str | None = None, evaluation: Mapping | Sequence | None = None, **kwargs: Any
