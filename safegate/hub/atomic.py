@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-_TEMP = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]+")
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?:tmp|old|stage)-(?:(?P<pid>\d+)-)?[0-9a-f]+")
 
 
 def write_folder(target: Path, write: Callable[[Path], object], own: Iterable[str]) -> None:

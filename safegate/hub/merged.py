@@ -36,7 +36,8 @@ import dataclasses
 import functools
 import json
 import os
-import tempfile
+import shutil
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,8 +217,10 @@ def save_merged(gated: SafeGateModel, path: str | os.PathLike) -> Path:
     check_merged_target(target)
     previous = _previous_files(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.stage-") as stage_name:
-        stage = Path(stage_name)
+    # named like write_folder's temporaries, so a later save removes it if this process is killed mid-save
+    stage = target.parent / f".{target.name}.stage-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    stage.mkdir()
+    try:
         _write_export(gated, stage)
         written = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
 
@@ -227,6 +230,8 @@ def save_merged(gated: SafeGateModel, path: str | os.PathLike) -> Path:
                 os.replace(stage / name, folder / name)
 
         write_folder(target, move, own=set(written) | previous)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return target
 
 

@@ -153,6 +153,9 @@ def test_saving_is_atomic_refuses_foreign_folders_and_replaces_only_its_own_file
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
     manifest["files"]["model-00002-of-00002.safetensors"] = {"size": 32}
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    killed = tmp_path / ".merged.stage-999999999-0123456789ab"  # a save killed mid-way (its process is gone)
+    killed.mkdir()
+    (killed / "model.safetensors").write_text("partial")
     gated.save_merged(folder)
     names = {p.name for p in folder.iterdir()}
     assert "report.md" in names and "model-00002-of-00002.safetensors" not in names
