@@ -71,7 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-only", action="store_true", help="prepare the data (step 1) and stop")
     parser.add_argument("--seeds", type=int, default=1, help="train and evaluate N gates (recipe seeds s, s+1, ...)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed (default: report)")
-    parser.add_argument("--guard", action="store_true", help="reduced run with floors for CI (see docs/demo.md)")
+    parser.add_argument(
+        "--guard", action="store_true", help="reduced CI run with floors, its own sizes (docs/demo.md)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -80,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         return _quick()
     if isinstance(args.seeds, bool) or args.seeds < 1:
         raise ValueError(f"--seeds must be a positive integer, got {args.seeds!r}; pass --seeds 1 or more.")
+    if args.guard and args.seeds != 1:
+        raise ValueError(f"--guard trains one gate, got --seeds {args.seeds}; drop --seeds (or --guard).")
     started = time.perf_counter()
     threads = int(os.environ.get("SAFEGATE_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(max(1, threads))

@@ -1,7 +1,18 @@
-"""`safegate demo`: the quick tour runs, and the closing summary checks targets honestly."""
+"""`safegate demo`: the quick tour runs, the closing summary checks targets honestly, seeds, the CI guard."""
 
+import json
+import types
+
+import pytest
+import torch
+
+import safegate
 from safegate.cli import main
 from safegate.demo import summary
+from safegate.demo_guard import guard_checks
+from safegate.demo_report import TARGETS, git_commit, target_checks
+from safegate.evaluation.defense import CasaDefense, DefendedBatch
+from safegate.testing import tiny_model_and_tokenizer
 
 
 def test_quick_demo_runs(capsys):
@@ -44,17 +55,6 @@ def test_summary_reports_met_and_missed_targets():
 
 
 # ------------------------------------------------------------------ targets over seeds, provenance, the guard
-import json  # noqa: E402
-import types  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import safegate  # noqa: E402
-from safegate.demo_guard import guard_checks  # noqa: E402
-from safegate.demo_report import TARGETS, git_commit, target_checks  # noqa: E402
-from safegate.evaluation.defense import CasaDefense, DefendedBatch  # noqa: E402
-from safegate.testing import tiny_model_and_tokenizer  # noqa: E402
 
 
 def _seed_report(asr, refusal, fidelity=0.95, auroc=0.97):
@@ -182,3 +182,10 @@ def test_guard_fails_on_a_gate_with_constant_output(fake_pipeline, monkeypatch, 
     out = capsys.readouterr().out
     assert "[FAIL] gate AUROC, held-out: 0.500" in out and "[FAIL] gated ASR harmful/none: 100%" in out
     assert "guard failed: gate AUROC, held-out, gated ASR harmful/none" in out
+
+
+def test_seeds_must_be_positive(capsys):
+    assert main(["demo", "--seeds", "0"]) == 2
+    assert "--seeds must be a positive integer, got 0" in capsys.readouterr().err
+    assert main(["demo", "--guard", "--seeds", "2"]) == 2
+    assert "--guard trains one gate, got --seeds 2" in capsys.readouterr().err
