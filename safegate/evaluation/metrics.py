@@ -6,6 +6,7 @@
 Rates are fractions in [0, 1]; `None` where nothing was measured. A `None` flag (judge failure) is excluded.
 Bootstrap intervals are percentile intervals over `n_boot` resamples drawn with a seeded numpy generator.
 `auroc` is the library's only AUROC (the gate fit, the trainer and SafeSteer's probe use it too).
+`answer_fidelity` = share of benign answers whose first `FIDELITY_TOKENS` tokens are the base model's own.
 
 Example:
     >>> rate([True, False, None, True])
@@ -17,6 +18,8 @@ Example:
     0.75
     >>> relative_reduction(0.5, 0.1)
     0.8
+    >>> answer_fidelity([[1, 2, 3], [4, 5]], [[1, 2, 3, 9], [4, 6]], n_tokens=3)
+    0.5
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 Flags = Sequence[bool | None]
 N_BOOT = 1000
 LEVEL = 0.95
+FIDELITY_TOKENS = 40
 
 
 def rate(flags: Flags) -> float | None:
@@ -153,3 +157,20 @@ def reduction_ci(
     with np.errstate(invalid="ignore", divide="ignore"):
         values = np.where(base_rates > 0, (base_rates - gated_rates) / base_rates, np.nan)
     return _interval(values, point, level)
+
+
+def answer_fidelity(
+    base: Sequence[Sequence[int]], gated: Sequence[Sequence[int]], n_tokens: int = FIDELITY_TOKENS
+) -> float | None:
+    """Share of answer pairs whose first `n_tokens` tokens are identical (`None` for no pair).
+
+    A benign answer the gate left alone is the base model's answer token for token (greedy decoding); a shorter
+    answer matches only if the other one stops at the same token too.
+    """
+    if len(base) != len(gated):
+        raise ValueError(f"answer_fidelity: {len(base)} base answers for {len(gated)} gated ones; pass pairs.")
+    if n_tokens < 1:
+        raise ValueError(f"answer_fidelity: `n_tokens` must be at least 1, got {n_tokens!r}.")
+    if not base:
+        return None
+    return sum(list(b[:n_tokens]) == list(g[:n_tokens]) for b, g in zip(base, gated)) / len(base)

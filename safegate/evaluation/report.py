@@ -2,8 +2,9 @@
 
 Rates are fractions in [0, 1] in `report.json` and percentages in `report.md`. Each rate has a seeded 95 %
 bootstrap interval (`*_ci`). `asr_relative_reduction` = (base ASR - gated ASR) / base ASR with a paired
-bootstrap interval. `publish` fills a temporary folder next to DIR and moves it into place only when every file
-is written, so a failed run leaves DIR as it was.
+bootstrap interval. `answer_fidelity` (per benign dataset, unattacked requests) = share of gated answers whose
+first 40 tokens are the base model's, with both refusal rates. `publish` fills a temporary folder next to DIR and
+moves it into place only when every file is written, so a failed run leaves DIR as it was.
 
 Example:
     >>> fmt_rate(0.1234, [0.1, 0.15]), fmt_rate(None)
@@ -22,7 +23,16 @@ from typing import Any
 
 from safegate.evaluation.attack_types import Case
 from safegate.evaluation.judges import MEASURES
-from safegate.evaluation.metrics import auroc, auroc_ci, rate, rate_ci, reduction_ci, relative_reduction
+from safegate.evaluation.metrics import (
+    FIDELITY_TOKENS,
+    answer_fidelity,
+    auroc,
+    auroc_ci,
+    rate,
+    rate_ci,
+    reduction_ci,
+    relative_reduction,
+)  # fmt: skip
 from safegate.evaluation.runner import Outcome
 
 REPORT_JSON, REPORT_MD, RESPONSES = "report.json", "report.md", "responses.jsonl"
@@ -93,6 +103,38 @@ def gate_summary(cases: Sequence[Case], outcomes: Sequence[Outcome], n_boot: int
         "gate_auroc_ci": auroc_ci(scores, labels, n_boot, seed),
         "gate_auroc_n": {"harmful": sum(labels), "benign": len(labels) - sum(labels)},
     }
+
+
+def fidelity_summary(
+    cases: Sequence[Case],
+    outcomes: Sequence[Outcome],
+    base_refused: Sequence[bool | None],
+    gated_refused: Sequence[bool | None],
+    tokenize: Callable[[str], Sequence[int]],
+    n_tokens: int = FIDELITY_TOKENS,
+) -> dict[str, dict[str, Any]]:
+    """Benign answer fidelity per dataset with benign requests, on its unattacked requests (`attack == "none"`).
+
+    `fidelity` = share of gated answers whose first `n_tokens` tokens equal the base answer's, compared as token
+    ids of the decoded answers re-tokenized by `tokenize` (the harness keeps the decoded text, not the ids).
+    """
+    groups: dict[str, list[int]] = {}
+    for i, case in enumerate(cases):
+        if not case.record.harmful and case.attack == "none":
+            groups.setdefault(case.dataset, []).append(i)
+    summary = {}
+    for dataset, index in groups.items():
+        base = [list(tokenize(outcomes[i].base_text)) for i in index]
+        gated = [list(tokenize(outcomes[i].gated_text)) for i in index]
+        summary[dataset] = {
+            "n": len(index),
+            "n_tokens": n_tokens,
+            "fidelity": answer_fidelity(base, gated, n_tokens),
+            "compared": "token ids of the decoded answers, re-tokenized",
+            "refusal_rate": rate([gated_refused[i] for i in index]),
+            "base_refusal_rate": rate([base_refused[i] for i in index]),
+        }
+    return summary
 
 
 def response_rows(
@@ -172,6 +214,21 @@ def markdown(report: dict[str, Any]) -> str:
           fmt_rate(r["refusal_rate"], r["refusal_rate_ci"]), _pp(r["base_refusal_rate"], r["refusal_rate"]),
           fmt_rate(r["gate_unsafe_rate_benign"])] for r in benign],
     ) if benign else ["No benign requests were evaluated."]  # fmt: skip
+    fidelity = report.get("answer_fidelity") or {}
+    if fidelity:
+        n_tokens = next(iter(fidelity.values()))["n_tokens"]
+        lines += [
+            "",
+            "## Benign answer fidelity (unattacked benign requests; higher is better)",
+            "",
+            f"Share of gated answers whose first {n_tokens} tokens are the base model's answer (greedy).",
+            "",
+        ]
+        lines += _table(
+            ["dataset", "n", "same first tokens", "base refusal", "gated refusal"],
+            [[name, str(f["n"]), fmt_rate(f["fidelity"]), fmt_rate(f["base_refusal_rate"]),
+              fmt_rate(f["refusal_rate"])] for name, f in fidelity.items()],
+        )  # fmt: skip
     lines += ["", "## Gate", ""]
     auc = report.get("gate_auroc")
     if auc is None:
@@ -216,6 +273,11 @@ def summary_table(report: dict[str, Any]) -> str:
     lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     auc = report.get("gate_auroc")
     lines.append(f"gate AUROC: {auc:.3f}" if auc is not None else "gate AUROC: —")
+    fidelity = report.get("answer_fidelity") or {}
+    if fidelity:
+        parts = [f"{name} {fmt_rate(f['fidelity'])} (n={f['n']})" for name, f in fidelity.items()]
+        n_tokens = next(iter(fidelity.values()))["n_tokens"]
+        lines.append(f"benign answer fidelity (first {n_tokens} tokens = base): {', '.join(parts)}")
     lines.append(f"judge: {report['judge']['name']} (measures {MEASURES})")
     return "\n".join(lines)
 

@@ -4,6 +4,8 @@ Both passes get identical inputs (same chat template, same system prompt, same a
 audio), built once per batch by `build_inputs`. Decoding is greedy, so the tables are deterministic. Cases are
 grouped by modality and sorted by length (longest first, so memory problems show at once), and the results are
 returned in the original order. The base pass runs inside `Defense.base_mode()` (for CASA: adapters disabled).
+A `base_cache` dict, kept by the caller across runs of the same base model (e.g. gates trained with other seeds),
+skips the base pass for text cases it already holds (keyed by `base_cache_key`: templated input, answer length).
 
 Example:
     >>> import safegate
@@ -22,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +98,17 @@ class InputBuilder:
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+BaseCache = MutableMapping[tuple[str, int], str]
+
+
+def base_cache_key(defense: Defense, case: Case, max_new_tokens: int) -> tuple[str, int] | None:
+    """The key of a case's base answer: the exact templated input (system prompt, request with its attack, the
+    assistant prefix) and the answer length; `None` for image and audio cases, which are never cached."""
+    if case.modality != "text":
+        return None
+    return chat_text(defense, case.user_text) + case.assistant_prefix, max_new_tokens
+
+
 def check_positive(name: str, value: Any) -> None:
     """Raise `ValueError` naming `name` unless `value` is a positive integer."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -119,23 +132,35 @@ def run_cases(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     progress: bool = True,
+    base_cache: BaseCache | None = None,
 ) -> list[Outcome]:
-    """Generate base and defended answers for every case (greedy), with one progress bar over both passes."""
+    """Generate base and defended answers for every case (greedy), with one progress bar over both passes.
+
+    With `base_cache`, base answers found there are reused and the new ones are added to it.
+    """
     from tqdm.auto import tqdm
 
     check_positive("max_new_tokens", max_new_tokens)
     batches = plan_batches(cases, batch_size)
     build = InputBuilder(defense)
-    base: list[str] = [""] * len(cases)
+    cache: BaseCache = base_cache if base_cache is not None else {}
+    keys = [base_cache_key(defense, c, max_new_tokens) if base_cache is not None else None for c in cases]
+    cached = {i: cache[key] for i, key in enumerate(keys) if key is not None and key in cache}
+    base: list[str] = [cached.get(i, "") for i in range(len(cases))]
+    todo = [i for i in range(len(cases)) if i not in cached]
     gated: list[tuple[str, bool | None, float | None]] = [("", None, None)] * len(cases)
-    bar = tqdm(total=2 * len(cases), desc="safegate eval: base model", unit="answer", file=sys.stderr,
+    bar = tqdm(total=len(todo) + len(cases), desc="safegate eval: base model", unit="answer", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)  # fmt: skip
     try:
         with defense.base_mode():
-            for index in batches:
+            for part in plan_batches([cases[i] for i in todo], batch_size):
+                index = [todo[j] for j in part]
                 texts = defense.base(build([cases[i] for i in index]), max_new_tokens)
                 for i, text in zip(index, texts):
                     base[i] = text
+                    key = keys[i]
+                    if key is not None:
+                        cache[key] = text
                 bar.update(len(index))
         bar.set_description("safegate eval: gated model")
         for index in batches:
