@@ -188,8 +188,10 @@ def prepare_data(
 ) -> dict[str, Path]:
     """Write train / held-out JSONL files (deterministic, disjoint) and return their paths.
 
-    Train: harmful prompts with templated refusals, Alpaca tasks with their answers, and the safe prompts of one
-    XSTest half with the base model's own answers (benign requests that look harmful); a third of the harmful
+    Train: harmful prompts with templated refusals, Alpaca tasks and the safe prompts of one XSTest half (benign
+    requests that look harmful), both with the base model's own greedy answers, so that after `<|safe|>` LoRA is
+    taught to answer as the base model does (Alpaca's reference answers would teach it a new style: answer fidelity
+    0 % in the reduced guard run); a third of the harmful
     prompts are wrapped in PyRIT jailbreak templates. Held out: other harmful prompts, other Alpaca tasks, and the
     safe prompts of the other XSTest half (over-refusal); the evaluation's template attack uses safegate's
     built-in templates, none of which is in the training set. `recipe.data.max_harmful` / `max_benign` cap the
@@ -220,8 +222,7 @@ def prepare_data(
         for r in sets[name]
         if len(r["prompt"]) <= 400
     ]
-    benign = [dict(prompt=r["prompt"], label="safe", response=r["response"], source="alpaca")
-              for r in sets["alpaca"] if r.get("response")]  # fmt: skip
+    benign = [dict(prompt=r["prompt"], label="safe", source="alpaca") for r in sets["alpaca"]]
     xstest = [dict(prompt=r["prompt"], label=r["label"], type=r.get("type"), source="xstest")
               for r in sets["xstest"]]  # fmt: skip
     harm_train, harm_test = split_records(harmful, held_out=0.15, seed=seed)
@@ -233,6 +234,7 @@ def prepare_data(
     xs_train = [r for r in xs_train if r["label"] == "safe"][:n_xstest_train]
     xs_test = [r for r in xs_test if r["label"] == "safe"][:n_xstest]
     xs_train = self_distill(model, tok, xs_train, max_new_tokens=distill_tokens, batch_size=16)
+    ben_train = self_distill(model, tok, ben_train, max_new_tokens=distill_tokens, batch_size=16)
     harm_train = fill_refusals(harm_train, seed=seed)
     train = _wrap_in_templates(harm_train, templates, seed) + ben_train
     train += xs_train + _counterfactuals(ben_train + xs_train, seed)

@@ -84,6 +84,8 @@ def test_demo_data_prepares_from_installed_wheels_and_package_data(fresh_machine
     assert 0.2 < len(templated) / len(harmful) < 0.45  # a third of the harmful prompts, as documented
     assert all("{{" not in r["prompt"] and r.get("jailbreak_template") for r in templated)
     assert {r["source"] for r in train if r["label"] == "safe"} == {"alpaca", "xstest"}
+    # every benign training answer is the base model's own (the distiller's), none a data set's reference answer
+    assert {r["response"] for r in train if r["label"] == "safe"} == {"An answer."}
     assert len(_read(files["harmful"])) == 40 and len(_read(files["xstest"])) == 125
     assert len(_read(files["benign"])) == round(0.15 * 175)
 
