@@ -70,7 +70,7 @@ class ThresholdPolicy:
             )
         options = extra.get(EXTENSION) or {}
         if not isinstance(options, Mapping) or set(options) - {"threshold"}:
-            raise BadRequest(f"`{EXTENSION}` must be an object with the one optional key `threshold`, got {options!r}.")
+            raise BadRequest(f"`{EXTENSION}` must be an object with the optional key `threshold`, got {options!r}.")
         value = options.get("threshold")
         if value is None:
             return self.default
@@ -79,7 +79,9 @@ class ThresholdPolicy:
                 f"`{EXTENSION}.threshold` is not accepted by this server (start it with --safety-threshold-range)."
             )
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
-            raise BadRequest(f"`{EXTENSION}.threshold` must be in [{self.low}, {self.high}] on this server, got {value!r}.")
+            raise BadRequest(
+                f"`{EXTENSION}.threshold` must be in [{self.low}, {self.high}] on this server, got {value!r}."
+            )
         return float(value)
 
 
@@ -197,3 +199,71 @@ async def _first_chunk_with(stream: AsyncIterator[str], field: Any) -> AsyncIter
             chunk = f"data: {json.dumps(body)}\n\n"
             pending = False
         yield chunk
+
+
+#: Environment variables `safegate serve` sets for the plugin (vLLM's own parser owns the command line).
+RANGE_ENV = "SAFEGATE_THRESHOLD_RANGE"
+POOLING_MEMORY_ENV = "SAFEGATE_POOLING_GPU_MEMORY"
+
+
+class GatePlugin:
+    """vLLM endpoint plugin (`vllm.endpoint_plugins` entry point `safegate`, loaded only when `VLLM_PLUGINS` names
+    it, as `safegate serve` does): adds no route; after vLLM built its handlers it starts the pooling engine on the
+    same merged export and `install`s the gate on the chat and completion handlers."""
+
+    name = "safegate"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: Any) -> None:
+        """No routes of its own: the gate rides on vLLM's `/v1/chat/completions` and `/v1/completions`."""
+
+    async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
+        """Build the decider for the served export (`args.model`) and wrap the handlers."""
+        import dataclasses
+        import os
+
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from safegate.hub.merged import read_merged_gate
+        from safegate.modeling.turns import chat_markers
+        from safegate.serving.checkpoint import check_engine_loadable, safety_head_rows
+        from safegate.serving.decide import POOLER_CONFIG
+
+        if engine_client is None:
+            raise RuntimeError("safegate's gate needs an engine; it cannot run on vLLM's render-only server")
+        folder = args.model
+        gate = read_merged_gate(folder)
+        check_engine_loadable(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        engine_args = dataclasses.replace(
+            engine_args,
+            runner="pooling",
+            pooler_config=dict(POOLER_CONFIG),
+            gpu_memory_utilization=float(os.environ.get(POOLING_MEMORY_ENV, engine_args.gpu_memory_utilization)),
+        )
+        pooler = AsyncLLM.from_engine_args(engine_args)
+        decider = GateDecider(gate, safety_head_rows(folder), tokenizer, chat_markers(tokenizer), pooler)
+        low, high = parse_range(os.environ.get(RANGE_ENV))
+        install(state, decider, ThresholdPolicy(gate.threshold, low, high))
+        state.safegate_pooler = pooler
+
+
+def parse_range(text: str | None) -> tuple[float | None, float | None]:
+    """`"LOW,HIGH"` (each in [0, 1], LOW <= HIGH) as floats; `None`/empty: `(None, None)` (no request threshold).
+
+    Example:
+        >>> parse_range("0.2,0.8"), parse_range(None)
+        ((0.2, 0.8), (None, None))
+    """
+    if not text:
+        return None, None
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"the threshold range must be 'LOW,HIGH' (two numbers), got {text!r}.") from None
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"the threshold range must satisfy 0 <= LOW <= HIGH <= 1, got {text!r}.")
+    return low, high
