@@ -1,8 +1,8 @@
 """`safegate serve EXPORT [--safety-threshold-range LOW HIGH] [--pooling-gpu-memory F] [vLLM serve flags]`: vLLM's
 OpenAI-compatible server with the CASA gate (`serving.online`).
 
-The command runs vLLM's API server (`vllm serve EXPORT <flags>`) in this process with safegate's endpoint plugin enabled
-(`VLLM_PLUGINS` gains `safegate`); every flag it does not know goes to vLLM. vLLM is imported only when it runs.
+The command runs vLLM's API server (`vllm serve EXPORT <flags>`) in this process with safegate's endpoint plugin
+enabled (`VLLM_PLUGINS` gains `safegate`); every flag it does not know goes to vLLM. vLLM is imported only when run.
 
 - `--safety-threshold-range LOW HIGH`: requests may set `{"safegate": {"threshold": T}}` with LOW <= T <= HIGH
   (default: they may not set one; the export's threshold, or the argmax of the gated pair, decides).

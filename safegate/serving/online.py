@@ -102,8 +102,10 @@ class GateDecider:
 
     async def states(self, ids: list[int]) -> torch.Tensor:
         """The final-norm states of `ids` from the pooling engine."""
+        from vllm.inputs.engine import tokens_input
+
         final = None
-        async for out in self.pooler.encode({"prompt_token_ids": ids}, pooling_params(), f"safegate-{uuid.uuid4()}"):
+        async for out in self.pooler.encode(tokens_input(ids), pooling_params(), f"safegate-{uuid.uuid4()}"):
             final = out
         if final is None:
             raise RuntimeError("the pooling engine returned nothing")
