@@ -101,3 +101,12 @@ def test_safety_token_ids_in_a_prompt_are_400(server, gated_and_export):
     ids = tok("hello")["input_ids"] + [gated.safe_token_id]
     response = httpx.post(f"{base}/v1/completions", json={"model": folder, "prompt": ids, "max_tokens": 2}, timeout=60)
     assert response.status_code == 400 and str(gated.safe_token_id) in response.json()["error"]["message"]
+
+
+def test_routes_that_would_generate_past_the_gate_are_403(server):
+    base, folder = server
+    for path in ("/v1/responses", "/v1/messages", "/v1/chat/completions/batch", "/inference/v1/generate"):
+        response = httpx.post(f"{base}{path}", json={"model": folder, "input": "hi"}, timeout=60)
+        assert response.status_code == 403 and "not served by a gated server" in response.json()["error"]["message"]
+    tokens = httpx.post(f"{base}/tokenize", json={"model": folder, "prompt": "hi"}, timeout=60)
+    assert tokens.status_code == 200 and tokens.json()["tokens"]

@@ -10,7 +10,8 @@
   "threshold": float|null}` for a chat completion, a list of those (one per prompt, in order) for a completion; a
   stream carries it on its first chunk.
 
-A request is refused with 400 when a prompt holds a safety token id or a safety token's string, when it sets fields
+Every other POST route answers 403 (`GatePlugin.attach_router`): nothing generates past the gate. A request is
+refused with 400 when a prompt holds a safety token id or a safety token's string, when it sets fields
 neither OpenAI's API nor vLLM define (other than `safegate`), or when `safegate` holds anything but a `threshold`
 inside the operator's range (`ThresholdPolicy`).
 
@@ -157,18 +158,20 @@ def _wrap(handler: Any, render_name: str, create_name: str, decider: GateDecider
 
     render, create = getattr(handler, render_name), getattr(handler, create_name)
 
-    async def gated_render(request: Any) -> Any:
+    async def gated_render(request: Any) -> Any:  # every caller gets gated ids (fail closed), only ours the record
         result = await render(request)
-        holder = _VERDICTS.get()
-        if isinstance(result, ErrorResponse) or holder is None:
+        if isinstance(result, ErrorResponse):
             return result
         engine_inputs = result[1] if single else result
         try:
             threshold = policy.threshold(request.model_extra)
             decider.check_text(request)
-            holder["records"] = await decider.gate_inputs(engine_inputs, threshold)
+            records = await decider.gate_inputs(engine_inputs, threshold)
         except BadRequest as err:
             return handler.create_error_response(str(err), param=EXTENSION)
+        holder = _VERDICTS.get()
+        if holder is not None:
+            holder["records"] = records
         return result
 
     async def gated_create(request: Any, raw_request: Any = None) -> Any:
@@ -203,6 +206,8 @@ async def _first_chunk_with(stream: AsyncIterator[str], field: Any) -> AsyncIter
         yield chunk
 
 
+#: The POST routes a gated server answers: the two gated ones, and tokenization (it generates nothing).
+OPEN_POST_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"})
 #: Environment variables `safegate serve` sets for the plugin (vLLM's own parser owns the command line).
 RANGE_ENV = "SAFEGATE_THRESHOLD_RANGE"
 POOLING_MEMORY_ENV = "SAFEGATE_POOLING_GPU_MEMORY"
@@ -217,7 +222,19 @@ class GatePlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: Any) -> None:
-        """No routes of its own: the gate rides on vLLM's `/v1/chat/completions` and `/v1/completions`."""
+        """No routes of its own: the gate rides on vLLM's `/v1/chat/completions` and `/v1/completions`. Every other
+        POST route (the Responses, Anthropic and Cohere APIs, token-level generation, batch, admin) answers 403, so
+        that nothing generates past the gate."""
+        from starlette.responses import JSONResponse
+
+        @app.middleware("http")
+        async def only_gated_generation(request: Any, call_next: Any) -> Any:
+            if request.method == "POST" and request.url.path not in OPEN_POST_PATHS:
+                message = (
+                    f"{request.url.path} is not served by a gated server: use /v1/chat/completions or /v1/completions."
+                )
+                return JSONResponse({"error": {"message": message, "type": "Forbidden", "code": 403}}, status_code=403)
+            return await call_next(request)
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         """Build the decider for the served export (`args.model`) and wrap the handlers."""
