@@ -20,6 +20,7 @@ import torch
 
 from safegate.hub.merged import MergedGate, merged_verdict
 from safegate.modeling.verdict import SAFE, UNSAFE
+from safegate.serving.tap import split_states
 
 #: The pooling engine's config: every position's final-norm state, unnormalised.
 POOLER_CONFIG = {"task": "token_embed", "use_activation": False}
@@ -35,14 +36,15 @@ def pooling_params() -> Any:
 def states_verdict(
     gate: MergedGate, rows: torch.Tensor, states: torch.Tensor, n_ids: int, threshold: float | None
 ) -> tuple[str, float]:
-    """`(verdict, p_unsafe)` from one prompt's final-norm states `(n_ids, hidden)` (float32 from here on)."""
+    """`(verdict, p_unsafe)` from one prompt's pooled states `(n_ids, hidden)`: the final norm's output, preceded by
+    the tapped layer's states (`(n_ids, 2 * hidden)`) when the gate taps an inner layer (`serving.tap`)."""
     if states.dim() != 2 or states.shape[0] != n_ids:
         raise RuntimeError(
             f"the pooling pass returned states of shape {tuple(states.shape)} for a prompt of {n_ids} ids; "
             "expected one state per prompt position (was prefix caching or a different pooler configured?)"
         )
-    states = states.float()
-    return merged_verdict(gate, states, rows.to(states.device) @ states[-1], threshold)
+    tapped, final = split_states(states.float(), gate.hidden_size, gate.tapped_layer)
+    return merged_verdict(gate, tapped, rows.to(final.device) @ final[-1], threshold)
 
 
 def most_unsafe(decisions: Sequence[tuple[str, float]]) -> tuple[str, float]:

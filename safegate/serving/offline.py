@@ -1,7 +1,8 @@
 """`GatedLLM`: offline batches on vLLM with the exact CASA verdict of the transformers path.
 
 Two engines on one merged export (`gated.save_merged(DIR)`): a pooling engine returns each prompt's final-norm states
-(`token_embed`, no activation: the states the head projects, which the gate reads when `tapped_layer == -1`); the
+(`token_embed`, no activation: the states the head projects, which the gate reads when `tapped_layer == -1`; for a
+gate on an inner layer, that layer's states beside them: `serving.tap`); the
 gate and the two head safety rows turn them into the verdict in this process (`hub.merged.merged_verdict`); the
 generating engine then decodes from `prompt, decided safety token[, assistant prefix]`. The safety token is part of
 the prompt, so the answer never holds it, and a sampled first token can never be a safety token. Why two passes and
@@ -35,9 +36,10 @@ from safegate.hub.merged import MergedGate, read_merged_gate
 from safegate.modeling.config import check_threshold
 from safegate.modeling.turns import chat_markers
 from safegate.modeling.verdict import UNSAFE
-from safegate.serving.checkpoint import UnservableExport, check_engine_loadable, safety_head_rows
+from safegate.serving.checkpoint import check_engine_loadable, safety_head_rows
 from safegate.serving.decide import POOLER_CONFIG, most_unsafe, pooling_params, states_verdict
 from safegate.serving.plan import PromptPlan, plan_prompt
+from safegate.serving.tap import EXTENSION_CLASS, INSTALL_METHOD
 
 #: A prompt: text (tokenized as vLLM tokenizes it: the tokenizer's special tokens added), token ids, or a vLLM
 #: prompt dict with `prompt` or `prompt_token_ids`.
@@ -79,11 +81,6 @@ class GatedLLM:
 
         self.path = Path(path)
         self.gate: MergedGate = read_merged_gate(self.path)
-        if self.gate.tapped_layer != -1:
-            raise UnservableExport(
-                f"{self.path} taps decoder layer {self.gate.tapped_layer}; vLLM's pooling pass returns the final "
-                "norm's output only (GateConfig.layer=-1). Serve it with transformers (`safegate.load_merged`)."
-            )
         check_engine_loadable(self.path)
         self.rows = safety_head_rows(self.path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -92,7 +89,11 @@ class GatedLLM:
             if key in llm_kwargs:
                 raise ValueError(f"`{key}` is set by GatedLLM (the merged export and its runners); drop it.")
         pooling = {"runner": "pooling", "pooler_config": dict(POOLER_CONFIG)}
+        if self.gate.tapped_layer != -1:  # an inner layer: the pooling pass returns it beside the final states
+            pooling["worker_extension_cls"] = EXTENSION_CLASS
         self.pooler = LLM(model=str(self.path), **{**llm_kwargs, **pooling, **(pooling_kwargs or {})})
+        if self.gate.tapped_layer != -1:
+            self.pooler.collective_rpc(INSTALL_METHOD, args=(self.gate.tapped_layer,))
         self.llm = LLM(model=str(self.path), **llm_kwargs)
 
     @property

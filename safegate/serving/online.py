@@ -249,6 +249,7 @@ class GatePlugin:
         from safegate.modeling.turns import chat_markers
         from safegate.serving.checkpoint import check_engine_loadable, safety_head_rows
         from safegate.serving.decide import POOLER_CONFIG
+        from safegate.serving.tap import EXTENSION_CLASS, INSTALL_METHOD
 
         if engine_client is None:
             raise RuntimeError("safegate's gate needs an engine; it cannot run on vLLM's render-only server")
@@ -257,13 +258,19 @@ class GatePlugin:
         check_engine_loadable(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         engine_args = AsyncEngineArgs.from_cli_args(args)
+        inner = gate.tapped_layer != -1  # the pooling pass returns that layer beside the final states (serving.tap)
+        if inner and engine_args.worker_extension_cls:
+            raise ValueError(f"--worker-extension-cls cannot be combined with a gate on layer {gate.tapped_layer}.")
         engine_args = dataclasses.replace(
             engine_args,
             runner="pooling",
             pooler_config=dict(POOLER_CONFIG),
             gpu_memory_utilization=float(os.environ.get(POOLING_MEMORY_ENV, engine_args.gpu_memory_utilization)),
+            worker_extension_cls=EXTENSION_CLASS if inner else engine_args.worker_extension_cls,
         )
         pooler = AsyncLLM.from_engine_args(engine_args)
+        if inner:
+            await pooler.collective_rpc(INSTALL_METHOD, args=(gate.tapped_layer,))
         decider = GateDecider(gate, safety_head_rows(folder), tokenizer, chat_markers(tokenizer), pooler)
         low, high = parse_range(os.environ.get(RANGE_ENV))
         install(state, decider, ThresholdPolicy(gate.threshold, low, high))
