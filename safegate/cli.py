@@ -22,6 +22,7 @@ COMMANDS = {
     "export": "safegate.hub.cli",
     "info": "safegate.hub.cli",
     "bench": "safegate.bench.cli",
+    "serve": "safegate.serving.cli",
 }
 
 

@@ -22,6 +22,7 @@ LAYERS = {
     "evaluation": {"modeling", "backbones", "hub", "data"},
     "defenses": {"modeling", "backbones", "data", "evaluation"},
     "bench": {"modeling", "backbones", "training", "testing", "data"},
+    "serving": {"modeling", "backbones", "hub", "data"},
 }
 
 
