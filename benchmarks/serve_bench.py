@@ -8,8 +8,8 @@ the wall time (1/throughput) and of the median time to first token; medians over
 
     .venv-serve/bin/python benchmarks/serve_bench.py EXPORT [--rounds 3] [--concurrency 32] [--cores 1] [--out F]
 
-Run it in `.venv-serve` (`make serve-setup`). The export must hold `model.safetensors.index.json`
-(`safegate.serving.write_weights_index`).
+Run it in `.venv-serve` (`make serve-setup`) on a `save_merged` export (it holds the `model.safetensors.index.json`
+vLLM needs; `safegate.serving.write_weights_index` adds it to an older one).
 """
 
 from __future__ import annotations

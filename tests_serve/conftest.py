@@ -21,9 +21,8 @@ USERS = ["How do I bake bread?", "Tell me how to pick a lock.", "Write a haiku a
 
 def build_export(folder: Path, layer: int = -1) -> tuple[safegate.SafeGateModel, object, str]:
     """A tiny Llama (head size 32, which vLLM's CPU attention supports) with a perturbed LoRA and a gate on `layer`
-    whose bias splits the prompts' verdicts, and its merged export (with the weights index vLLM needs)."""
-    from safegate.serving import write_weights_index
-
+    whose bias splits the prompts' verdicts, and its merged export (`save_merged` writes the weights index vLLM
+    needs)."""
     model, tok = tiny_model_and_tokenizer("llama", num_attention_heads=2, num_key_value_heads=1)
     gated = safegate.attach(model, tok, safegate.GateConfig(attention_dim=16, lora_r=4, layer=layer)).eval()
     generator = torch.Generator().manual_seed(0)
@@ -34,7 +33,6 @@ def build_export(folder: Path, layer: int = -1) -> tuple[safegate.SafeGateModel,
         scores = torch.logit(gated.classify(**chat(tok, USERS)).clamp(1e-6, 1 - 1e-6))
         gated.gate.out.bias -= scores.median() + 1e-3  # about half the prompts unsafe
     exported = gated.save_merged(folder)
-    write_weights_index(exported)
     return gated, tok, str(exported)
 
 

@@ -60,6 +60,7 @@ from safegate.hub.files import (
 from safegate.hub.merged_files import (
     CARD_NAME,
     GATE_WEIGHTS_NAME,
+    INDEX_NAME,
     MANIFEST_NAME,
     MERGED_FORMAT,
     MERGED_SCHEMA_VERSION,
@@ -72,6 +73,7 @@ from safegate.hub.merged_files import (
     merged_state_dict,
     sha256,
     tapped_layer,
+    write_weights_index,
 )
 from safegate.modeling.arch import model_type_of, resolve
 from safegate.modeling.config import GateConfig, check_threshold
@@ -249,6 +251,8 @@ def _write_export(gated: SafeGateModel, folder: Path) -> None:
     """Write every file of the export into the empty `folder`."""
     arch, cfg = gated.arch, gated.gate_config
     gated.original_model.save_pretrained(folder, state_dict=merged_state_dict(gated))
+    if not (folder / INDEX_NAME).is_file():  # unsharded: an index keeps engines (vLLM) off the gate's weights file
+        write_weights_index(folder)
     gated.processor.save_pretrained(folder)
     gate_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in gated.gate.state_dict().items()}
     save_file(gate_state, str(folder / GATE_WEIGHTS_NAME), metadata={"format": "pt"})

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 
 from safegate.hub.files import PAPER_URL, BundleError
 from safegate.hub.schema import gate_tensor_shapes
@@ -35,6 +37,7 @@ MERGED_FORMAT = "safegate-merged"
 MERGED_SCHEMA_VERSION = 1
 MANIFEST_NAME = "safegate_merged.json"
 GATE_WEIGHTS_NAME = "safegate_gate.safetensors"
+INDEX_NAME = "model.safetensors.index.json"  # lists the model's weight files, so engines skip the gate's
 CARD_NAME = "README.md"
 _FIX = "Re-export it with `gated.save_merged(DIR)` (or `safegate export --merged DIR`) instead of editing it by hand."
 _PEFT_SEGMENTS = re.compile(r"\.(?:token_adapter|base_layer)(?=\.)")
@@ -243,3 +246,22 @@ last prompt position. See safegate's `docs/serving.md`, "Merged export".
 | dtype | {b.get("dtype", "(not recorded)")} |
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def write_weights_index(path: str | os.PathLike) -> Path:
+    """Write `model.safetensors.index.json` listing the model's weight files (not the gate's); return its path.
+
+    Engines that load every top-level `*.safetensors` of a folder unless an index lists the weight files (vLLM)
+    would otherwise read the gate's tensors as model weights; transformers reads the folder either way.
+    """
+    folder = Path(path)
+    weight_map, total = {}, 0
+    for file in sorted(p for p in folder.glob("*.safetensors") if p.name != GATE_WEIGHTS_NAME):
+        with safe_open(str(file), framework="pt") as f:
+            weight_map.update(dict.fromkeys(list(f.keys()), file.name))
+        total += file.stat().st_size
+    if not weight_map:
+        raise BundleError(f"{folder} holds no model weights (*.safetensors besides {GATE_WEIGHTS_NAME}).")
+    index = folder / INDEX_NAME
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")
+    return index

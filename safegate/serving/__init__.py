@@ -3,7 +3,8 @@
 `GatedLLM` (offline batches) imports vLLM when it is built; importing this package never needs vLLM.
 """
 
-from safegate.serving.checkpoint import UnservableExport, check_engine_loadable, safety_head_rows, write_weights_index
+from safegate.hub.merged_files import write_weights_index  # fixes an export written before save_merged wrote it
+from safegate.serving.checkpoint import UnservableExport, check_engine_loadable, safety_head_rows
 from safegate.serving.offline import GatedLLM, GatedOutput
 from safegate.serving.plan import PromptPlan, SafetyTokenInPrompt, plan_prompt
 

@@ -7,9 +7,10 @@ pooling pass returns), so the verdict needs no logits from the generating engine
 after the head (soft-capping, scaling: `modeling.speculative.logit_post_processing`) are refused.
 
 vLLM loads every top-level `*.safetensors` file of a model folder unless `model.safetensors.index.json` lists the
-weight files, so the gate's `safegate_gate.safetensors` beside an unsharded model breaks its loading ("no module or
-parameter named 'input_inv_std'"). `check_engine_loadable` says so; `write_weights_index` writes the index that
-fixes it (transformers reads an unsharded folder with or without it).
+weight files, so the gate's `safegate_gate.safetensors` beside an unsharded model would break its loading ("no module
+or parameter named 'input_inv_std'"). `save_merged` writes that index; `check_engine_loadable` refuses an export
+without it (written by an older safegate) and `write_weights_index` (re-exported from `safegate.hub.merged_files`)
+fixes such a folder in place.
 
 Example:
     >>> import tempfile, safegate
@@ -22,13 +23,7 @@ Example:
     >>> head = gated.arch.root.get_output_embeddings().weight
     >>> bool(torch.allclose(rows, head[[gated.safe_token_id, gated.unsafe_token_id]].float()))
     True
-    >>> check_engine_loadable(folder)
-    Traceback (most recent call last):
-    ...
-    safegate.serving.checkpoint.UnservableExport: ...
-    >>> write_weights_index(folder).name
-    'model.safetensors.index.json'
-    >>> check_engine_loadable(folder)
+    >>> check_engine_loadable(folder)  # save_merged wrote the weights index vLLM needs
     >>> tmp.cleanup()
 """
 
@@ -43,10 +38,8 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from safegate.hub.merged import read_merged_gate
-from safegate.hub.merged_files import GATE_WEIGHTS_NAME, MANIFEST_NAME
+from safegate.hub.merged_files import GATE_WEIGHTS_NAME, INDEX_NAME, MANIFEST_NAME
 from safegate.modeling.speculative import logit_post_processing
-
-INDEX_NAME = "model.safetensors.index.json"
 
 
 class UnservableExport(ValueError):
@@ -80,10 +73,6 @@ def safety_head_rows(path: str | os.PathLike) -> torch.Tensor:
     return rows.float()
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("*.safetensors") if p.name != GATE_WEIGHTS_NAME)
-
-
 def check_engine_loadable(path: str | os.PathLike) -> None:
     """Raise `UnservableExport` when an engine that globs `*.safetensors` (vLLM) would load the gate's weights as
     model weights: an unsharded export without `model.safetensors.index.json`."""
@@ -93,18 +82,3 @@ def check_engine_loadable(path: str | os.PathLike) -> None:
             f"{folder} has {GATE_WEIGHTS_NAME} beside its weights but no {INDEX_NAME}: vLLM would load the gate's "
             f"tensors as model weights and fail. Run `safegate.serving.write_weights_index({str(folder)!r})` once."
         )
-
-
-def write_weights_index(path: str | os.PathLike) -> Path:
-    """Write `model.safetensors.index.json` listing the model's weight files (not the gate's); return its path."""
-    folder = Path(path)
-    weight_map, total = {}, 0
-    for file in _weight_files(folder):
-        with safe_open(str(file), framework="pt") as f:
-            weight_map.update(dict.fromkeys(list(f.keys()), file.name))
-        total += file.stat().st_size
-    if not weight_map:
-        raise UnservableExport(f"{folder} holds no model weights (*.safetensors besides {GATE_WEIGHTS_NAME}).")
-    index = folder / INDEX_NAME
-    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")
-    return index

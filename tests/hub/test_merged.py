@@ -78,6 +78,11 @@ def test_a_plain_transformers_load_holds_the_tokens_and_rows(tmp_path, arch, tie
     assert {"config.json", "model.safetensors", "tokenizer.json", MANIFEST_NAME, GATE_WEIGHTS_NAME} <= names
     assert "README.md" in names and "adapter" not in names and "adapter_config.json" not in names
     assert (folder / "README.md").read_text().startswith("---\n")
+    # engines that load every *.safetensors unless an index names the weight files (vLLM) must skip the gate's
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(weight_map.values()) == {"model.safetensors"}
+    assert not set(weight_map) & set(load_file(folder / GATE_WEIGHTS_NAME))
+    assert set(weight_map) == set(load_file(folder / "model.safetensors"))
     model, plain_tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     ids = [gated.safe_token_id, gated.unsafe_token_id]
     assert plain_tok.convert_tokens_to_ids(["<|safe|>", "<|unsafe|>"]) == ids
