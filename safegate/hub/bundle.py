@@ -39,7 +39,7 @@ from torch import nn
 
 from safegate.hub.atomic import write_folder
 from safegate.hub.card import evaluation_rows, model_card
-from safegate.hub.checks import check_fits, check_tensors, delta_key
+from safegate.hub.checks import backbone_identity, check_fits, check_tensors, delta_key
 from safegate.hub.files import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_DIR,
@@ -65,7 +65,7 @@ from safegate.hub.files import (
     versions,
 )
 from safegate.hub.schema import check_adapter_config, check_config
-from safegate.modeling.arch import model_type_of, resolve
+from safegate.modeling.arch import resolve
 from safegate.modeling.config import GateConfig
 from safegate.modeling.lifecycle import AttachRollback
 from safegate.modeling.model import SafeGateModel
@@ -159,19 +159,13 @@ class SafeGateBundle(
             raise RuntimeError(f"refusing to save {full}: bundles never hold full embedding or head matrices.")
         peft_config = copy.deepcopy(gated.peft_model.peft_config["default"])
         peft_config.inference_mode = True
-        name = str(getattr(getattr(gated.original_model, "config", None), "name_or_path", "") or "")
         config = {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
             "versions": versions(),
             "method": {"name": "CASA", "paper": PAPER_URL},
             "backbone": {
-                "model_type": model_type_of(gated.original_model),
-                "gated_model_type": model_type_of(arch.root),
-                "gated_module": arch.spec.unwrap or "",
-                "name_or_path": name,
-                "hidden_size": int(arch.embed.weight.shape[1]),
-                "num_layers": len(arch.layers),
+                **backbone_identity(gated),
                 "vocab_rows": int(gated.original_vocab_rows),
                 "vocab_rows_gated": int(rows),
                 "tied": bool(arch.tied),

@@ -88,6 +88,19 @@ def check_tensors(bundle: SafeGateBundle) -> None:
             )
 
 
+def backbone_identity(gated: SafeGateModel) -> dict[str, Any]:
+    """The backbone fields a bundle and a merged export both record: model types, gated module, name, sizes."""
+    arch = gated.arch
+    return {
+        "model_type": model_type_of(gated.original_model),
+        "gated_model_type": model_type_of(arch.root),
+        "gated_module": arch.spec.unwrap or "",
+        "name_or_path": str(getattr(getattr(gated.original_model, "config", None), "name_or_path", "") or ""),
+        "hidden_size": int(arch.embed.weight.shape[1]),
+        "num_layers": len(arch.layers),
+    }
+
+
 def check_fits(bundle: SafeGateBundle, model: nn.Module, tokenizer_or_processor: Any) -> GateConfig:
     """Raise `BundleMismatchError` if `bundle` does not fit `model`; return the GateConfig to attach with."""
     if isinstance(model, (SafeGateModel, PeftModel)):

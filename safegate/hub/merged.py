@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import save_file
 
 from safegate.hub.atomic import write_folder
-from safegate.hub.checks import check_tokenizer
+from safegate.hub.checks import backbone_identity, check_tokenizer
 from safegate.hub.files import (
     PAPER_URL,
     BundleError,
@@ -75,7 +75,7 @@ from safegate.hub.merged_files import (
     tapped_layer,
     write_weights_index,
 )
-from safegate.modeling.arch import model_type_of, resolve
+from safegate.modeling.arch import resolve
 from safegate.modeling.config import GateConfig, check_threshold
 from safegate.modeling.gate import SafetyGate, gate_pair_logits, unsafe_probability
 from safegate.modeling.model import SafeGateModel
@@ -257,19 +257,13 @@ def _write_export(gated: SafeGateModel, folder: Path) -> None:
     gate_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in gated.gate.state_dict().items()}
     save_file(gate_state, str(folder / GATE_WEIGHTS_NAME), metadata={"format": "pt"})
     layers = len(arch.layers)
-    name = str(getattr(getattr(gated.original_model, "config", None), "name_or_path", "") or "")
     manifest: dict[str, Any] = {
         "format": MERGED_FORMAT,
         "schema_version": MERGED_SCHEMA_VERSION,
         "versions": versions(),
         "method": {"name": "CASA", "paper": PAPER_URL},
         "backbone": {
-            "model_type": model_type_of(gated.original_model),
-            "gated_model_type": model_type_of(arch.root),
-            "gated_module": arch.spec.unwrap or "",
-            "name_or_path": name,
-            "hidden_size": int(arch.embed.weight.shape[1]),
-            "num_layers": layers,
+            **backbone_identity(gated),
             "vocab_rows": int(arch.embed.weight.shape[0]),
             "original_vocab_rows": int(gated.original_vocab_rows),
             "tied": bool(arch.tied),
