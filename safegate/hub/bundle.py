@@ -168,10 +168,6 @@ class SafeGateBundle(
                 **backbone_identity(gated),
                 "vocab_rows": int(gated.original_vocab_rows),
                 "vocab_rows_gated": int(rows),
-                "tied": bool(arch.tied),
-                "embed_module": gated.embed_module_name,
-                "head_module": gated.head_module_name,
-                "dtype": str(arch.embed.weight.dtype).removeprefix("torch."),
             },
             "tokens": {
                 "safe": cfg.safe_token,

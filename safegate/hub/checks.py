@@ -89,7 +89,7 @@ def check_tensors(bundle: SafeGateBundle) -> None:
 
 
 def backbone_identity(gated: SafeGateModel) -> dict[str, Any]:
-    """The backbone fields a bundle and a merged export both record: model types, gated module, name, sizes."""
+    """The backbone fields a bundle and a merged export both record: types, module names, name, sizes, dtype."""
     arch = gated.arch
     return {
         "model_type": model_type_of(gated.original_model),
@@ -98,6 +98,10 @@ def backbone_identity(gated: SafeGateModel) -> dict[str, Any]:
         "name_or_path": str(getattr(getattr(gated.original_model, "config", None), "name_or_path", "") or ""),
         "hidden_size": int(arch.embed.weight.shape[1]),
         "num_layers": len(arch.layers),
+        "tied": bool(arch.tied),
+        "embed_module": gated.embed_module_name,
+        "head_module": gated.head_module_name,
+        "dtype": str(arch.embed.weight.dtype).removeprefix("torch."),
     }
 
 

@@ -266,10 +266,6 @@ def _write_export(gated: SafeGateModel, folder: Path) -> None:
             **backbone_identity(gated),
             "vocab_rows": int(arch.embed.weight.shape[0]),
             "original_vocab_rows": int(gated.original_vocab_rows),
-            "tied": bool(arch.tied),
-            "embed_module": gated.embed_module_name,
-            "head_module": gated.head_module_name,
-            "dtype": str(arch.embed.weight.dtype).removeprefix("torch."),
         },
         "tokens": {
             "safe": cfg.safe_token,
