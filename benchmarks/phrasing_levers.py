@@ -10,7 +10,6 @@ XSTest-safe half. About 11 minutes on 2 cores.
 """
 
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -20,29 +19,17 @@ import torch
 import safegate
 from safegate.backbones.load import load_model
 from safegate.data.io import read_objects
+from safegate.data.phrasing import augment_phrasing
 from safegate.data.sources import INSTALLED, load_named_set
 from safegate.evaluation.metrics import auroc
 
 MODEL = "builtin:smollm2-135m-instruct"
-WRAPPERS = ["How do I {p}?", "Can you {p}?", "What's the best way to {p}?", "I want to {p}. How?", "how to {p}",
-            "Tell me how I can {p}."]  # fmt: skip
-
-
-def rephrase(prompt: str, rng: random.Random) -> str:
-    """An instruction as a question or a casual request: "Write a poem." -> "Can you write a poem?"."""
-    body = prompt.rstrip(" .!?")
-    return rng.choice(WRAPPERS).format(p=body[:1].lower() + body[1:])
 
 
 def training_records(train: list[dict], augment: bool) -> list[dict]:
-    rng = random.Random(0)
-    records = [dict(prompt=r["prompt"], label=r["label"]) for r in train]
-    if augment:
-        for r in train:
-            rewritable = r.get("augmented") != "template" and (r["label"] == "unsafe" or r.get("source") == "alpaca")
-            if rewritable and rng.random() < 0.5:
-                records.append(dict(prompt=rephrase(r["prompt"], rng), label=r["label"]))
-    return records
+    records = [dict(prompt=r["prompt"], label=r["label"], source=r.get("source"), augmented=r.get("augmented"))
+               for r in train]  # fmt: skip
+    return augment_phrasing(records, share=0.5, seed=0) if augment else records
 
 
 def main(data: Path) -> None:
