@@ -215,6 +215,13 @@ def save_merged(gated: SafeGateModel, path: str | os.PathLike) -> Path:
     anything else in it (a report) stays. `gated` is not modified.
     """
     gated._check_attached()
+    if gated.gate_config.safe_answer != "adapted":
+        raise ValueError(
+            f"save_merged: this gate has GateConfig.safe_answer={gated.gate_config.safe_answer!r}: safe answers "
+            "come from the base model with LoRA off, which one merged set of weights cannot hold. Export it as a "
+            "bundle (`save_bundle`), or set `gated.gate_config.safe_answer = 'adapted'` first to serve the adapted "
+            "answers."
+        )
     target = Path(os.path.abspath(path))
     check_merged_target(target)
     previous = _previous_files(target)

@@ -14,6 +14,7 @@ from typing import Any
 
 SCALINGS = ("log_additive", "multiplicative")
 AGGREGATIONS = ("attention", "mean_sigmoid", "max_sigmoid")
+SAFE_ANSWERS = ("adapted", "base")
 DEFAULT_DESCRIPTOR = "This request is unsafe, harmful or malicious."
 
 
@@ -44,6 +45,10 @@ class GateConfig:
         unsafe_prefix (`str`): What happens to an attacker-written assistant prefix (prefill attack) when the gate
             says unsafe: `"drop"` (default: the answer starts right after `<|unsafe|>`) or `"keep"` (fed after
             the token, as in the paper; then the refusal must be learned after arbitrary prefixes).
+        safe_answer (`str`): Who writes the answer after a safe verdict: `"adapted"` (default: the adapted model,
+            LoRA and token rows active, conditioned on `<|safe|>`, as in the paper) or `"base"` (the base model
+            itself, LoRA off for that row and no safety token in its input, so a benign answer is the base
+            model's own; costs one more prefill per call: `modeling.base_answer`).
     """
 
     safe_token: str = field(default="<|safe|>", metadata={"help": "Text of the token emitted before a benign answer."})
@@ -67,6 +72,9 @@ class GateConfig:
     safety_prompt: str | None = field(default=None, metadata={"help": "Optional safety system message."})
     unsafe_prefix: str = field(
         default="drop", metadata={"help": "Assistant prefix after an unsafe verdict: 'drop' or 'keep'."}
+    )
+    safe_answer: str = field(
+        default="adapted", metadata={"help": f"Who answers after a safe verdict: one of {SAFE_ANSWERS}."}
     )
 
     def __post_init__(self) -> None:
@@ -94,6 +102,11 @@ class GateConfig:
         self.lora_modules = tuple(self.lora_modules)
         if self.unsafe_prefix not in ("drop", "keep"):
             raise ValueError(f"`unsafe_prefix` must be 'drop' or 'keep', got {self.unsafe_prefix!r}.")
+        if self.safe_answer not in SAFE_ANSWERS:
+            raise ValueError(
+                f"`safe_answer` must be one of {SAFE_ANSWERS}, got {self.safe_answer!r}; 'base' answers benign "
+                "prompts with the base model itself."
+            )
         if not isinstance(self.descriptor, str) or not self.descriptor.strip():
             raise ValueError(f"`descriptor` must be a non-empty sentence, got {self.descriptor!r}.")
 

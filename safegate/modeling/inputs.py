@@ -158,7 +158,7 @@ def insert_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     lengths: list[int],
-    tokens: list[int],
+    tokens: list[int | None],
     kwargs: dict[str, Any],
     keep: list[bool],
     pad_id: int,
@@ -166,14 +166,17 @@ def insert_tokens(
     """Per row: `prompt, token, prefix` (or `prompt, token` where `keep` is False), left-padded.
 
     The prefix is the last `lengths[i]` positions of row i; per-token inputs get the inserted token's own value
-    (`prefix.inserted_token_value`).
+    (`prefix.inserted_token_value`). A row whose token is `None` stays as it is (prompt and prefix, no token).
     """
     out_kwargs = dict(kwargs)
 
-    def insert(t: torch.Tensor, values: list[int] | None, value_pad: int, key: str = "") -> torch.Tensor:
+    def insert(t: torch.Tensor, values: list[int | None] | None, value_pad: int, key: str = "") -> torch.Tensor:
         """`values=None`: the per-token input `key`'s own value for an inserted token (`inserted_token_value`)."""
         rows = []
         for i, (row, k, kept) in enumerate(zip(t, lengths, keep)):
+            if tokens[i] is None:
+                rows.append(row)
+                continue
             cut = row.shape[0] - k
             if values is None:
                 new, shift = inserted_token_value(key, row[max(cut - 1, 0) : cut])

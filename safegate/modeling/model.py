@@ -28,6 +28,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from safegate.modeling.arch import ResolvedArch, resolve
+from safegate.modeling.base_answer import generate_with_base_answers
 from safegate.modeling.config import GateConfig, check_threshold
 from safegate.modeling.gate import SafetyGate, gate_pair_logits, unsafe_probability
 from safegate.modeling.guards import prepare_prompt, restore_caller_ids
@@ -317,6 +318,7 @@ class SafeGateModel(GateLifecycle, nn.Module):
             speculative (`bool`): prefill `prompt, <|safe|>` and decide in that same pass, so a safe answer starts
                 as fast as without a gate (see `modeling.speculative`); an unsafe verdict costs one decode step.
                 `False`: the safety token is a decode step of its own. The verdict is the same either way.
+                Not used with `GateConfig.safe_answer="base"` (`modeling.base_answer`).
             **kwargs: anything `model.generate` accepts. `max_new_tokens` counts answer tokens only.
 
         Returns:
@@ -338,7 +340,14 @@ class SafeGateModel(GateLifecycle, nn.Module):
             raise ValueError("an assistant prefix with `inputs_embeds` is not supported: pass `input_ids` only.")
         floor = closed_turn_floor(self, input_ids, attention_mask, prompt.closed, threshold, kwargs)
         args = (input_ids, attention_mask, lengths, threshold, keep_safety_token, kwargs, floor)
-        if speculative and self.speculative and input_ids is not None and "inputs_embeds" not in kwargs:
+        if self.gate_config.safe_answer == "base":
+            if input_ids is None or "inputs_embeds" in kwargs:
+                raise ValueError(
+                    "GateConfig.safe_answer='base' answers from the prompt's token ids: pass `input_ids` (not "
+                    "`inputs_embeds`), or use a gate with safe_answer='adapted'."
+                )
+            out = generate_with_base_answers(self, *args)
+        elif speculative and self.speculative and input_ids is not None and "inputs_embeds" not in kwargs:
             out = generate_speculatively(self, *args)
         elif any(lengths):
             out = generate_after_prefix(self, *args)
