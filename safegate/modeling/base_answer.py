@@ -88,6 +88,11 @@ def generate_with_base_answers(
 ) -> Any:
     """Decide on each prompt (without its assistant prefix), then answer: base model for safe rows, adapted model
     after `<|unsafe|>` for unsafe rows (see the module docstring). Returns what `SafeGateModel.generate` does."""
+    if gated.merged:
+        raise ValueError(
+            "GateConfig.safe_answer='base' turns LoRA off for safe rows, which a merged adapter cannot: call "
+            "`gated.unmerge_adapter()` first (or use safe_answer='adapted' with a merged adapter)."
+        )
     pad_id = padding_id(gated.tokenizer)
     p_ids, p_mask, p_kwargs = strip_prefix(input_ids, attention_mask, lengths, kwargs, pad_id)
     scored = generate_stepwise(gated, p_ids, p_mask, threshold, True, single_step_kwargs(p_kwargs), floor)

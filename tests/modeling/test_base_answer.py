@@ -151,3 +151,35 @@ def test_a_merged_export_is_refused_for_base_answers(tmp_path):
     with pytest.raises(ValueError, match="safe_answer='base'.*save_bundle"):
         gated.save_merged(tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_merged_adapter_is_refused_with_the_fix():
+    gated, tok = make_gated()
+    gated.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        gated.generate(**chat(tok, PROMPTS[:1]), max_new_tokens=2)
+    gated.unmerge_adapter()
+    assert gated.generate(**chat(tok, PROMPTS[:1]), max_new_tokens=2).shape[0] == 1
+
+
+def test_a_streamer_sees_the_callers_prompt_then_the_answer_only():
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.puts = []
+
+        def put(self, value):
+            self.puts.append(value.reshape(-1).tolist())
+
+        def end(self):
+            pass
+
+    gated, tok = make_gated()
+    inputs = chat(tok, PROMPTS[1:2])
+    for threshold in (0.0, 1.0):  # unsafe, then safe
+        streamer = Collect()
+        out = gated.generate(**inputs, safety_threshold=threshold, streamer=streamer, **GREEDY)
+        width = inputs["input_ids"].shape[1]
+        assert streamer.puts[0] == inputs["input_ids"][0].tolist()
+        assert sum(streamer.puts[1:], []) == out.sequences[0, width:].tolist()
