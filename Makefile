@@ -70,7 +70,7 @@ test-serve: serve-setup
 # benign and a harmful chat request with their verdicts; the server stops by itself.
 serve-demo: setup serve-setup
 	HF_HUB_OFFLINE=1 $(PY) -m safegate export --from-bundle $(SERVE_BUNDLE) --model builtin:smollm2-135m-instruct \
-		--merged serve-demo-out/export
+		--merged serve-demo-out/export --adapted-answers
 	HF_HUB_OFFLINE=1 $(SERVE_PY) benchmarks/serve_demo.py serve-demo-out/export
 
 clean:

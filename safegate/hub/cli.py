@@ -53,6 +53,11 @@ def register(subparsers: Any) -> None:
         help="also write a merged export to DIR (atomically): a plain transformers checkpoint with LoRA merged and "
         "the safety tokens in, plus the gate; needs --model (docs/serving.md)",
     )  # fmt: skip
+    export.add_argument(
+        "--adapted-answers", action="store_true",
+        help="with --merged, for a gate whose safe answers come from the base model (GateConfig.safe_answer="
+        "'base'): export the adapted model's answers after <|safe|> instead, which is what merged weights hold",
+    )  # fmt: skip
     export.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the bundle to this Hub repo")
     export.add_argument("--private", action="store_true", help="create the Hub repo as private")
     export.add_argument("--threshold", type=float, help="set the default p(unsafe) threshold of the gate")
@@ -128,6 +133,15 @@ def run_export(args: argparse.Namespace) -> int:
         _print_sizes(bundle_sizes(args.bundle_out), bundle)
     if args.merged:
         assert gated is not None
+        if gated.gate_config.safe_answer != "adapted":
+            if not args.adapted_answers:
+                raise CLIError(
+                    f"--merged {args.merged}: this gate answers safe prompts with the base model "
+                    f"(safe_answer={gated.gate_config.safe_answer!r}), which one merged set of weights cannot hold. "
+                    "Add --adapted-answers to export the adapted model's answers after <|safe|> (verdicts and "
+                    "refusals unchanged), or serve it with transformers (`load_bundle`)."
+                )
+            gated.gate_config.safe_answer = "adapted"
         folder = gated.save_merged(args.merged)
         sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
         print(f"wrote merged export (plain transformers checkpoint + gate) to {folder}")

@@ -243,3 +243,14 @@ def test_cli_export_merged(tmp_path, capsys):
     bundle = gated.save_bundle(tmp_path / "bundle")
     assert main(["export", "--from-bundle", str(bundle), "--merged", str(tmp_path / "x")]) == 2
     assert "--merged" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_cli_export_merged_of_a_base_answer_gate_needs_adapted_answers(tmp_path, capsys):
+    model, tok = tiny_model_and_tokenizer("llama")
+    gated = safegate.attach(model, tok, safegate.GateConfig(attention_dim=16, lora_r=2, safe_answer="base"))
+    bundle = gated.save_bundle(tmp_path / "bundle")
+    args = ["export", "--from-bundle", str(bundle), "--model", "tiny:llama", "--merged", str(tmp_path / "m")]
+    assert main(args) == 2
+    assert "--adapted-answers" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert main([*args, "--adapted-answers"]) == 0
+    assert read_merged_gate(tmp_path / "m").config.safe_answer == "adapted"
