@@ -1,7 +1,8 @@
 """`safegate.bench.benchmark`: every measurement of the gate's overhead, as ratios gated/plain, in one JSON-able dict.
 
 A random-initialised backbone of realistic shape (`SHAPES`) is measured plain and gated: `generate` and the time to
-the first answer token (paired, `bench.timing`) on the benign and harmful paths and an A/A control, peak memory
+the first answer token (paired, `bench.timing`) on the benign and harmful paths, the benign path with base answers
+(`GateConfig.safe_answer="base"`) and an A/A control, peak memory
 (`bench.memory`), counted ops (`bench.op_count`), the training step (`bench.training_step`), FLOPs and bundle bytes
 (`bench.costs`). The method and the latest numbers are in docs/performance.md; the command is `bench.cli`.
 
@@ -26,7 +27,7 @@ from safegate.bench.op_count import generate_call_counts
 from safegate.bench.timing import paired_generate
 from safegate.bench.training_step import training_step_ratio
 
-__all__ = ["SHAPES", "VERDICTS", "benchmark"]
+__all__ = ["BASE_ANSWER", "SHAPES", "VERDICTS", "benchmark"]
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": dict(
@@ -51,6 +52,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 #: What the gate decides in each measured path: a confident gate (read-out bias) stands in for a trained one.
 #: The results also hold a `control` path: the plain model against a copy of itself (the noise floor).
 VERDICTS = {"benign": ("safe", -30.0), "harmful": ("unsafe", 30.0)}
+#: The benign path with `GateConfig.safe_answer="base"` (the base model answers; one more prefill per call).
+BASE_ANSWER = "benign_base_answer"
 
 
 def benchmark(
@@ -104,7 +107,7 @@ def benchmark(
         ids = torch.randint(4, vocab, (batch, prompt_tokens - len(header)), device=device)
         ids = torch.cat([ids, torch.tensor([header] * batch, dtype=ids.dtype, device=device)], dim=1)
         batches[batch] = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
-    total = 2 * (len(VERDICTS) + 1) * len(batches) + 2  # generate + first token per path and batch; training
+    total = 2 * (len(VERDICTS) + 2) * len(batches) + 2  # generate + first token per path and batch; training
     bar = tqdm(total=total, desc="safegate bench", unit="measurement", disable=not progress)
     for path, (label, bias) in VERDICTS.items():
         with torch.no_grad():
@@ -121,6 +124,21 @@ def benchmark(
                 plain.generate, gated.generate, inputs, gen, (pairs, ttft_pairs), device
             )
             bar.update(2)
+    # benign prompts answered by the base model (GateConfig.safe_answer="base": LoRA unmerged, off for safe rows)
+    gated.unmerge_adapter()
+    gated.gate_config.safe_answer = "base"
+    with torch.no_grad():
+        gated.gate.out.bias.fill_(VERDICTS["benign"][1])
+    results["generate"][BASE_ANSWER], results["ttft"][BASE_ANSWER] = {}, {}
+    for batch, inputs in batches.items():
+        key = f"batch_{batch}"
+        bar.set_postfix_str(f"{BASE_ANSWER}, {key}")
+        results["generate"][BASE_ANSWER][key], results["ttft"][BASE_ANSWER][key] = paired_generate(
+            plain.generate, gated.generate, inputs, gen, (pairs, ttft_pairs), device
+        )
+        bar.update(2)
+    gated.gate_config.safe_answer = "adapted"
+    gated.merge_adapter()
     # A/A control: the plain model against an identical copy of itself shows how far the machine's noise reaches
     twin = copy.deepcopy(plain)
     results["generate"]["control"], results["ttft"]["control"] = {}, {}

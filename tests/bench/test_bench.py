@@ -16,9 +16,9 @@ def test_bench_smoke_writes_valid_json(tmp_path, capsys):
                  "--new-tokens", "2", "--batch-sizes", "1,2", "--device", "cpu", "--out", str(out)])  # fmt: skip
     assert code == 0
     results = json.loads(out.read_text())
-    assert set(results["generate"]) == set(results["ttft"]) == {"benign", "harmful", "control"}
+    assert set(results["generate"]) == set(results["ttft"]) == {"benign", "harmful", "benign_base_answer", "control"}
     rows = [*results["training_step"].values()]
-    for path in ("benign", "harmful", "control"):
+    for path in ("benign", "harmful", "benign_base_answer", "control"):
         assert set(results["generate"][path]) == set(results["ttft"][path]) == {"batch_1", "batch_2"}
         rows += [*results["generate"][path].values(), *results["ttft"][path].values()]
         assert all(len(row["ratios"]) == 2 for row in results["ttft"][path].values())
