@@ -109,8 +109,7 @@ def prepare_data(
     harm_train = fill_refusals(augment_phrasing(harm_train, phrasing_share, seed, _rephrasable), seed=seed)
     benign_train = ben_train + xs_train + hard_train
     train = harm_train + benign_train + _counterfactuals(benign_train, seed)
-    check_disjoint(train, [r for rows in held_out.values() for r in rows])  # no evaluation prompt trains
-    check_disjoint(train, xs_unsafe, eval_name="XSTest unsafe (never trained on)")
+    check_disjoint(train, evaluated)  # no evaluation prompt, and none of XSTest's unsafe prompts, trains
     names = {"harmful": "heldout_harmful", "benign": "heldout_alpaca", "xstest": "heldout_xstest",
              UNTRAINED: "heldout_untrained"}  # fmt: skip
     files = {"train": _write(folder / "train.jsonl", train)}
