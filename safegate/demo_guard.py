@@ -31,6 +31,10 @@ class Plan:
     n_alpaca: int | None = None  # held-out Alpaca tasks (None = all)
     n_xstest_train: int | None = None  # XSTest-safe training prompts, self-distilled (None = the whole half)
     distill_tokens: int = 96
+    n_untrained: int = 40  # held-out XSTest unsafe prompts, a harmful source never trained on
+    n_do_not_answer: int = 80  # Do-Not-Answer training prompts (harm asked as questions; the rest unused)
+    n_hard_negatives: int = 60  # benign look-alike training prompts, self-distilled
+    phrasing_share: float = 0.5  # non-templated AdvBench / HarmBench training prompts also rephrased
     attacks: str = "none,prefill:4,prefill:12,template"
     max_new_tokens: int = 40
     n_boot: int = 1000
@@ -39,7 +43,7 @@ class Plan:
 
 GUARD = Plan(
     overrides=(
-        "data.max_harmful=40",
+        "data.max_harmful=56",
         "data.max_benign=48",
         "data.max_length=256",
         "training.max_steps=48",
@@ -51,6 +55,9 @@ GUARD = Plan(
     n_alpaca=24,
     n_xstest_train=32,
     distill_tokens=32,
+    n_untrained=12,
+    n_do_not_answer=16,
+    n_hard_negatives=16,
     attacks="none,prefill:4",
     max_new_tokens=24,
     n_boot=200,

