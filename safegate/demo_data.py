@@ -42,7 +42,7 @@ def prepare_data(
     *,
     n_alpaca: int | None = None,
     n_xstest_train: int | None = None,
-    distill_tokens: int = 96,
+    distill_tokens: int = 24,
     n_untrained: int = 40,
     n_do_not_answer: int = 80,
     n_hard_negatives: int = 60,

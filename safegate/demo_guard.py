@@ -30,7 +30,7 @@ class Plan:
     n_xstest: int = 125
     n_alpaca: int | None = None  # held-out Alpaca tasks (None = all)
     n_xstest_train: int | None = None  # XSTest-safe training prompts, self-distilled (None = the whole half)
-    distill_tokens: int = 96
+    distill_tokens: int = 24  # benign training answers: after <|safe|> the base model answers (safe_answer='base')
     n_untrained: int = 40  # held-out XSTest unsafe prompts, a harmful source never trained on
     n_do_not_answer: int = 80  # Do-Not-Answer training prompts (harm asked as questions; the rest unused)
     n_hard_negatives: int = 60  # benign look-alike training prompts, self-distilled
