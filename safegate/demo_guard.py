@@ -43,7 +43,7 @@ class Plan:
 
 GUARD = Plan(
     overrides=(
-        "data.max_harmful=56",
+        "data.max_harmful=32",
         "data.max_benign=48",
         "data.max_length=256",
         "training.max_steps=48",
@@ -56,7 +56,7 @@ GUARD = Plan(
     n_xstest_train=32,
     distill_tokens=32,
     n_untrained=12,
-    n_do_not_answer=16,
+    n_do_not_answer=8,
     n_hard_negatives=16,
     attacks="none,prefill:4",
     max_new_tokens=24,
