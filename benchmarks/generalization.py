@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/generalization.py                       # all prompts, 3 seeds
     HF_HUB_OFFLINE=1 python benchmarks/generalization.py --limit-per-source 120 --seeds 1
+    HF_HUB_OFFLINE=1 python benchmarks/generalization.py --layer 15 --augment-phrasing 0.5   # the two levers
 
 Writes to `--out` (default `generalization-out/`): `results.json` (every number, git commit, machine), `report.md`
 (the table) and `roc_<source>.png` (one ROC per left-out source, one curve per seed). Prompt states are cached in
@@ -60,6 +61,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--layer", type=int, default=None, help="gate layer (default: the recipe's, else -1)")
     ap.add_argument("--epochs", type=int, default=None, help="fit_gate epochs (default: the recipe's)")
     ap.add_argument("--lr", type=float, default=None, help="fit_gate learning rate (default: the recipe's)")
+    ap.add_argument(
+        "--augment-phrasing",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="rephrase this share of each fold's training records (harmful and benign; 0 = off)",
+    )
     ap.add_argument("--fpr", type=float, default=0.05, help="target FPR of the calibrated threshold")
     ap.add_argument("--out", default="generalization-out", help="output folder")
     ap.add_argument(
@@ -73,6 +81,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.limit_per_source is not None and args.limit_per_source < 2:
         ap.error(f"--limit-per-source must be >= 2 (or omitted for all prompts), got {args.limit_per_source}")
+    if not 0 <= args.augment_phrasing <= 1:
+        ap.error(f"--augment-phrasing must be in [0, 1] (0 = off), got {args.augment_phrasing}")
     if not 0 < args.fpr < 1:
         ap.error(f"--fpr must be in (0, 1), got {args.fpr}")
     if not Path(args.recipe).is_file():
@@ -160,6 +170,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"Gate-only LOSO on `{meta['model']}`, layer {meta['layer']}, fit_gate {meta['fit_kwargs']}, "
+            f"phrasing augmentation {meta['augment_phrasing'] or 'off'}, "
             f"seeds {meta['seeds']}, limit per source {meta['limit_per_source']}; mean ± std over seeds "
             "(last row: mean of the sources' means ± std across sources).",
             "",
@@ -227,12 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         fpr=args.fpr,
         store=store,
         model_name=args.model,
+        augment_share=args.augment_phrasing,
         progress=True,
     )
     report["meta"] = {
         "model": args.model,
         "layer": config.layer,
         "fit_kwargs": fit_kwargs,
+        "augment_phrasing": args.augment_phrasing,
         "fpr": args.fpr,
         "seeds": args.seeds,
         "limit_per_source": args.limit_per_source,

@@ -10,9 +10,12 @@ split of that pool, and it is scored on the left-out source against benign sets 
   topics and templates are disjoint from the training half's).
 
 Training prompts that equal an evaluation prompt (`safegate.data.leakage.normalise_prompt`) are dropped and counted,
-then `check_disjoint` guards every fold. Prompt states are computed once per group (`cache_prompts`) and stored on
-disk by `StateStore`, keyed by model, gate layer, safety prompt and prompts, so re-running after a gate or fit change
-only re-fits.
+then `check_disjoint` guards every fold. With `augment_share > 0`, each fold's training records (harmful and benign,
+never the validation split) also get rephrased copies (`safegate.data.phrasing.augment_phrasing`, `augment_fold`);
+copies equal to a validation or held-out prompt are dropped and counted the same way, and the check runs again.
+Prompt states are computed once per group (`cache_prompts`) and stored on disk by `StateStore`, keyed by model, gate
+layer, safety prompt and prompts, so re-running after a gate or fit change only re-fits (a fold's rephrased copies
+are one more cached group).
 
 Example (tiny random model, a few prompts per group):
     >>> import safegate
@@ -39,6 +42,7 @@ import torch
 
 from safegate.data.build import split_records
 from safegate.data.leakage import check_disjoint, normalise_prompt, record_text
+from safegate.data.phrasing import augment_phrasing
 from safegate.evaluation.metrics import auroc, roc_curve
 from safegate.modeling.model import attach
 from safegate.training.gate_fit import PromptCache, cache_prompts, cached_scores, fit_gate
@@ -174,6 +178,31 @@ def fold_split(
     }
 
 
+def not_templated(record: dict[str, Any]) -> bool:
+    """Every training record may be rephrased (harmful and benign alike) except a jailbreak-template wrapping."""
+    return record.get("augmented") != "template"
+
+
+def augment_fold(
+    groups: dict[str, list[dict[str, Any]]], fold: dict[str, Any], left_out: str, share: float, seed: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Rephrased copies of `share` of the fold's training records, and how many were dropped as overlap.
+
+    Benign look-alikes are rephrased as well as harmful prompts, so phrasing alone cannot separate the classes.
+    Copies equal to a validation or held-out prompt are dropped; then `check_disjoint` guards the rest.
+    """
+    records = [r for name in HARMFUL + BENIGN_TRAIN + BENIGN_HELD for r in groups[name]]
+    train = [records[i] for i in fold["train"]]
+    copies = augment_phrasing(train, share=share, seed=seed, rewritable=not_templated)[len(train) :]
+    eval_records = [records[i] for index in fold["eval"].values() for i in index]
+    blocked = {normalise_prompt(record_text(r)) for r in eval_records + [records[i] for i in fold["val"]]}
+    kept = [{"prompt": r["prompt"], "label": r["label"]} for r in copies
+            if normalise_prompt(record_text(r)) not in blocked]  # fmt: skip
+    check_disjoint(kept, eval_records, train_name=f"rephrased training copies without {left_out}",
+                   eval_name=f"held-out ({left_out} + benign)")  # fmt: skip
+    return kept, len(copies) - len(kept)
+
+
 def fold_metrics(scores: torch.Tensor, fold: dict[str, Any], left_out: str, fpr: float) -> dict[str, Any]:
     """AUROC, recall and FPRs of one fold from the scores of every prompt (global indices)."""
     pick = {name: scores[torch.tensor(index)] for name, index in fold["eval"].items()}
@@ -220,6 +249,7 @@ def run_protocol(
     fpr: float = 0.05,
     store: StateStore | None = None,
     model_name: str = "model",
+    augment_share: float = 0.0,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run the LOSO protocol; returns `{"folds": [...], "summary": {source: {metric: summary}}, "cache": ...}`.
@@ -232,10 +262,14 @@ def run_protocol(
         fit_kwargs (`dict`): passed to `fit_gate` (`epochs`, `lr`, ...); `seed` is set per seed.
         fpr (`float`): target false-positive rate of the calibrated threshold on the benign validation split.
         store (`StateStore`): on-disk prompt-state cache (default: in memory only).
+        augment_share (`float`): share of each fold's training records given a rephrased copy (`augment_fold`,
+            seeded with the fold's seed); 0 = no augmentation.
     """
     check_groups(groups)
     if not seeds:
         raise ValueError("`seeds` must name at least one seed.")
+    if not 0.0 <= augment_share <= 1.0:
+        raise ValueError(f"`augment_share` must be in [0, 1] (0 = no augmentation), got {augment_share!r}.")
     store = store or StateStore(None)
     names = HARMFUL + BENIGN_TRAIN + BENIGN_HELD
     torch.manual_seed(seeds[0])
@@ -260,9 +294,14 @@ def run_protocol(
         for left_out in HARMFUL:
             gated.gate.load_state_dict(initial)
             fold = fold_split(groups, left_out, seed)
-            stats = fit_gate(gated, subset_cache(all_cache, fold["train"]), **{**(fit_kwargs or {}), "seed": seed})
+            train_cache = subset_cache(all_cache, fold["train"])
+            copies, dropped = augment_fold(groups, fold, left_out, augment_share, seed) if augment_share else ([], 0)
+            if copies:
+                train_cache = concat_caches([train_cache, store.get(gated, copies, model_name)])
+            stats = fit_gate(gated, train_cache, **{**(fit_kwargs or {}), "seed": seed})
             scores = cached_scores(gated, all_cache).double()
             row = {"seed": seed, "left_out": left_out, **fold_metrics(scores, fold, left_out, fpr)}
+            row["n"].update(augmented=len(copies), dropped_augmented=dropped)
             row["fit"] = {k: stats.get(k) for k in ("train_auroc", "train_accuracy", "final_loss", "fit_seconds")}
             row["fit"].update({k: v for k, v in stats.items() if k in ("diverged", "retries", "best_epoch")})
             folds.append(row)
@@ -283,5 +322,6 @@ def run_protocol(
         "folds": folds,
         "summary": summary,
         "counts": {name: len(groups[name]) for name in names},
+        "augment_share": augment_share,
         "cache": {"hits": store.hits, "misses": store.misses, "seconds": cache_seconds},
     }

@@ -127,3 +127,47 @@ def test_clear_errors():
     del groups["alpaca_held"]
     with pytest.raises(ValueError, match="'alpaca_held' is missing"):
         gen.check_groups(groups)
+
+
+def test_phrasing_augmentation_rephrases_training_records_only_and_drops_held_out_twins():
+    groups = toy_groups(9)
+    fold = gen.fold_split(groups, "advbench", seed=3)
+    copies, dropped = gen.augment_fold(groups, fold, "advbench", share=1.0, seed=3)
+    # 9 prompts per group: no toy prompt is a prefix of another ("number 1" / "number 10")
+    assert dropped == 0 and len(copies) == len(fold["train"])  # share 1: every training record, harmful and benign
+    assert {r["label"] for r in copies} == {"safe", "unsafe"}
+    records = [r for name in gen.HARMFUL + gen.BENIGN_TRAIN + gen.BENIGN_HELD for r in groups[name]]
+    originals = {records[i]["prompt"].lower() for i in fold["train"]}
+    not_trained = {records[i]["prompt"].lower() for i in fold["val"]} | {
+        records[i]["prompt"].lower() for index in fold["eval"].values() for i in index
+    }
+    assert all(any(o in c["prompt"].lower() for o in originals) for c in copies)
+    assert not any(p in c["prompt"].lower() for p in not_trained for c in copies)
+    assert copies == gen.augment_fold(groups, fold, "advbench", share=1.0, seed=3)[0]  # seeded
+    # a rephrased copy that equals a held-out prompt is dropped and counted, like any training prompt
+    groups["xstest_safe_b"].append({"prompt": copies[0]["prompt"].upper() + " ", "label": "safe"})
+    fold = gen.fold_split(groups, "advbench", seed=3)
+    kept, dropped = gen.augment_fold(groups, fold, "advbench", share=1.0, seed=3)
+    assert dropped == 1 and kept == copies[1:]
+    templated = toy_groups(9)
+    for r in templated["harmbench"]:
+        r["augmented"] = "template"
+    fold = gen.fold_split(templated, "advbench", seed=3)
+    assert len(gen.augment_fold(templated, fold, "advbench", share=1.0, seed=3)[0]) == len(fold["train"]) - 9
+
+
+def test_protocol_fits_on_the_rephrased_copies_too(one_thread):
+    from safegate import GateConfig
+    from safegate.backbones.tiny import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer("llama")
+    store = gen.StateStore(None)
+    report = gen.run_protocol(model, tok, toy_groups(), config=GateConfig(attention_dim=8, lora_r=2), seeds=[0],
+                              fit_kwargs=dict(epochs=1), store=store, augment_share=0.5)  # fmt: skip
+    assert report["augment_share"] == 0.5 and store.misses == 10 + len(gen.HARMFUL)  # one cached group per fold
+    for fold in report["folds"]:
+        assert 0 < fold["n"]["augmented"] <= fold["n"]["train"] and fold["n"]["dropped_augmented"] == 0
+    with pytest.raises(ValueError, match="`augment_share` must be in"):
+        gen.run_protocol(model, tok, toy_groups(), config=GateConfig(), seeds=[0], augment_share=2.0)
+    with pytest.raises(SystemExit):
+        load_script().parse(["--augment-phrasing", "1.5"])
