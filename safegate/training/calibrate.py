@@ -1,12 +1,19 @@
-"""Threshold calibration: the p(unsafe) threshold that flags at most a target share of benign prompts.
+"""Threshold calibration: where the p(unsafe) threshold of a trained gate sits.
 
-`calibrate_threshold` scores held-out benign prompts with the current gate (the same cached path as `fit_gate`,
-which agrees with `gated.classify`) and sets `gated.gate_config.threshold`, which travels in the bundle
-(`safegate_config.json`) and is the default of `generate` / `classify`.
+Two rules, each setting `gated.gate_config.threshold` (it travels in the bundle, `safegate_config.json`, and is the
+default of `generate` / `classify`); prompts are scored on the same cached path as `fit_gate`, which agrees with
+`gated.classify`:
+
+- `calibrate_threshold`: flag at most a target share of held-out benign prompts;
+- `fit_balanced_threshold`: the threshold that best separates labelled prompts (highest balanced accuracy), e.g.
+  the training prompts after joint training, whose LoRA and token-row updates shift every score together (the
+  ranking survives, the argmax's placement does not: docs/training.md, "Threshold calibration").
 
 Example:
     >>> threshold_for_fpr([0.1, 0.2, 0.3, 0.9], target_fpr=0.25)  # flags the 0.9 only
     0.3001
+    >>> round(balanced_threshold([0.9999, 0.99999, 0.999999], [0, 1, 1]), 6)  # midway in logits: 0.9999 | 0.99999
+    0.999968
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import torch
 from safegate.data.records import load_records
 from safegate.training.gate_fit import PromptCache, cache_prompts, cached_scores
 
-__all__ = ["calibrate_threshold", "threshold_for_fpr"]
+__all__ = ["balanced_threshold", "calibrate_threshold", "fit_balanced_threshold", "threshold_for_fpr"]
 
 MARGIN = 1e-4
 """How far above the highest benign score that must pass the threshold sits (absorbs float jitter)."""
@@ -69,5 +76,49 @@ def calibrate_threshold(
         cache = cache_prompts(gated, benign, batch_size=batch_size, safety_prompt=safety_prompt)
     scores = cached_scores(gated, cache)[cache.labels == 0]
     threshold = threshold_for_fpr(scores, target_fpr)
+    gated.gate_config.threshold = threshold
+    return threshold
+
+
+def balanced_threshold(scores: Any, labels: Any) -> float:
+    """Threshold (unsafe iff p >= threshold) with the highest balanced accuracy on labelled scores (1 = unsafe).
+
+    The cut sits midway, in logit space, between the two neighbouring scores it separates (scores of a saturated
+    gate crowd near 0 or 1, where a midpoint in p would land on one of them); of several equally good cuts the
+    middle one is taken.
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    labels = torch.as_tensor(labels).flatten().bool()
+    if len(scores) != len(labels):
+        raise ValueError(f"got {len(scores)} scores but {len(labels)} labels.")
+    if not labels.any() or labels.all():
+        raise ValueError("a balanced threshold needs both benign (0) and harmful (1) prompts.")
+    values = scores.unique()  # sorted; a cut above values[i] flags every score > values[i]
+    logits = torch.logit(values.clamp(1e-15, 1 - 1e-15))
+    cuts = torch.cat([logits[:1] - 1.0, (logits[1:] + logits[:-1]) / 2])  # below each distinct score
+    flagged = scores[None, :] >= torch.sigmoid(cuts)[:, None]
+    accuracy = flagged[:, labels].double().mean(1) + (~flagged[:, ~labels]).double().mean(1)
+    best = (accuracy >= accuracy.max() - 1e-12).nonzero().flatten()
+    return float(torch.sigmoid(cuts[best[len(best) // 2]]))
+
+
+def fit_balanced_threshold(gated: Any, data: Any, *, safety_prompt: str | None = None, batch_size: int = 8) -> float:
+    """Set `gated.gate_config.threshold` to `balanced_threshold` of the gate's scores on labelled `data`.
+
+    Args:
+        gated (`SafeGateModel`): The trained gated model (its threshold is set in place; saved with the bundle).
+        data: Labelled records or a `PromptCache`, both classes present (`gate: false` records are left out).
+        safety_prompt (`str | None`): System message (default: the gate config's `safety_prompt`).
+        batch_size (`int`): Prompts per forward while scoring.
+
+    Returns:
+        `float`: The threshold now in `gated.gate_config.threshold`.
+    """
+    cache = (
+        data
+        if isinstance(data, PromptCache)
+        else cache_prompts(gated, data, batch_size=batch_size, safety_prompt=safety_prompt)
+    )
+    threshold = balanced_threshold(cached_scores(gated, cache), cache.labels)
     gated.gate_config.threshold = threshold
     return threshold

@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from safegate.training.outputs import check_recipe_outputs
-    from safegate.training.recipes import load_recipe, recipe_records, run_recipe
+    from safegate.training.recipes import calibration_records, load_recipe, recipe_records, run_recipe
     from safegate.training.trainer import DEFAULT_ARGS
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)
@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"recipe {args.recipe}: valid (model {recipe.model.name}, method {recipe.method}, beta {recipe.beta})")
         if recipe.data.refusals == "template":
             print(f"data: {len(train_records)} training records, {len(eval_records or [])} held out")
+            if recipe.calibrate.data:
+                n = len(calibration_records(recipe, train_records))
+                print(f"calibration: {n} benign prompts, target false-positive rate {recipe.calibrate.target_fpr}")
         return 0
     stats = run_recipe(recipe, resume_from_checkpoint=args.resume)
     last = stats["last_log"]
@@ -69,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     summary.update({k: round(v, 4) for k, v in stats["eval"].items() if k.startswith("eval_") and "gate" in k})
     if stats.get("warm_start"):
         summary["warm_start_accuracy"] = round(stats["warm_start"].get("train_accuracy", 0.0), 4)
+    if "threshold" in stats:
+        summary["threshold"] = stats["threshold"]  # calibrated on `calibrate.data`, saved with the bundle
     print("safegate train: " + json.dumps(summary))
     if stats.get("bundle"):
         print(f"safegate train: saved {stats['bundle_kind']} to {stats['bundle']}")

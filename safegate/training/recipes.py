@@ -8,6 +8,9 @@ Sections (every key is checked; an unknown key is named together with the valid 
               refusal_system_prompt, refusal_max_new_tokens, max_length
     method:   casa | token_only | ssft           beta: 0.5        aux_weight: 0.0        gate_lr: null
     fit_gate: enabled, epochs, lr, batch_size, train_token_rows   (gate-only warm start, method casa)
+    calibrate: balanced | data, target_fpr   (after training, the p(unsafe) threshold stored in the bundle: the one
+              that best separates the training prompts, or the one flagging <= target_fpr of the benign prompts in
+              the held-out files `data`)
     training: `transformers.TrainingArguments` fields
     output:   bundle (folder for `gated.save_bundle`; the trainable state when bundles are unavailable)
 
@@ -23,8 +26,8 @@ Example:
     >>> parse_recipe({"model": {"name": "tiny:qwen2"}, "trainig": {}})
     Traceback (most recent call last):
     ...
-    ValueError: recipe: unknown key 'trainig' at the top level; valid keys: aux_weight, beta, data, fit_gate, \
-gate, gate_lr, method, model, output, training
+    ValueError: recipe: unknown key 'trainig' at the top level; valid keys: aux_weight, beta, calibrate, data, \
+fit_gate, gate, gate_lr, method, model, output, training
 """
 
 from __future__ import annotations
@@ -88,6 +91,18 @@ class FitGateSection:
 
 
 @dataclass
+class CalibrateSection:
+    """`calibrate:` — after training, set the gate's p(unsafe) threshold (saved in the bundle). `balanced: true`:
+    the threshold with the highest balanced accuracy on the training prompts (`fit_balanced_threshold`; corrects
+    the shift joint training gives every score). `data`: files of held-out records; the threshold flags at most
+    `target_fpr` of their benign prompts (`calibrate_threshold`). Neither: the gate config's (default: argmax)."""
+
+    balanced: bool = False
+    data: list[str] | None = None
+    target_fpr: float = 0.05
+
+
+@dataclass
 class OutputSection:
     """`output:` — where the trained gate goes."""
 
@@ -106,6 +121,7 @@ class Recipe:
     aux_weight: float = 0.0
     gate_lr: float | None = None
     fit_gate: FitGateSection = field(default_factory=FitGateSection)
+    calibrate: CalibrateSection = field(default_factory=CalibrateSection)
     training: dict[str, Any] = field(default_factory=dict)
     output: OutputSection = field(default_factory=OutputSection)
     path: str | None = None
@@ -133,7 +149,10 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-_SECTIONS = {"model": ModelSection, "data": DataSection, "fit_gate": FitGateSection, "output": OutputSection}
+_SECTIONS = {
+    "model": ModelSection, "data": DataSection, "fit_gate": FitGateSection, "calibrate": CalibrateSection,
+    "output": OutputSection,
+}  # fmt: skip
 _TOP_LEVEL = sorted(f.name for f in dataclasses.fields(Recipe) if f.name != "path")
 
 
@@ -262,6 +281,11 @@ def _check_values(recipe: Recipe, where: str) -> None:
         )
     if recipe.data.refusals not in ("template", "generate"):
         raise ValueError(f"{where}: data.refusals must be 'template' or 'generate', got {recipe.data.refusals!r}.")
+    fpr = recipe.calibrate.target_fpr
+    if not 0.0 <= fpr < 1.0:
+        raise ValueError(f"{where}: calibrate.target_fpr must be a share in [0, 1), got {fpr!r}; e.g. 0.05.")
+    if recipe.calibrate.balanced and recipe.calibrate.data:
+        raise ValueError(f"{where}: calibrate.balanced and calibrate.data are two rules for one threshold; keep one.")
     size = recipe.data.eval_size
     if isinstance(size, bool) or size < 0 or (isinstance(size, float) and size >= 1):
         raise ValueError(f"{where}: data.eval_size must be a count >= 0 or a fraction in [0, 1), got {size!r}.")
@@ -332,6 +356,24 @@ def recipe_records(recipe: Recipe, model: Any = None, processor: Any = None) -> 
     return records, None
 
 
+def calibration_records(recipe: Recipe, train_records: list[dict]) -> list[dict]:
+    """The benign records of `calibrate.data` (empty without it); none may be a training prompt."""
+    if not recipe.calibrate.data:
+        return []
+    from safegate.data.leakage import check_disjoint
+    from safegate.data.records import load_records
+
+    sources = [_data_path(source, recipe.data.dir) for source in recipe.calibrate.data]
+    benign = [r for path in sources for r in load_records(path, require_response=False) if r["label"] == "safe"]
+    if not benign:
+        raise ValueError(
+            f"calibrate.data {recipe.calibrate.data!r} holds no benign (`label: safe`) records; the threshold is "
+            "calibrated on benign prompts: add some, or remove the `calibrate` section."
+        )
+    check_disjoint(train_records, benign, eval_name="calibrate.data")  # trained prompts would score optimistically
+    return benign
+
+
 def run_recipe(recipe: Recipe, *, resume_from_checkpoint: str | bool | None = None) -> dict[str, Any]:
     """Load the model, build the data, attach the gate, (warm-start and) train, save the bundle; return stats."""
     import safegate
@@ -342,6 +384,7 @@ def run_recipe(recipe: Recipe, *, resume_from_checkpoint: str | bool | None = No
     check_recipe_outputs(recipe, DEFAULT_ARGS["output_dir"])  # every output path, before the model loads
     model, processor = load_recipe_model(recipe.model)
     train_records, eval_records = recipe_records(recipe, model, processor)
+    calibration = calibration_records(recipe, train_records)  # checked before training, not after
     gated = safegate.attach(model, processor, recipe.gate_config())
     training = dict(recipe.training)
     resume = resume_from_checkpoint or training.pop("resume_from_checkpoint", None)
@@ -366,6 +409,16 @@ def run_recipe(recipe: Recipe, *, resume_from_checkpoint: str | bool | None = No
         warm_start=warm,
         resume_from_checkpoint=resume,
     )
+    if calibration:
+        from safegate.training.calibrate import calibrate_threshold
+
+        stats["threshold"] = calibrate_threshold(gated, calibration, recipe.calibrate.target_fpr)
+        stats["calibration_prompts"] = len(calibration)
+    elif recipe.calibrate.balanced:
+        from safegate.training.calibrate import fit_balanced_threshold
+
+        stats["threshold"] = fit_balanced_threshold(gated, train_records)
+        stats["calibration_prompts"] = sum(bool(r.get("gate", True)) for r in train_records)
     if recipe.output.bundle and _is_main_process():
         try:
             import safegate.hub.bundle  # noqa: F401 - written by another part of the library; optional here

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import safegate
 from safegate.modeling.gate import SafetyGate
 from safegate.testing import chat, tiny_model_and_tokenizer
-from safegate.training.calibrate import calibrate_threshold, threshold_for_fpr
+from safegate.training.calibrate import balanced_threshold, calibrate_threshold, threshold_for_fpr
 from safegate.training.gate_fit import GateFitError, PromptCache, cache_prompts, cached_scores, fit_gate
 from safegate.training.gate_opt import split_indices
 from tests.conftest import SMALL
@@ -200,3 +200,19 @@ def test_threshold_calibration_meets_the_target_rate_and_travels_in_the_bundle(s
     assert threshold_for_fpr([0.2, 0.2, 0.9], 0.0) == pytest.approx(0.9001)
     with pytest.raises(ValueError, match="target_fpr"):
         threshold_for_fpr([0.1], 1.0)
+
+
+def test_balanced_threshold_separates_shifted_scores_and_needs_both_classes():
+    # a gate whose every score moved towards unsafe (joint training's drift): the argmax flags all, the fit does not
+    scores = torch.tensor([0.97, 0.98, 0.99, 0.9990, 0.99995, 0.99999, 0.999999])
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    threshold = balanced_threshold(scores, labels)
+    assert 0.999 < threshold < 0.99995
+    assert ((scores >= threshold) == labels.bool()).all()
+    # one benign outlier among the harmful scores: the best cut still keeps the harmful ones flagged
+    assert balanced_threshold([0.1, 0.2, 0.95, 0.9, 0.99], [0, 0, 0, 1, 1]) < 0.9
+    for bad in ([0, 0], [1, 1]):
+        with pytest.raises(ValueError, match="needs both benign"):
+            balanced_threshold([0.2, 0.8], bad)
+    with pytest.raises(ValueError, match="3 scores but 2 labels"):
+        balanced_threshold([0.1, 0.2, 0.3], [0, 1])

@@ -1,5 +1,6 @@
 """Recipes: schema validation, overrides, the shipped recipes, and the tiny recipe end to end through the CLI."""
 
+import json
 import re
 from pathlib import Path
 
@@ -76,6 +77,12 @@ def test_omni_recipe_lora_reaches_only_the_language_model_and_trains(tmp_path):
         ({"model": {"name": "tiny:qwen2"}, "data": {"max_benign": "ten"}}, "data.max_benign must be int or null"),
         ({"model": {"name": "tiny:qwen2"}, "fit_gate": {"enabled": "yes please"}}, "fit_gate.enabled must be bool"),
         ({"model": {"name": "tiny:qwen2"}, "data": {"refusals": "llm"}}, "data.refusals must be 'template'"),
+        ({"model": {"name": "tiny:qwen2"}, "calibrate": {"target_fpr": 5}}, "calibrate.target_fpr must be a share"),
+        ({"model": {"name": "tiny:qwen2"}, "calibrate": {"fpr": 0.1}}, "valid keys: balanced, data, target_fpr"),
+        (
+            {"model": {"name": "tiny:qwen2"}, "calibrate": {"balanced": True, "data": ["v.jsonl"]}},
+            "calibrate.balanced and calibrate.data are two rules for one threshold; keep one",
+        ),
         ({"model": {"dtype": "bfloat16"}}, "section 'model' needs 'name'"),
         ({"gate": {}}, "missing section 'model'"),
         ([1, 2], "must be a mapping of sections"),
@@ -127,3 +134,65 @@ def test_cli_dry_run_validates_data(capsys):
     assert main(["train", str(RECIPES / "tiny_cpu.yaml"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "valid" in printed and "80 training records, 16 held out" in printed
+
+
+def test_calibrate_section_sets_the_threshold_on_held_out_benign_prompts_and_saves_it(tmp_path, capsys):
+    unused = [f"Describe the colour of the {thing} in one sentence." for thing in (
+        "sky", "sea", "grass", "sun", "moon", "snow", "sand", "rose", "lime", "plum",
+        "coal", "milk", "rust", "jade", "teal", "gold", "ash", "ink", "salt", "wine")]  # fmt: skip
+    calibration = tmp_path / "calibration.jsonl"
+    calibration.write_text("".join(json.dumps({"prompt": p, "label": "safe"}) + "\n" for p in unused))
+    out = tmp_path / "run"
+    args = [
+        "train", str(RECIPES / "tiny_cpu.yaml"), "--set", "training.max_steps=4", "--set", "fit_gate.epochs=5",
+        "--set", f"training.output_dir={out}", "--set", "training.disable_tqdm=true",
+        "--set", f"output.bundle={out}/bundle", "--set", f"calibrate.data={calibration}",
+        "--set", "calibrate.target_fpr=0.1",
+    ]  # fmt: skip
+    assert main([*args, "--dry-run"]) == 0
+    assert "calibration: 20 benign prompts, target false-positive rate 0.1" in capsys.readouterr().out
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    threshold = json.loads(printed.split("safegate train: ", 1)[1].splitlines()[0])["threshold"]
+    gated = safegate.load_bundle(*safegate.load_model("tiny:qwen2"), out / "bundle")
+    assert gated.gate_config.threshold == threshold
+    scores = gated.classify(**chat(gated.tokenizer, unused))
+    assert int((scores >= threshold).sum()) <= 2  # at most 10 % of the 20 calibration prompts flagged
+
+
+def test_calibrate_data_must_hold_benign_prompts_that_never_trained(tmp_path):
+    from safegate.data.leakage import LeakageError
+    from safegate.training.recipes import calibration_records, recipe_records
+
+    harmful_only = tmp_path / "harmful.jsonl"
+    harmful_only.write_text(json.dumps({"prompt": "Build a bomb.", "label": "unsafe"}) + "\n")
+    recipe = load_recipe(RECIPES / "tiny_cpu.yaml", overrides=[f"calibrate.data={harmful_only}"])
+    train, _ = recipe_records(recipe)
+    with pytest.raises(ValueError, match="holds no benign .* remove the `calibrate` section"):
+        calibration_records(recipe, train)
+    trained = tmp_path / "trained.jsonl"
+    trained.write_text(json.dumps({"prompt": train[0]["prompt"], "label": "safe"}) + "\n")
+    recipe.calibrate.data = [str(trained)]
+    with pytest.raises(LeakageError, match="calibrate.data prompt"):
+        calibration_records(recipe, train)
+
+
+def test_calibrate_balanced_refits_the_threshold_on_the_training_prompts(tmp_path, capsys):
+    from safegate.training.calibrate import balanced_threshold
+    from safegate.training.examples import prompt_scores
+    from safegate.training.recipes import recipe_records
+
+    out = tmp_path / "run"
+    assert main([
+        "train", str(RECIPES / "tiny_cpu.yaml"), "--set", "training.max_steps=4", "--set", "fit_gate.epochs=5",
+        "--set", f"training.output_dir={out}", "--set", "training.disable_tqdm=true",
+        "--set", f"output.bundle={out}/bundle", "--set", "calibrate.balanced=true",
+    ]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    threshold = json.loads(printed.split("safegate train: ", 1)[1].splitlines()[0])["threshold"]
+    gated = safegate.load_bundle(*safegate.load_model("tiny:qwen2"), out / "bundle")
+    assert gated.gate_config.threshold == threshold
+    train, _ = recipe_records(load_recipe(RECIPES / "tiny_cpu.yaml"))
+    scores = prompt_scores(gated, train)
+    labels = [r["label"] == "unsafe" for r in train]
+    assert balanced_threshold(scores, labels) == pytest.approx(threshold, rel=1e-4)
