@@ -162,7 +162,11 @@ def _train_and_evaluate(
     recipe.training["seed"] = seed
     torch.manual_seed(seed)  # the gate's and LoRA's initial weights, drawn when the gate is attached
     _say(f"[2/3] training, seed {seed} ({_eta(started)})")
-    gated = run_recipe(recipe).pop("gated")
+    stats = run_recipe(recipe)
+    gated = stats.pop("gated")
+    if "threshold" in stats:
+        threshold, n = stats["threshold"], stats["calibration_prompts"]
+        _say(f"      p(unsafe) threshold {threshold:.6g} (calibrated on {n} prompts: recipe section `calibrate`)")
     _say(f"      bundle: {folder / 'bundle'} ({_eta(started)})")
     _say(f"[3/3] evaluation, base vs gated{' (base answers reused)' if base_cache else ''} ({_eta(started)})")
     sets = {"harmful": files["harmful"], "xstest": files["xstest"], "alpaca": files["benign"]}

@@ -139,6 +139,11 @@ def test_guard_floors_pass_a_healthy_report_and_fail_broken_ones():
     assert [c.name for c in guard_checks(refuses_everything) if not c.ok] == ["over-refusal xstest/none"]
     unlearned = _seed_report(0.8, 0.05, auroc=0.5)
     assert [c.name for c in guard_checks(unlearned) if not c.ok] == ["gate AUROC, held-out", "gated ASR harmful/none"]
+    rewrites_benign_answers = _seed_report(0.05, 0.10, fidelity=0.0)
+    assert [c.name for c in guard_checks(rewrites_benign_answers) if not c.ok] == ["answer fidelity xstest/none"]
+    no_fidelity = {k: v for k, v in healthy.items() if k != "answer_fidelity"}  # a missing number fails its check
+    assert [c.name for c in guard_checks(no_fidelity) if not c.ok] == [
+        "answer fidelity xstest/none", "answer fidelity alpaca/none"]  # fmt: skip
 
 
 ROWS = {
