@@ -34,6 +34,7 @@ _LAZY = {
     "train": "safegate.training.trainer",
     "fit_gate": "safegate.training.gate_fit",
     "calibrate_threshold": "safegate.training.calibrate",
+    "fit_balanced_threshold": "safegate.training.calibrate",
     "load_model": "safegate.backbones.load",
     "format_prompt": "safegate.data.records",
     "pipeline": "safegate.modeling.pipeline",

@@ -152,7 +152,7 @@ def _train_and_evaluate(
     """Train one gate with training seed `seed` on the prepared data, evaluate it base vs gated into `folder`."""
     from safegate.data.io import read_objects
     from safegate.evaluation import evaluate
-    from safegate.training.recipes import run_recipe
+    from safegate.training.recipe_run import run_recipe
 
     recipe = copy.deepcopy(recipe)
     recipe.data.train = [str(files["train"])]

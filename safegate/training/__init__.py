@@ -2,8 +2,8 @@
 
 Modules: `trainer` (`train`, `CASATrainer`), `state` (trainable-state I/O), `examples` (records encoded for the
 collator, `prompt_scores`), `objective` (the CASA loss), `collate`, `gate_fit` (`fit_gate`), `gate_opt` (its
-optimiser loop), `calibrate` (`calibrate_threshold`), `recipes`, `cli`, `demo` (a seconds-long gate fit on the
-shipped data).
+optimiser loop), `calibrate` (`calibrate_threshold`, `fit_balanced_threshold`), `recipes`, `cli`, `demo` (a
+seconds-long gate fit on the shipped data).
 
 `safegate.training` was a module before the 0.2 layout; its public names still resolve here, lazily.
 """
@@ -26,6 +26,7 @@ HOMES = {
     "fit_gate": "safegate.training.gate_fit",
     "GateFitError": "safegate.training.gate_opt",
     "calibrate_threshold": "safegate.training.calibrate",
+    "fit_balanced_threshold": "safegate.training.calibrate",
     "demo_gate_training": "safegate.training.demo",
     "auroc": "safegate.evaluation.metrics",  # the one AUROC; re-exported for the old `safegate.training.auroc`
 }

@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from safegate.training.outputs import check_recipe_outputs
-    from safegate.training.recipes import calibration_records, load_recipe, recipe_records, run_recipe
+    from safegate.training.recipe_run import calibration_records, recipe_records, run_recipe
+    from safegate.training.recipes import load_recipe
     from safegate.training.trainer import DEFAULT_ARGS
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)

@@ -9,7 +9,8 @@ import safegate.training.recipes as recipes
 from safegate.cli import main
 from safegate.testing import tiny_model_and_tokenizer
 from safegate.training.gate_fit import cache_prompts, fit_gate
-from safegate.training.recipes import parse_recipe, recipe_records
+from safegate.training.recipe_run import recipe_records
+from safegate.training.recipes import parse_recipe
 from tests.conftest import SMALL
 
 RECIPE = pathlib.Path(__file__).resolve().parents[2] / "recipes" / "tiny_cpu.yaml"

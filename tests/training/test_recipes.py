@@ -162,7 +162,7 @@ def test_calibrate_section_sets_the_threshold_on_held_out_benign_prompts_and_sav
 
 def test_calibrate_data_must_hold_benign_prompts_that_never_trained(tmp_path):
     from safegate.data.leakage import LeakageError
-    from safegate.training.recipes import calibration_records, recipe_records
+    from safegate.training.recipe_run import calibration_records, recipe_records
 
     harmful_only = tmp_path / "harmful.jsonl"
     harmful_only.write_text(json.dumps({"prompt": "Build a bomb.", "label": "unsafe"}) + "\n")
@@ -180,7 +180,7 @@ def test_calibrate_data_must_hold_benign_prompts_that_never_trained(tmp_path):
 def test_calibrate_balanced_refits_the_threshold_on_the_training_prompts(tmp_path, capsys):
     from safegate.training.calibrate import balanced_threshold
     from safegate.training.examples import prompt_scores
-    from safegate.training.recipes import recipe_records
+    from safegate.training.recipe_run import recipe_records
 
     out = tmp_path / "run"
     assert main([

@@ -1,0 +1,178 @@
+"""Running a validated recipe: load its model, build its records, train, calibrate the threshold, save the bundle.
+
+`safegate train RECIPE` and `safegate demo` call `run_recipe`; the schema (`Recipe`, `load_recipe`) is
+`safegate.training.recipes`.
+
+Example:
+    >>> from safegate.training.recipes import parse_recipe
+    >>> recipe = parse_recipe({"model": {"name": "tiny:qwen2"}, "data": {"train": ["records.jsonl"]}})
+    >>> calibration_records(recipe, [])  # no `calibrate.data`: nothing to check
+    []
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safegate.training.recipes import ModelSection, Recipe
+
+__all__ = ["calibration_records", "load_recipe_model", "recipe_records", "run_recipe"]
+
+
+def load_recipe_model(section: ModelSection) -> tuple[Any, Any]:
+    """`(model, processor)` for the `model:` section (`model_class` wins over the architecture spec)."""
+    from safegate.backbones.load import load_model
+
+    if section.model_class is None or section.name.startswith(("tiny:", "builtin:")):
+        kwargs = {"revision": section.revision} if section.revision else {}
+        return load_model(section.name, dtype=section.dtype, device=section.device, **kwargs)
+    import transformers
+
+    from safegate.backbones.load import DTYPES, import_object, load_processor
+
+    cls = (
+        import_object(section.model_class)
+        if ":" in section.model_class
+        else getattr(transformers, section.model_class, None)
+    )
+    if cls is None:
+        raise ValueError(f"model.model_class: transformers has no class {section.model_class!r}.")
+    kwargs = {"revision": section.revision} if section.revision else {}
+    if section.dtype is not None:
+        if section.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {section.dtype!r}.")
+        kwargs["dtype"] = DTYPES[section.dtype]
+    model = cls.from_pretrained(section.name, **kwargs)
+    if section.device:
+        model = model.to(section.device)
+    processor = load_processor(section.name, **({"revision": section.revision} if section.revision else {}))
+    return model.eval(), processor
+
+
+def recipe_records(recipe: Recipe, model: Any = None, processor: Any = None) -> tuple[list[dict], list[dict] | None]:
+    """`(train, eval)` records of a recipe: ready-made files (`data.train`) or built from harmful/benign sources."""
+    from safegate.data.build import build_records, split_records
+    from safegate.data.records import load_records
+    from safegate.data.refusals import REFUSAL_SYSTEM_PROMPT
+
+    data = recipe.data
+    if data.train:
+        records = [r for source in data.train for r in load_records(_data_path(source, data.dir))]
+    else:
+        kwargs: dict[str, Any] = {}
+        if data.refusals == "generate":
+            kwargs = {
+                "system_prompt": data.refusal_system_prompt or REFUSAL_SYSTEM_PROMPT,
+                "max_new_tokens": data.refusal_max_new_tokens,
+            }
+        records = build_records(
+            data.dir,
+            harmful=data.harmful,
+            benign=data.benign,
+            max_harmful=data.max_harmful,
+            max_benign=data.max_benign,
+            seed=data.seed,
+            refusals=data.refusals,
+            model=model,
+            tokenizer=processor,
+            **kwargs,
+        )
+    if data.eval:
+        return records, [r for source in data.eval for r in load_records(_data_path(source, data.dir))]
+    if data.eval_size:
+        return split_records(records, data.eval_size, seed=data.seed)
+    return records, None
+
+
+def calibration_records(recipe: Recipe, train_records: list[dict]) -> list[dict]:
+    """The benign records of `calibrate.data` (empty without it); none may be a training prompt."""
+    if not recipe.calibrate.data:
+        return []
+    from safegate.data.leakage import check_disjoint
+    from safegate.data.records import load_records
+
+    sources = [_data_path(source, recipe.data.dir) for source in recipe.calibrate.data]
+    benign = [r for path in sources for r in load_records(path, require_response=False) if r["label"] == "safe"]
+    if not benign:
+        raise ValueError(
+            f"calibrate.data {recipe.calibrate.data!r} holds no benign (`label: safe`) records; the threshold is "
+            "calibrated on benign prompts: add some, or remove the `calibrate` section."
+        )
+    check_disjoint(train_records, benign, eval_name="calibrate.data")  # trained prompts would score optimistically
+    return benign
+
+
+def run_recipe(recipe: Recipe, *, resume_from_checkpoint: str | bool | None = None) -> dict[str, Any]:
+    """Load the model, build the data, attach the gate, (warm-start and) train, save the bundle; return stats."""
+    import safegate
+    from safegate.training.outputs import check_recipe_outputs
+    from safegate.training.state import save_trainable_state
+    from safegate.training.trainer import DEFAULT_ARGS, train
+
+    check_recipe_outputs(recipe, DEFAULT_ARGS["output_dir"])  # every output path, before the model loads
+    model, processor = load_recipe_model(recipe.model)
+    train_records, eval_records = recipe_records(recipe, model, processor)
+    calibration = calibration_records(recipe, train_records)  # checked before training, not after
+    gated = safegate.attach(model, processor, recipe.gate_config())
+    training = dict(recipe.training)
+    resume = resume_from_checkpoint or training.pop("resume_from_checkpoint", None)
+    warm: bool | dict[str, Any] = False
+    if recipe.fit_gate.enabled:
+        warm = {
+            "epochs": recipe.fit_gate.epochs,
+            "lr": recipe.fit_gate.lr,
+            "batch_size": recipe.fit_gate.batch_size,
+            "train_token_rows": recipe.fit_gate.train_token_rows,
+        }
+    stats = train(
+        gated,
+        train_records,
+        eval_records,
+        beta=recipe.beta,
+        method=recipe.method,
+        args=training,
+        aux_weight=recipe.aux_weight,
+        gate_lr=recipe.gate_lr,
+        max_length=recipe.data.max_length,
+        warm_start=warm,
+        resume_from_checkpoint=resume,
+    )
+    if calibration:
+        from safegate.training.calibrate import calibrate_threshold
+
+        stats["threshold"] = calibrate_threshold(gated, calibration, recipe.calibrate.target_fpr)
+        stats["calibration_prompts"] = len(calibration)
+    elif recipe.calibrate.balanced:
+        from safegate.training.calibrate import fit_balanced_threshold
+
+        stats["threshold"] = fit_balanced_threshold(gated, train_records)
+        stats["calibration_prompts"] = sum(bool(r.get("gate", True)) for r in train_records)
+    if recipe.output.bundle and _is_main_process():
+        try:
+            import safegate.hub.bundle  # noqa: F401 - written by another part of the library; optional here
+        except ImportError:
+            stats["bundle"] = save_trainable_state(gated, recipe.output.bundle)
+            stats["bundle_kind"] = "trainable-state"
+        else:
+            gated.save_bundle(recipe.output.bundle)
+            stats["bundle"] = recipe.output.bundle
+            stats["bundle_kind"] = "bundle"
+    stats["gated"] = gated
+    return stats
+
+
+def _is_main_process() -> bool:
+    """Only one process of a distributed run writes the bundle."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _data_path(source: str, data_dir: str | None) -> str:
+    path = Path(source).expanduser()
+    if path.is_absolute() or path.exists():
+        return str(path)
+    from safegate.data.io import require_data_folder
+
+    return str(require_data_folder(data_dir) / path)
