@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
                          n_alpaca=plan.n_alpaca, n_xstest_train=plan.n_xstest_train,
                          distill_tokens=plan.distill_tokens, n_untrained=plan.n_untrained,
                          n_do_not_answer=plan.n_do_not_answer, n_hard_negatives=plan.n_hard_negatives,
-                         phrasing_share=plan.phrasing_share)  # fmt: skip
+                         phrasing_share=plan.phrasing_share,
+                         calibration_share=plan.calibration_share)  # fmt: skip
     if args.data_only:
         _say(f"      data in {out / 'data'}; sources: {out / 'data' / 'sources.json'}")
         return 0
@@ -157,6 +158,8 @@ def _train_and_evaluate(
     recipe = copy.deepcopy(recipe)
     recipe.data.train = [str(files["train"])]
     recipe.data.eval = None
+    if files["calibration"].stat().st_size:  # the threshold: at most calibrate.target_fpr of these flagged
+        recipe.calibrate.data, recipe.calibrate.balanced = [str(files["calibration"])], False
     recipe.output.bundle = str(folder / "bundle")
     recipe.training["output_dir"] = str(folder / "checkpoints")
     recipe.training["seed"] = seed

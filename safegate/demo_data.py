@@ -12,6 +12,9 @@ set came from and what went into training. The training mixture:
   topics); Alpaca tasks are not rephrased (a rephrased task would need a new answer from the model);
 * counterfactuals: benign prompts with `<|unsafe|>` and a refusal that do not teach the gate (`"gate": false`).
 
+Calibration (`calibration.jsonl`): a slice of each benign training source, held back from training and from
+evaluation; the recipe's `calibrate` section sets the bundle's threshold on it.
+
 Held out: other AdvBench / HarmBench prompts, other Alpaca tasks, the other half of XSTest's safe prompts, and
 XSTest's unsafe contrast prompts, a harmful source never trained on (`UNTRAINED`). `check_disjoint` stops the
 preparation if any evaluation prompt, or any XSTest unsafe prompt, is in the training data.
@@ -47,6 +50,7 @@ def prepare_data(
     n_do_not_answer: int = 80,
     n_hard_negatives: int = 60,
     phrasing_share: float = 0.5,
+    calibration_share: float = 0.2,
 ) -> dict[str, Path]:
     """Write train / held-out JSONL files (deterministic, disjoint) and return their paths.
 
@@ -55,8 +59,10 @@ def prepare_data(
     new style). `recipe.data.max_harmful` / `max_benign` cap the AdvBench + HarmBench / Alpaca training prompts;
     `n_do_not_answer`, `n_hard_negatives` and `n_xstest_train` the Do-Not-Answer, hard-negative and XSTest-safe
     ones (each drawn by a hash of the prompt and `recipe.data.seed`); `phrasing_share` is the share of the
-    non-templated AdvBench / HarmBench prompts that also get a rephrased copy. `n_harmful`, `n_xstest`,
-    `n_alpaca`, `n_untrained` size the held-out sets. Returns the paths under the keys `train`, `harmful`,
+    non-templated AdvBench / HarmBench prompts that also get a rephrased copy; `calibration_share` of each benign
+    training source (Alpaca, XSTest-safe, hard negatives) is held back, untrained, as the benign validation prompts
+    the recipe's threshold is calibrated on (`calibration.jsonl`). `n_harmful`, `n_xstest`, `n_alpaca`,
+    `n_untrained` size the held-out sets. Returns the paths under the keys `train`, `calibration`, `harmful`,
     `benign`, `xstest` and `UNTRAINED`.
 
     Raises:
@@ -99,6 +105,11 @@ def prepare_data(
     harm_train = _sample(harm_train, recipe.data.max_harmful or len(harm_train), seed)
     harm_train += _sample(dna, n_do_not_answer, seed)
     hard_train = _sample(drop_overlap(hard_negatives("train"), evaluated)[0], n_hard_negatives, seed)
+    # benign validation prompts (a slice of each benign training source, never trained on): the threshold's data
+    ben_train, ben_cal = _hold_back(ben_train, calibration_share, seed)
+    xs_train, xs_cal = _hold_back(xs_train, calibration_share, seed)
+    hard_train, hard_cal = _hold_back(hard_train, calibration_share, seed)
+    calibration = [dict(prompt=r["prompt"], label="safe", source=r.get("source")) for r in ben_cal + xs_cal + hard_cal]
     model, tok = load_model(recipe.model.name, dtype=recipe.model.dtype)
     xs_train = self_distill(model, tok, xs_train, max_new_tokens=distill_tokens, batch_size=16)
     ben_train = self_distill(model, tok, ben_train, max_new_tokens=distill_tokens, batch_size=16)
@@ -110,13 +121,17 @@ def prepare_data(
     benign_train = ben_train + xs_train + hard_train
     train = harm_train + benign_train + _counterfactuals(benign_train, seed)
     check_disjoint(train, evaluated)  # no evaluation prompt, and none of XSTest's unsafe prompts, trains
+    check_disjoint(train, calibration, eval_name="calibration")
+    check_disjoint(calibration, evaluated, train_name="calibration prompts")
     names = {"harmful": "heldout_harmful", "benign": "heldout_alpaca", "xstest": "heldout_xstest",
              UNTRAINED: "heldout_untrained"}  # fmt: skip
-    files = {"train": _write(folder / "train.jsonl", train)}
+    files = {"train": _write(folder / "train.jsonl", train), "calibration": _write(folder / "calibration.jsonl",
+                                                                                    calibration)}  # fmt: skip
     files.update({key: _write(folder / f"{names[key]}.jsonl", rows) for key, rows in held_out.items()})
     _write_json(folder / "sources.json", {
         "loaded_from": {name: rows[0]["loaded_from"] for name, rows in sets.items()},
-        "train": _composition(train), "held_out": {names[k]: _composition(rows) for k, rows in held_out.items()},
+        "train": _composition(train), "calibration": _composition(calibration),
+        "held_out": {names[k]: _composition(rows) for k, rows in held_out.items()},
         "never_trained_on": SOURCE_NOTES[UNTRAINED] + " (check_disjoint against all of them)",
     })  # fmt: skip
     counts = {k: len(v.read_text().splitlines()) for k, v in files.items()}
@@ -161,6 +176,15 @@ def _sample(records: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, 
     if n >= len(records):
         return [dict(r) for r in records]
     return split_records(records, held_out=n, seed=seed)[1]
+
+
+def _hold_back(records: list[dict[str, Any]], share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(kept, held back): `share` of `records` drawn by a hash of each prompt and `seed`; none when share is 0."""
+    from safegate.data.build import split_records
+
+    if share <= 0 or len(records) < 2:
+        return records, []
+    return split_records(records, held_out=share, seed=seed)
 
 
 def _rephrasable(record: dict[str, Any]) -> bool:

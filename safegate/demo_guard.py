@@ -35,6 +35,7 @@ class Plan:
     n_do_not_answer: int = 80  # Do-Not-Answer training prompts (harm asked as questions; the rest unused)
     n_hard_negatives: int = 60  # benign look-alike training prompts, self-distilled
     phrasing_share: float = 0.5  # non-templated AdvBench / HarmBench training prompts also rephrased
+    calibration_share: float = 0.2  # of each benign training source, held back: the threshold's validation prompts
     attacks: str = "none,prefill:4,prefill:12,template"
     max_new_tokens: int = 40
     n_boot: int = 1000

@@ -159,18 +159,21 @@ def fake_pipeline(monkeypatch, tmp_path):
     """`safegate demo` with the real model, data and MiniLM judge swapped for a tiny gated Qwen2 and fixed rows."""
     import safegate.demo as demo
     import safegate.evaluation as evaluation
-    import safegate.training.recipes as recipes
+    import safegate.training.recipe_run as recipe_run
 
     def prepare_data(recipe, folder, **sizes):
         folder.mkdir(parents=True, exist_ok=True)
-        files = {"train": folder / "train.jsonl"}
+        files = {"train": folder / "train.jsonl", "calibration": folder / "calibration.jsonl"}
         files["train"].write_text("")
+        files["calibration"].write_text(json.dumps({"prompt": "Name a fruit.", "label": "safe"}) + "\n")
         for name, rows in ROWS.items():
             files[name] = folder / f"{name}.jsonl"
             files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
         return files
 
     def run_recipe(recipe):
+        (calibration,) = recipe.calibrate.data  # the held-back benign prompts set the threshold
+        assert calibration.endswith("calibration.jsonl") and not recipe.calibrate.balanced
         torch.manual_seed(recipe.training["seed"])
         model, tok = tiny_model_and_tokenizer("qwen2")
         return {"gated": safegate.attach(model, tok, safegate.GateConfig(attention_dim=16, lora_r=4))}
@@ -178,7 +181,7 @@ def fake_pipeline(monkeypatch, tmp_path):
     real_evaluate = evaluation.evaluate
     monkeypatch.setattr(demo, "_check_judge", lambda: None)
     monkeypatch.setattr(demo, "prepare_data", prepare_data)
-    monkeypatch.setattr(recipes, "run_recipe", run_recipe)
+    monkeypatch.setattr(recipe_run, "run_recipe", run_recipe)
     monkeypatch.setattr(
         evaluation, "evaluate", lambda *a, **k: real_evaluate(*a, **{**k, "judge": "refusal", "progress": False})
     )

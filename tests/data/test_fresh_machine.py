@@ -99,6 +99,14 @@ def test_demo_data_prepares_from_installed_wheels_and_package_data(fresh_machine
     assert {r["response"] for r in train if r["label"] == "safe"} == {"An answer."}
     assert len(_read(files["harmful"])) == 40 and len(_read(files["xstest"])) == 125
     assert len(_read(files["benign"])) == round(0.15 * 175)
+    # a fifth of each benign training source is held back, untrained and unevaluated: the threshold's prompts
+    calibration = _read(files["calibration"])
+    assert {r["source"] for r in calibration} == {"alpaca", "xstest", "hard_negatives"}
+    assert all(r["label"] == "safe" for r in calibration) and sources_json["calibration"]
+    evaluated = {r["prompt"] for name in ("harmful", "benign", "xstest") for r in _read(files[name])}
+    assert not {r["prompt"] for r in calibration} & ({r["prompt"] for r in train} | evaluated)
+    trained_benign = sum(1 for r in train if r["label"] == "safe")
+    assert 0.15 < len(calibration) / (len(calibration) + trained_benign) < 0.25
 
 
 def test_demo_fails_early_naming_the_install_when_a_wheel_is_missing(fresh_machine, tmp_path, monkeypatch, capsys):
