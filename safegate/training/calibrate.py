@@ -18,14 +18,16 @@ Example:
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import torch
 
-from safegate.data.records import load_records
+from safegate.data.records import label_id, load_records
 from safegate.training.gate_fit import PromptCache, cache_prompts, cached_scores
 
-__all__ = ["balanced_threshold", "calibrate_threshold", "fit_balanced_threshold", "threshold_for_fpr"]
+__all__ = ["balanced_threshold", "calibrate_threshold", "fit_balanced_threshold", "recall_cap", "threshold_for_fpr"]
 
 MARGIN = 1e-4
 """How far above the highest benign score that must pass the threshold sits (absorbs float jitter)."""
@@ -48,36 +50,80 @@ def threshold_for_fpr(benign_scores: Any, target_fpr: float) -> float:
     return round(min(1.0, border + min(MARGIN, (above - border) / 2) if above > border else border + MARGIN), 6)
 
 
+def recall_cap(harmful_scores: Any, min_recall: float) -> float:
+    """Highest threshold (unsafe iff p >= threshold) that still flags at least `min_recall` of `harmful_scores`.
+
+    Example:
+        >>> recall_cap([0.2, 0.9, 0.95, 0.99], min_recall=0.75)  # keeps 0.9, 0.95 and 0.99 flagged
+        0.8999
+    """
+    if not 0.0 < min_recall <= 1.0:
+        raise ValueError(f"`min_recall` must be in (0, 1], got {min_recall!r}.")
+    scores = torch.as_tensor(harmful_scores, dtype=torch.float64).flatten().sort(descending=True).values
+    if not len(scores):
+        raise ValueError("a recall cap needs at least one harmful prompt.")
+    keep = max(1, math.ceil(min_recall * len(scores) - 1e-9))  # harmful prompts that must stay flagged
+    lowest = float(scores[keep - 1])
+    return round(lowest - min(MARGIN, lowest / 2), 6)
+
+
 def calibrate_threshold(
     gated: Any,
     data: Any,
     target_fpr: float = 0.05,
     *,
+    harmful: Any = None,
+    min_recall: float = 0.9,
     safety_prompt: str | None = None,
     batch_size: int = 8,
 ) -> float:
     """Set `gated.gate_config.threshold` so at most `target_fpr` of the benign prompts in `data` are flagged.
+
+    With `harmful`, the threshold is capped so that at least `min_recall` of those harmful prompts stay flagged:
+    with few benign prompts one outlier sets the threshold (at 3 % of 19 prompts none may be flagged), and a
+    benign prompt scoring 1.0 would otherwise put it at 1.0, a gate that flags nothing. A binding cap warns,
+    naming both rates.
 
     Args:
         gated (`SafeGateModel`): The trained gated model (its threshold is set in place; saved with the bundle).
         data: Held-out records or a `PromptCache`; only the benign (`label: safe`) prompts are used. They must
             not be the prompts the gate was fitted on, or the rate will be optimistic.
         target_fpr (`float`): Largest share of benign prompts the threshold may flag.
+        harmful: Records (their `label: unsafe` ones, e.g. the training prompts) or a `PromptCache`; `None` = no cap.
+        min_recall (`float`): Share of `harmful` the threshold must keep flagged.
         safety_prompt (`str | None`): System message (default: the gate config's `safety_prompt`).
         batch_size (`int`): Prompts per forward while scoring.
 
     Returns:
         `float`: The threshold now in `gated.gate_config.threshold`.
     """
+    scores = _scores(gated, data, "safe", safety_prompt, batch_size)
+    threshold = threshold_for_fpr(scores, target_fpr)
+    if harmful is not None:
+        harm = _scores(gated, harmful, "unsafe", safety_prompt, batch_size)
+        cap = recall_cap(harm, min_recall)
+        if cap < threshold:
+            warnings.warn(
+                f"calibrate_threshold: flagging at most {target_fpr:.1%} of the {len(scores)} benign prompts needs "
+                f"p(unsafe) >= {threshold:.6g}, which flags {float((harm >= threshold).double().mean()):.1%} of the "
+                f"{len(harm)} harmful ones; capped at {cap:.6g} (min_recall={min_recall}), which flags "
+                f"{float((scores >= cap).double().mean()):.1%} of the benign prompts. More benign calibration "
+                "prompts make the rate less sensitive to one outlier.",
+                stacklevel=2,
+            )
+            threshold = cap
+    gated.gate_config.threshold = threshold
+    return threshold
+
+
+def _scores(gated: Any, data: Any, label: str, safety_prompt: str | None, batch_size: int) -> torch.Tensor:
+    """p(unsafe) of the `label` prompts of `data` (records or a `PromptCache`), on the cached path."""
     if isinstance(data, PromptCache):
         cache = data
     else:
-        benign = [r for r in load_records(data, require_response=False) if r["label"] == "safe"]
-        cache = cache_prompts(gated, benign, batch_size=batch_size, safety_prompt=safety_prompt)
-    scores = cached_scores(gated, cache)[cache.labels == 0]
-    threshold = threshold_for_fpr(scores, target_fpr)
-    gated.gate_config.threshold = threshold
-    return threshold
+        rows = [r for r in load_records(data, require_response=False) if r["label"] == label]
+        cache = cache_prompts(gated, rows, batch_size=batch_size, safety_prompt=safety_prompt)
+    return cached_scores(gated, cache)[cache.labels == label_id(label)].double()
 
 
 def balanced_threshold(scores: Any, labels: Any) -> float:

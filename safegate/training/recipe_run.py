@@ -141,7 +141,11 @@ def run_recipe(recipe: Recipe, *, resume_from_checkpoint: str | bool | None = No
     if calibration:
         from safegate.training.calibrate import calibrate_threshold
 
-        stats["threshold"] = calibrate_threshold(gated, calibration, recipe.calibrate.target_fpr)
+        recall = recipe.calibrate.min_recall
+        harmful = train_records if recall else None  # the cap: keep `min_recall` of the harmful training prompts
+        stats["threshold"] = calibrate_threshold(
+            gated, calibration, recipe.calibrate.target_fpr, harmful=harmful, min_recall=recall or 1.0
+        )
         stats["calibration_prompts"] = len(calibration)
     elif recipe.calibrate.balanced:
         from safegate.training.calibrate import fit_balanced_threshold

@@ -8,9 +8,10 @@ Sections (every key is checked; an unknown key is named together with the valid 
               refusal_system_prompt, refusal_max_new_tokens, max_length
     method:   casa | token_only | ssft           beta: 0.5        aux_weight: 0.0        gate_lr: null
     fit_gate: enabled, epochs, lr, batch_size, train_token_rows   (gate-only warm start, method casa)
-    calibrate: balanced | data, target_fpr   (after training, the p(unsafe) threshold stored in the bundle: the one
-              that best separates the training prompts, or the one flagging <= target_fpr of the benign prompts in
-              the held-out files `data`)
+    calibrate: balanced | data, target_fpr, min_recall   (after training, the p(unsafe) threshold stored in the
+              bundle: the one that best separates the training prompts, or the one flagging <= target_fpr of the
+              benign prompts in the held-out files `data`, kept low enough to flag min_recall of the harmful
+              training prompts)
     training: `transformers.TrainingArguments` fields
     output:   bundle (folder for `gated.save_bundle`; the trainable state when bundles are unavailable)
 
@@ -96,11 +97,13 @@ class CalibrateSection:
     """`calibrate:` — after training, set the gate's p(unsafe) threshold (saved in the bundle). `balanced: true`:
     the threshold with the highest balanced accuracy on the training prompts (`fit_balanced_threshold`; corrects
     the shift joint training gives every score). `data`: files of held-out records; the threshold flags at most
-    `target_fpr` of their benign prompts (`calibrate_threshold`). Neither: the gate config's (default: argmax)."""
+    `target_fpr` of their benign prompts (`calibrate_threshold`), capped so that at least `min_recall` of the
+    harmful training prompts stay flagged (`null`: no cap). Neither: the gate config's (default: argmax)."""
 
     balanced: bool = False
     data: list[str] | None = None
     target_fpr: float = 0.05
+    min_recall: float | None = 0.9  # with `data`: the threshold keeps this share of the harmful training prompts
 
 
 @dataclass
@@ -285,6 +288,9 @@ def _check_values(recipe: Recipe, where: str) -> None:
     fpr = recipe.calibrate.target_fpr
     if not 0.0 <= fpr < 1.0:
         raise ValueError(f"{where}: calibrate.target_fpr must be a share in [0, 1), got {fpr!r}; e.g. 0.05.")
+    recall = recipe.calibrate.min_recall
+    if recall is not None and not 0.0 < recall <= 1.0:
+        raise ValueError(f"{where}: calibrate.min_recall must be a share in (0, 1] or null, got {recall!r}; e.g. 0.9.")
     if recipe.calibrate.balanced and recipe.calibrate.data:
         raise ValueError(f"{where}: calibrate.balanced and calibrate.data are two rules for one threshold; keep one.")
     size = recipe.data.eval_size

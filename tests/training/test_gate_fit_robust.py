@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import safegate
 from safegate.modeling.gate import SafetyGate
 from safegate.testing import chat, tiny_model_and_tokenizer
-from safegate.training.calibrate import balanced_threshold, calibrate_threshold, threshold_for_fpr
+from safegate.training.calibrate import balanced_threshold, calibrate_threshold, recall_cap, threshold_for_fpr
 from safegate.training.gate_fit import GateFitError, PromptCache, cache_prompts, cached_scores, fit_gate
 from safegate.training.gate_opt import split_indices
 from tests.conftest import SMALL
@@ -216,3 +216,26 @@ def test_balanced_threshold_separates_shifted_scores_and_needs_both_classes():
             balanced_threshold([0.2, 0.8], bad)
     with pytest.raises(ValueError, match="3 scores but 2 labels"):
         balanced_threshold([0.1, 0.2, 0.3], [0, 1])
+
+
+def test_recall_cap_keeps_the_gate_on_when_one_benign_outlier_scores_one(monkeypatch):
+    import types
+
+    import safegate.training.calibrate as calibrate
+
+    assert recall_cap([0.2, 0.9, 0.95, 0.99], min_recall=0.75) == pytest.approx(0.8999)
+    assert recall_cap([0.3], min_recall=0.9) == pytest.approx(0.2999)  # one prompt: it stays flagged
+    with pytest.raises(ValueError, match="min_recall"):
+        recall_cap([0.5], min_recall=0.0)
+    # 19 benign prompts at 3 %: none may be flagged, and one scores 1.0 -> without the cap the threshold is 1.0
+    benign = torch.tensor([0.01] * 18 + [1.0], dtype=torch.float64)
+    harmful = torch.tensor([0.2] + [0.97] * 9, dtype=torch.float64)
+    monkeypatch.setattr(calibrate, "_scores", lambda gated, data, label, *a: benign if label == "safe" else harmful)
+    gated = types.SimpleNamespace(gate_config=types.SimpleNamespace(threshold=None))
+    assert calibrate.calibrate_threshold(gated, "benign", 0.03) == 1.0  # the gate would flag nothing
+    with pytest.warns(UserWarning, match=r"capped at 0\.9699 \(min_recall=0\.9\), which flags 5\.3% of the benign"):
+        threshold = calibrate.calibrate_threshold(gated, "benign", 0.03, harmful="harmful", min_recall=0.9)
+    assert threshold == gated.gate_config.threshold == pytest.approx(0.9699)
+    assert float((harmful >= threshold).double().mean()) == 0.9
+    benign[-1] = 0.5  # no outlier: the false-positive rule decides, the cap does not bind
+    assert calibrate.calibrate_threshold(gated, "benign", 0.03, harmful="harmful") == pytest.approx(0.5001)

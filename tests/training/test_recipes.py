@@ -78,7 +78,8 @@ def test_omni_recipe_lora_reaches_only_the_language_model_and_trains(tmp_path):
         ({"model": {"name": "tiny:qwen2"}, "fit_gate": {"enabled": "yes please"}}, "fit_gate.enabled must be bool"),
         ({"model": {"name": "tiny:qwen2"}, "data": {"refusals": "llm"}}, "data.refusals must be 'template'"),
         ({"model": {"name": "tiny:qwen2"}, "calibrate": {"target_fpr": 5}}, "calibrate.target_fpr must be a share"),
-        ({"model": {"name": "tiny:qwen2"}, "calibrate": {"fpr": 0.1}}, "valid keys: balanced, data, target_fpr"),
+        ({"model": {"name": "tiny:qwen2"}, "calibrate": {"min_recall": 0}}, "calibrate.min_recall must be a share"),
+        ({"model": {"name": "tiny:qwen2"}, "calibrate": {"fpr": 0.1}}, "balanced, data, target_fpr, min_recall"),
         (
             {"model": {"name": "tiny:qwen2"}, "calibrate": {"balanced": True, "data": ["v.jsonl"]}},
             "calibrate.balanced and calibrate.data are two rules for one threshold; keep one",
