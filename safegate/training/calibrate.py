@@ -116,13 +116,17 @@ def calibrate_threshold(
     return threshold
 
 
+def _cache(gated: Any, data: Any, safety_prompt: str | None, batch_size: int, label: str | None = None) -> PromptCache:
+    """`data` as a `PromptCache` (as given, or its records' prompts run once, only the `label` ones if given)."""
+    if isinstance(data, PromptCache):
+        return data
+    rows = [r for r in load_records(data, require_response=False) if label is None or r["label"] == label]
+    return cache_prompts(gated, rows, batch_size=batch_size, safety_prompt=safety_prompt)
+
+
 def _scores(gated: Any, data: Any, label: str, safety_prompt: str | None, batch_size: int) -> torch.Tensor:
     """p(unsafe) of the `label` prompts of `data` (records or a `PromptCache`), on the cached path."""
-    if isinstance(data, PromptCache):
-        cache = data
-    else:
-        rows = [r for r in load_records(data, require_response=False) if r["label"] == label]
-        cache = cache_prompts(gated, rows, batch_size=batch_size, safety_prompt=safety_prompt)
+    cache = _cache(gated, data, safety_prompt, batch_size, label)
     return cached_scores(gated, cache)[cache.labels == label_id(label)].double()
 
 
@@ -160,11 +164,7 @@ def fit_balanced_threshold(gated: Any, data: Any, *, safety_prompt: str | None =
     Returns:
         `float`: The threshold now in `gated.gate_config.threshold`.
     """
-    cache = (
-        data
-        if isinstance(data, PromptCache)
-        else cache_prompts(gated, data, batch_size=batch_size, safety_prompt=safety_prompt)
-    )
+    cache = _cache(gated, data, safety_prompt, batch_size)
     threshold = balanced_threshold(cached_scores(gated, cache), cache.labels)
     gated.gate_config.threshold = threshold
     return threshold
