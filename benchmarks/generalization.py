@@ -3,6 +3,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/generalization.py                       # all prompts, 3 seeds
     HF_HUB_OFFLINE=1 python benchmarks/generalization.py --limit-per-source 120 --seeds 1
     HF_HUB_OFFLINE=1 python benchmarks/generalization.py --layer 15 --augment-phrasing 0.5   # the two levers
+    HF_HUB_OFFLINE=1 python benchmarks/generalization.py --fit rows     # ablation: the two token rows alone
 
 Writes to `--out` (default `generalization-out/`): `results.json` (every number, git commit, machine), `report.md`
 (the table) and `roc_<source>.png` (one ROC per left-out source, one curve per seed). Prompt states are cached in
@@ -32,9 +33,17 @@ from safegate.data.build import split_records
 from safegate.data.hard_negatives import hard_negatives
 from safegate.data.leakage import normalise_prompt
 from safegate.data.sources import load_named_set
-from safegate.training.generalization import BENIGN_HELD, BENIGN_TRAIN, HARMFUL, StateStore, run_protocol
+from safegate.training.generalization import (
+    BENIGN_HELD,
+    BENIGN_TRAIN,
+    FIT_MODES,
+    HARMFUL,
+    StateStore,
+    run_protocol,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+FIT_TITLES = {"gate": "the gate", "rows": "the two token rows, gate held constant", "both": "gate and token rows"}
 SPLIT_SEED = 0  # the data splits (XSTest halves, Alpaca held-out) never move with the training seeds
 COLUMNS = [
     ("auroc", "gate AUROC"),
@@ -67,6 +76,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         metavar="SHARE",
         help="rephrase this share of each fold's training records (harmful and benign; 0 = off)",
+    )
+    ap.add_argument(
+        "--fit",
+        choices=sorted(FIT_MODES),
+        default="gate",
+        help="what each fold fits: the gate (default), the two token rows alone (gate constant), or both",
     )
     ap.add_argument("--fpr", type=float, default=0.05, help="target FPR of the calibrated threshold")
     ap.add_argument("--out", default="generalization-out", help="output folder")
@@ -169,7 +184,8 @@ def markdown(report: dict[str, Any]) -> str:
     box = meta["machine"]
     return "\n".join(
         [
-            f"Gate-only LOSO on `{meta['model']}`, layer {meta['layer']}, fit_gate {meta['fit_kwargs']}, "
+            f"LOSO on `{meta['model']}` (frozen states; fitted: {FIT_TITLES[meta.get('fit', 'gate')]}), layer "
+            f"{meta['layer']}, fit_gate {meta['fit_kwargs']}, "
             f"phrasing augmentation {meta['augment_phrasing'] or 'off'}, "
             f"seeds {meta['seeds']}, limit per source {meta['limit_per_source']}; mean ± std over seeds "
             "(last row: mean of the sources' means ± std across sources).",
@@ -239,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         store=store,
         model_name=args.model,
         augment_share=args.augment_phrasing,
+        fit_mode=args.fit,
         progress=True,
     )
     report["meta"] = {
@@ -246,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "layer": config.layer,
         "fit_kwargs": fit_kwargs,
         "augment_phrasing": args.augment_phrasing,
+        "fit": args.fit,
         "fpr": args.fpr,
         "seeds": args.seeds,
         "limit_per_source": args.limit_per_source,

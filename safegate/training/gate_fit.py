@@ -164,6 +164,7 @@ def fit_gate(
     retries: int = 2,
     standardize: bool = True,
     neutral_start: bool = True,
+    train_gate: bool = True,
 ) -> dict[str, Any]:
     """Fit the gate (and optionally the two head token rows) on frozen prompt states, in seconds.
 
@@ -198,6 +199,10 @@ def fit_gate(
         standardize (`bool`): Set the gate's input statistics from the training prompts if it has none yet.
         neutral_start (`bool`): On a fresh gate, start the output bias at minus the class-balanced mean of the
             token rows' offset `z_unsafe - z_safe`, so the untrained rows do not start the fit biased.
+        train_gate (`bool`): Fit the gate. `False` (with `train_token_rows=True`) fits the two rows alone with the
+            gate held constant across prompts (its output weight stays zero; only the neutral-start bias is set):
+            the ablation "token rows without safety attention". The divergence check then watches the rows'
+            score `z_unsafe - z_safe` instead of the gate logit.
 
     Returns:
         `dict`: `loss_history` (mean loss per epoch of the kept attempt), `final_loss`, `train_accuracy`,
@@ -207,8 +212,29 @@ def fit_gate(
 
     Raises:
         `GateFitError`: Every attempt diverged and the best state is a gate that does not vary across prompts.
+
+    Example:
+        ```python
+        >>> stats = fit_gate(gated, "train.jsonl", epochs=20)                        # the gate (default)
+        >>> stats = fit_gate(gated, "train.jsonl", train_token_rows=True, train_gate=False)  # the rows alone
+        ```
     """
     _check_fit_args(epochs, lr, beta, aux_weight, batch_size)
+    if not train_gate and not train_token_rows:
+        raise ValueError(
+            "fit_gate: `train_gate=False` with `train_token_rows=False` leaves nothing to fit. Pass "
+            "`train_token_rows=True` to fit the two token rows alone, or keep `train_gate=True`."
+        )
+    if not train_gate and aux_weight:
+        raise ValueError(
+            f"fit_gate: `aux_weight={aux_weight!r}` needs a trained gate (the auxiliary loss is on the gate's "
+            "output), but `train_gate=False`. Set `aux_weight=0.0`."
+        )
+    if not train_gate and (gated.gate.out.weight.any()):
+        raise ValueError(
+            "fit_gate: `train_gate=False` holds the gate constant, but this gate is already trained (its output "
+            "weight is not zero), so it would not be constant across prompts. Attach a fresh gate first."
+        )
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction!r}.")
     # ---- issue 17: single-class data (AUROC undefined, the gate learns a constant) is named before caching
@@ -235,13 +261,20 @@ def fit_gate(
     rows = _head_rows(gated, cache) if train_token_rows else None
     if neutral_start and not (gate.out.weight.any() or gate.out.bias.any()):
         _neutral_bias(gated, cache, rows, beta)
-    params = [p for p in gate.parameters() if p.requires_grad] + ([rows[0]] if rows is not None else [])
+    gate_params = [p for p in gate.parameters() if p.requires_grad] if train_gate else []
+    params = gate_params + ([rows[0]] if rows is not None else [])
+
+    def pair(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, gate_logit = _gated_pair(gated, cache, index, device, rows)
+        # with the gate held constant, what must vary across prompts (and not collapse) is the rows' score
+        return (logits, gate_logit) if train_gate else (logits, logits[:, 1] - logits[:, 0])
+
     started = time.perf_counter()
     was_training = gate.training
     gate.train()
     try:
         fit = optimise(
-            params, lambda index: _gated_pair(gated, cache, index, device, rows), cache.labels, epochs=epochs,
+            params, pair, cache.labels, epochs=epochs,
             lr=lr, batch_size=batch_size, beta=beta, aux_weight=aux_weight, weight_decay=weight_decay, seed=seed,
             val_fraction=val_fraction, warmup=warmup, max_grad_norm=max_grad_norm, retries=retries,
         )  # fmt: skip
@@ -257,6 +290,7 @@ def fit_gate(
         "fit_seconds": time.perf_counter() - started,
         "n_train": len(cache),
         "train_token_rows": bool(train_token_rows),
+        "train_gate": bool(train_gate),
     }
     stats.update(_scores(gated, cache, "train", rows))
     if not fit["ok"]:
@@ -273,7 +307,7 @@ def fit_gate(
             if isinstance(eval_data, PromptCache)
             else cache_prompts(gated, eval_data, batch_size=cache_batch_size, safety_prompt=safety_prompt)
         )
-        stats.update(_scores(gated, held, "eval"))
+        stats.update(_scores(gated, held, "eval", rows))  # the fitted rows, also for a cache made before the fit
         stats["n_eval"] = len(held)
     return stats
 
@@ -362,19 +396,30 @@ def _neutral_bias(gated: Any, cache: PromptCache, rows: tuple | None, beta: floa
     gated.gate.out.bias.fill_(-float(mean))
 
 
-def _token_layer(gated: Any) -> Any:
+def token_row_layer(gated: Any) -> Any:
+    """The PEFT trainable-tokens layer that holds the two safety rows the head uses (the embedding when tied)."""
     layers = gated.token_layers()
     return layers["embed"] if gated.arch.tied else layers["head"]
 
 
-def _head_rows(gated: Any, cache: PromptCache) -> tuple[torch.nn.Parameter, torch.Tensor | None]:
-    """Trainable copy of the (safe, unsafe) head rows; checks that logits are a plain dot product with them."""
-    delta = _token_layer(gated).trainable_tokens_delta["default"]
+def head_rows(gated: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (safe, unsafe) head rows as they are now, `(2, hidden)` float32, and their head bias (or `None`).
+
+    Pass them as `rows` to `cached_scores` to score a `PromptCache` made before `fit_gate(train_token_rows=True)`
+    changed the rows (its cached logits are the old rows').
+    """
+    delta = token_row_layer(gated).trainable_tokens_delta["default"]
     head_bias = getattr(gated.arch.head, "bias", None)
     bias = None
     if head_bias is not None:
         bias = head_bias.detach()[[gated.safe_token_id, gated.unsafe_token_id]].float()
-    weight = torch.nn.Parameter(delta.detach().float().clone())
+    return delta.detach().float().clone(), bias
+
+
+def _head_rows(gated: Any, cache: PromptCache) -> tuple[torch.nn.Parameter, torch.Tensor | None]:
+    """Trainable copy of the (safe, unsafe) head rows; checks that logits are a plain dot product with them."""
+    current, bias = head_rows(gated)
+    weight = torch.nn.Parameter(current)
     expected = cache.last_hidden.to(weight.device) @ weight.detach().t() + (0 if bias is None else bias)
     if not torch.allclose(expected, cache.logits.to(weight.device), atol=1e-3, rtol=1e-3):
         raise ValueError(
@@ -387,7 +432,7 @@ def _head_rows(gated: Any, cache: PromptCache) -> tuple[torch.nn.Parameter, torc
 
 @torch.no_grad()
 def _write_head_rows(gated: Any, rows: tuple[torch.nn.Parameter, torch.Tensor | None]) -> None:
-    delta = _token_layer(gated).trainable_tokens_delta["default"]
+    delta = token_row_layer(gated).trainable_tokens_delta["default"]
     delta.copy_(rows[0].to(delta.dtype))
 
 

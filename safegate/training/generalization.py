@@ -45,13 +45,18 @@ from safegate.data.leakage import check_disjoint, normalise_prompt, record_text
 from safegate.data.phrasing import augment_phrasing
 from safegate.evaluation.metrics import auroc, roc_curve
 from safegate.modeling.model import attach
-from safegate.training.gate_fit import PromptCache, cache_prompts, cached_scores, fit_gate
+from safegate.training.gate_fit import PromptCache, cache_prompts, cached_scores, fit_gate, head_rows, token_row_layer
 
 HARMFUL = ["advbench", "harmbench", "do_not_answer", "xstest_unsafe"]
 BENIGN_TRAIN = ["xstest_safe_a", "alpaca_train", "hard_negatives_train"]
 BENIGN_HELD = ["xstest_safe_b", "alpaca_held", "hard_negatives_eval"]
 METRICS = ("auroc", "auroc_vs_xstest_safe_b", "recall", "recall_shipped", "fpr_xstest_safe_b",
            "fpr_hard_negatives_eval", "fpr_alpaca_held", "fpr_xstest_safe_b_shipped", "threshold")  # fmt: skip
+FIT_MODES = {  # what each fold fits: the ablation of issue 16 item 2 (safety attention vs the two token rows)
+    "gate": {"train_gate": True, "train_token_rows": False},  # safety attention alone, rows as attached (default)
+    "rows": {"train_gate": False, "train_token_rows": True},  # the two token rows alone, gate held constant
+    "both": {"train_gate": True, "train_token_rows": True},
+}
 SHIPPED_THRESHOLD = 0.5  # the gate's own decision: the unsafe token wins when p(unsafe) >= 0.5
 
 
@@ -250,6 +255,7 @@ def run_protocol(
     store: StateStore | None = None,
     model_name: str = "model",
     augment_share: float = 0.0,
+    fit_mode: str = "gate",
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run the LOSO protocol; returns `{"folds": [...], "summary": {source: {metric: summary}}, "cache": ...}`.
@@ -264,8 +270,13 @@ def run_protocol(
         store (`StateStore`): on-disk prompt-state cache (default: in memory only).
         augment_share (`float`): share of each fold's training records given a rephrased copy (`augment_fold`,
             seeded with the fold's seed); 0 = no augmentation.
+        fit_mode (`str`): what each fold fits, a key of `FIT_MODES`: `"gate"` (the safety attention, token rows as
+            attached), `"rows"` (the two token rows, gate held constant) or `"both"`. Every fold starts from the
+            seed's freshly attached gate and rows.
     """
     check_groups(groups)
+    if fit_mode not in FIT_MODES:
+        raise ValueError(f"`fit_mode` must be one of {sorted(FIT_MODES)}, got {fit_mode!r}.")
     if not seeds:
         raise ValueError("`seeds` must name at least one seed.")
     if not 0.0 <= augment_share <= 1.0:
@@ -291,15 +302,20 @@ def run_protocol(
         torch.manual_seed(seed)
         gated = attach(model, processor, copy.deepcopy(config))
         initial = copy.deepcopy(gated.gate.state_dict())
+        rows = token_row_layer(gated).trainable_tokens_delta["default"]
+        initial_rows = rows.detach().clone()
         for left_out in HARMFUL:
             gated.gate.load_state_dict(initial)
+            with torch.no_grad():
+                rows.copy_(initial_rows)
             fold = fold_split(groups, left_out, seed)
             train_cache = subset_cache(all_cache, fold["train"])
             copies, dropped = augment_fold(groups, fold, left_out, augment_share, seed) if augment_share else ([], 0)
             if copies:
                 train_cache = concat_caches([train_cache, store.get(gated, copies, model_name)])
-            stats = fit_gate(gated, train_cache, **{**(fit_kwargs or {}), "seed": seed})
-            scores = cached_scores(gated, all_cache).double()
+            stats = fit_gate(gated, train_cache, **{**(fit_kwargs or {}), **FIT_MODES[fit_mode], "seed": seed})
+            fitted_rows = head_rows(gated) if FIT_MODES[fit_mode]["train_token_rows"] else None
+            scores = cached_scores(gated, all_cache, fitted_rows).double()
             row = {"seed": seed, "left_out": left_out, **fold_metrics(scores, fold, left_out, fpr)}
             row["n"].update(augmented=len(copies), dropped_augmented=dropped)
             row["fit"] = {k: stats.get(k) for k in ("train_auroc", "train_accuracy", "final_loss", "fit_seconds")}
@@ -323,5 +339,6 @@ def run_protocol(
         "summary": summary,
         "counts": {name: len(groups[name]) for name in names},
         "augment_share": augment_share,
+        "fit_mode": fit_mode,
         "cache": {"hits": store.hits, "misses": store.misses, "seconds": cache_seconds},
     }

@@ -171,3 +171,37 @@ def test_protocol_fits_on_the_rephrased_copies_too(one_thread):
         gen.run_protocol(model, tok, toy_groups(), config=GateConfig(), seeds=[0], augment_share=2.0)
     with pytest.raises(SystemExit):
         load_script().parse(["--augment-phrasing", "1.5"])
+
+
+@pytest.mark.parametrize("mode", ["rows", "both"])
+def test_every_fold_fits_from_the_attached_rows_and_is_scored_with_its_fitted_rows(mode, one_thread, monkeypatch):
+    from safegate import GateConfig
+    from safegate.backbones.tiny import tiny_model_and_tokenizer
+    from safegate.training.gate_fit import head_rows
+
+    calls, scored = [], []
+    real_fit, real_scores = gen.fit_gate, gen.cached_scores
+
+    def recording_fit(gated, cache, **kwargs):
+        calls.append((head_rows(gated)[0], kwargs))
+        return real_fit(gated, cache, **kwargs)
+
+    def recording_scores(gated, cache, rows=None, **kwargs):
+        scored.append((rows, head_rows(gated)[0]))
+        return real_scores(gated, cache, rows, **kwargs)
+
+    monkeypatch.setattr(gen, "fit_gate", recording_fit)
+    monkeypatch.setattr(gen, "cached_scores", recording_scores)
+    model, tok = tiny_model_and_tokenizer("llama")
+    report = gen.run_protocol(model, tok, toy_groups(), config=GateConfig(attention_dim=8, lora_r=2), seeds=[0],
+                              fit_kwargs=dict(epochs=3, lr=5e-2), fit_mode=mode)  # fmt: skip
+    assert report["fit_mode"] == mode and len(calls) == len(gen.HARMFUL)
+    for rows, kwargs in calls:
+        assert torch.equal(rows, calls[0][0])  # each fold starts from the seed's attached rows, not the last fit's
+        assert kwargs["train_token_rows"] and kwargs["train_gate"] == (mode == "both")
+    for rows, current in scored:
+        assert rows is not None and torch.equal(rows[0], current)  # scored with the rows the fold fitted
+    assert not torch.equal(scored[0][1], calls[0][0])  # and those moved
+    with pytest.raises(ValueError, match="`fit_mode` must be one of"):
+        gen.run_protocol(model, tok, toy_groups(), config=GateConfig(), seeds=[0], fit_mode="token")
+    assert load_script().parse(["--fit", "rows"]).fit == "rows"

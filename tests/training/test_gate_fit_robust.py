@@ -16,7 +16,7 @@ import safegate
 from safegate.modeling.gate import SafetyGate
 from safegate.testing import chat, tiny_model_and_tokenizer
 from safegate.training.calibrate import balanced_threshold, calibrate_threshold, recall_cap, threshold_for_fpr
-from safegate.training.gate_fit import GateFitError, PromptCache, cache_prompts, cached_scores, fit_gate
+from safegate.training.gate_fit import GateFitError, PromptCache, cache_prompts, cached_scores, fit_gate, head_rows
 from safegate.training.gate_opt import split_indices
 from tests.conftest import SMALL
 
@@ -239,3 +239,43 @@ def test_recall_cap_keeps_the_gate_on_when_one_benign_outlier_scores_one(monkeyp
     assert float((harmful >= threshold).double().mean()) == 0.9
     benign[-1] = 0.5  # no outlier: the false-positive rule decides, the cap does not bind
     assert calibrate.calibrate_threshold(gated, "benign", 0.03, harmful="harmful") == pytest.approx(0.5001)
+
+
+@pytest.fixture()
+def fresh(one_thread):
+    torch.manual_seed(0)
+    model, tok = tiny_model_and_tokenizer("qwen2")
+    gated = safegate.attach(model, tok, safegate.GateConfig(**SMALL))
+    return gated, cache_prompts(gated, RECORDS)
+
+
+def test_token_rows_alone_hold_the_gate_constant_and_score_with_the_fitted_rows(fresh):
+    gated, cache = fresh
+    gate_before = {k: v.detach().clone() for k, v in gated.gate.named_parameters()}
+    rows_before = head_rows(gated)[0]
+    stats = fit_gate(gated, cache, epochs=60, lr=1e-2, train_token_rows=True, train_gate=False)
+    assert stats["ok"] and stats["train_gate"] is False and stats["train_token_rows"] is True
+    after = dict(gated.gate.named_parameters())
+    for name, value in gate_before.items():  # only the neutral-start bias (a constant) may move
+        if name != "out.bias":
+            assert torch.equal(after[name], value), name
+    assert not gated.gate.out.weight.any()
+    _, gate_logits = cached_scores(gated, cache, with_gate=True)
+    assert float(gate_logits.std()) < 1e-6  # the gate is the same for every prompt (up to float rounding)
+    assert not torch.allclose(head_rows(gated)[0], rows_before)  # the rows moved
+    assert stats["train_auroc"] >= 0.9  # and they alone separate the training prompts
+    # a cache made before the fit holds the old rows' logits: `head_rows` scores it as a fresh cache would
+    fresh_scores = cached_scores(gated, cache_prompts(gated, RECORDS))
+    assert torch.allclose(cached_scores(gated, cache, head_rows(gated)), fresh_scores, atol=1e-4)
+    assert not torch.allclose(cached_scores(gated, cache), fresh_scores, atol=1e-4)
+
+
+def test_holding_the_gate_needs_rows_to_fit_a_fresh_gate_and_no_aux_loss(fresh):
+    gated, cache = fresh
+    with pytest.raises(ValueError, match="nothing to fit.*train_token_rows=True"):
+        fit_gate(gated, cache, train_gate=False)
+    with pytest.raises(ValueError, match="aux_weight=0.5.*train_gate=False"):
+        fit_gate(gated, cache, train_token_rows=True, train_gate=False, aux_weight=0.5)
+    fit_gate(gated, cache, epochs=5)
+    with pytest.raises(ValueError, match="already trained.*fresh gate"):
+        fit_gate(gated, cache, train_token_rows=True, train_gate=False)
