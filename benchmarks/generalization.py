@@ -70,6 +70,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--layer", type=int, default=None, help="gate layer (default: the recipe's, else -1)")
     ap.add_argument("--epochs", type=int, default=None, help="fit_gate epochs (default: the recipe's)")
     ap.add_argument("--lr", type=float, default=None, help="fit_gate learning rate (default: the recipe's)")
+    ap.add_argument("--weight-decay", type=float, default=None, help="fit_gate weight decay (default: 0)")
+    ap.add_argument("--attention-dim", type=int, default=None, help="gate attention_dim (default: the recipe's)")
     ap.add_argument(
         "--augment-phrasing",
         type=float,
@@ -234,8 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     gate = dict(recipe.get("gate") or {})
     if args.layer is not None:
         gate["layer"] = args.layer
+    if args.attention_dim is not None:
+        gate["attention_dim"] = args.attention_dim
     fit = recipe.get("fit_gate") or {}
     fit_kwargs = {"epochs": args.epochs or fit.get("epochs", 30), "lr": args.lr or fit.get("lr", 1e-2)}
+    if args.weight_decay is not None:
+        fit_kwargs["weight_decay"] = args.weight_decay
     for key in ("beta", "aux_weight"):
         if key in recipe:
             fit_kwargs[key] = recipe[key]
@@ -261,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     report["meta"] = {
         "model": args.model,
         "layer": config.layer,
+        "attention_dim": config.attention_dim,
         "fit_kwargs": fit_kwargs,
         "augment_phrasing": args.augment_phrasing,
         "fit": args.fit,
