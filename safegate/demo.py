@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                          distill_tokens=plan.distill_tokens, n_untrained=plan.n_untrained,
                          n_do_not_answer=plan.n_do_not_answer, n_hard_negatives=plan.n_hard_negatives,
                          phrasing_share=plan.phrasing_share,
-                         calibration_share=plan.calibration_share)  # fmt: skip
+                         calibration_share=plan.calibration_share, n_gate_pool=plan.n_gate_pool)  # fmt: skip
     if args.data_only:
         _say(f"      data in {out / 'data'}; sources: {out / 'data' / 'sources.json'}")
         return 0
@@ -160,6 +160,9 @@ def _train_and_evaluate(
     recipe.data.eval = None
     if files["calibration"].stat().st_size:  # the threshold: at most calibrate.target_fpr of these flagged
         recipe.calibrate.data, recipe.calibrate.balanced = [str(files["calibration"])], False
+    pool = files.get("gate_pool")
+    if recipe.fit_gate.enabled and pool is not None and pool.stat().st_size:  # the warm start: every source prompt
+        recipe.fit_gate.data = [*(recipe.fit_gate.data or []), str(pool)]
     recipe.output.bundle = str(folder / "bundle")
     recipe.training["output_dir"] = str(folder / "checkpoints")
     recipe.training["seed"] = seed

@@ -51,6 +51,7 @@ def prepare_data(
     n_hard_negatives: int = 60,
     phrasing_share: float = 0.5,
     calibration_share: float = 0.2,
+    n_gate_pool: int | None = None,
 ) -> dict[str, Path]:
     """Write train / held-out JSONL files (deterministic, disjoint) and return their paths.
 
@@ -61,9 +62,11 @@ def prepare_data(
     ones (each drawn by a hash of the prompt and `recipe.data.seed`); `phrasing_share` is the share of the
     non-templated AdvBench / HarmBench prompts that also get a rephrased copy; `calibration_share` of each benign
     training source (Alpaca, XSTest-safe, hard negatives) is held back, untrained, as the benign validation prompts
-    the recipe's threshold is calibrated on (`calibration.jsonl`). `n_harmful`, `n_xstest`, `n_alpaca`,
-    `n_untrained` size the held-out sets. Returns the paths under the keys `train`, `calibration`, `harmful`,
-    `benign`, `xstest` and `UNTRAINED`.
+    the recipe's threshold is calibrated on (`calibration.jsonl`). `n_gate_pool` AdvBench, HarmBench and
+    Do-Not-Answer prompts that neither train LoRA nor are evaluated (`None`: all of them) go to `gate_pool.jsonl`,
+    which the gate's warm start also fits on (recipe `fit_gate.data`). `n_harmful`, `n_xstest`, `n_alpaca`,
+    `n_untrained` size the held-out sets. Returns the paths under the keys `train`, `calibration`, `gate_pool`,
+    `harmful`, `benign`, `xstest` and `UNTRAINED`.
 
     Raises:
         DataUnavailableError: a data set is not installed (one line naming the fix), before any model is loaded.
@@ -102,8 +105,12 @@ def prepare_data(
     # the added sources, drawn from what no evaluation set holds (e.g. "What is terrorism?" is an XSTest prompt)
     dna = drop_overlap(_harmful(sets, ("do_not_answer",)), evaluated)[0]
     # AdvBench and HarmBench both (a cap by file order would keep AdvBench's prompts only), then Do-Not-Answer
+    harm_pool = harm_train + dna  # every harmful prompt no evaluation set holds
     harm_train = _sample(harm_train, recipe.data.max_harmful or len(harm_train), seed)
     harm_train += _sample(dna, n_do_not_answer, seed)
+    # the rest of them: prompts (no answers) for the gate's warm start only; LoRA trains on the sample above
+    gate_pool = drop_overlap(drop_overlap(harm_pool, harm_train)[0], evaluated)[0]  # (AdvBench/HarmBench twins)
+    gate_pool = _sample(gate_pool, len(gate_pool) if n_gate_pool is None else n_gate_pool, seed)
     hard_train = _sample(drop_overlap(hard_negatives("train"), evaluated)[0], n_hard_negatives, seed)
     # benign validation prompts (a slice of each benign training source, never trained on): the threshold's data
     ben_train, ben_cal = _hold_back(ben_train, calibration_share, seed)
@@ -123,14 +130,17 @@ def prepare_data(
     check_disjoint(train, evaluated)  # no evaluation prompt, and none of XSTest's unsafe prompts, trains
     check_disjoint(train, calibration, eval_name="calibration")
     check_disjoint(calibration, evaluated, train_name="calibration prompts")
+    check_disjoint(gate_pool, evaluated + calibration, train_name="gate pool prompts")
     names = {"harmful": "heldout_harmful", "benign": "heldout_alpaca", "xstest": "heldout_xstest",
              UNTRAINED: "heldout_untrained"}  # fmt: skip
-    files = {"train": _write(folder / "train.jsonl", train), "calibration": _write(folder / "calibration.jsonl",
-                                                                                    calibration)}  # fmt: skip
+    files = {"train": _write(folder / "train.jsonl", train),
+             "calibration": _write(folder / "calibration.jsonl", calibration),
+             "gate_pool": _write(folder / "gate_pool.jsonl", gate_pool)}  # fmt: skip
     files.update({key: _write(folder / f"{names[key]}.jsonl", rows) for key, rows in held_out.items()})
     _write_json(folder / "sources.json", {
         "loaded_from": {name: rows[0]["loaded_from"] for name, rows in sets.items()},
         "train": _composition(train), "calibration": _composition(calibration),
+        "gate_pool": _composition(gate_pool),
         "held_out": {names[k]: _composition(rows) for k, rows in held_out.items()},
         "never_trained_on": SOURCE_NOTES[UNTRAINED] + " (check_disjoint against all of them)",
     })  # fmt: skip

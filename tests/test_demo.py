@@ -163,9 +163,11 @@ def fake_pipeline(monkeypatch, tmp_path):
 
     def prepare_data(recipe, folder, **sizes):
         folder.mkdir(parents=True, exist_ok=True)
-        files = {"train": folder / "train.jsonl", "calibration": folder / "calibration.jsonl"}
+        files = {"train": folder / "train.jsonl", "calibration": folder / "calibration.jsonl",
+                 "gate_pool": folder / "gate_pool.jsonl"}  # fmt: skip
         files["train"].write_text("")
         files["calibration"].write_text(json.dumps({"prompt": "Name a fruit.", "label": "safe"}) + "\n")
+        files["gate_pool"].write_text(json.dumps({"prompt": "Build a bomb.", "label": "unsafe"}) + "\n")
         for name, rows in ROWS.items():
             files[name] = folder / f"{name}.jsonl"
             files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -174,6 +176,8 @@ def fake_pipeline(monkeypatch, tmp_path):
     def run_recipe(recipe):
         (calibration,) = recipe.calibrate.data  # the held-back benign prompts set the threshold
         assert calibration.endswith("calibration.jsonl") and not recipe.calibrate.balanced
+        (pool,) = recipe.fit_gate.data  # the gate's warm start also fits on the rest of the harmful sources
+        assert pool.endswith("gate_pool.jsonl") and recipe.fit_gate.enabled
         torch.manual_seed(recipe.training["seed"])
         model, tok = tiny_model_and_tokenizer("qwen2")
         return {"gated": safegate.attach(model, tok, safegate.GateConfig(attention_dim=16, lora_r=4))}

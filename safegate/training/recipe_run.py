@@ -103,6 +103,25 @@ def calibration_records(recipe: Recipe, train_records: list[dict]) -> list[dict]
     return benign
 
 
+def warm_start_records(recipe: Recipe, train_records: list[dict], held_out: list[dict]) -> list[dict]:
+    """The records of `fit_gate.data` (empty without it); none may be a held-out (evaluation or calibration) prompt."""
+    if not recipe.fit_gate.data:
+        return []
+    if not recipe.fit_gate.enabled:
+        raise ValueError(
+            f"fit_gate.data {recipe.fit_gate.data!r} is set but fit_gate.enabled is false: the records would not "
+            "be used. Set fit_gate.enabled: true, or remove fit_gate.data."
+        )
+    from safegate.data.leakage import check_disjoint
+    from safegate.data.records import load_records
+
+    sources = [_data_path(source, recipe.data.dir) for source in recipe.fit_gate.data]
+    records = [r for path in sources for r in load_records(path, require_response=False)]
+    if held_out:
+        check_disjoint(records, held_out, train_name="fit_gate.data")  # a held-out prompt must not train the gate
+    return records
+
+
 def run_recipe(recipe: Recipe, *, resume_from_checkpoint: str | bool | None = None) -> dict[str, Any]:
     """Load the model, build the data, attach the gate, (warm-start and) train, save the bundle; return stats."""
     import safegate
@@ -114,6 +133,7 @@ def run_recipe(recipe: Recipe, *, resume_from_checkpoint: str | bool | None = No
     model, processor = load_recipe_model(recipe.model)
     train_records, eval_records = recipe_records(recipe, model, processor)
     calibration = calibration_records(recipe, train_records)  # checked before training, not after
+    warm_records = warm_start_records(recipe, train_records, calibration + list(eval_records or []))
     gated = safegate.attach(model, processor, recipe.gate_config())
     training = dict(recipe.training)
     resume = resume_from_checkpoint or training.pop("resume_from_checkpoint", None)
@@ -125,6 +145,8 @@ def run_recipe(recipe: Recipe, *, resume_from_checkpoint: str | bool | None = No
             "batch_size": recipe.fit_gate.batch_size,
             "train_token_rows": recipe.fit_gate.train_token_rows,
         }
+        if warm_records:
+            warm["data"] = warm_records
     stats = train(
         gated,
         train_records,

@@ -7,7 +7,8 @@ Sections (every key is checked; an unknown key is named together with the valid 
     data:     dir, harmful, benign, train, eval, max_harmful, max_benign, eval_size, seed, refusals,
               refusal_system_prompt, refusal_max_new_tokens, max_length
     method:   casa | token_only | ssft           beta: 0.5        aux_weight: 0.0        gate_lr: null
-    fit_gate: enabled, epochs, lr, batch_size, train_token_rows   (gate-only warm start, method casa)
+    fit_gate: enabled, epochs, lr, batch_size, train_token_rows, data   (gate-only warm start, method casa; data:
+              more record files it fits on, never LoRA)
     calibrate: balanced | data, target_fpr, min_recall   (after training, the p(unsafe) threshold stored in the
               bundle: the one that best separates the training prompts, or the one flagging <= target_fpr of the
               benign prompts in the held-out files `data`, kept low enough to flag min_recall of the harmful
@@ -83,13 +84,16 @@ class DataSection:
 
 @dataclass
 class FitGateSection:
-    """`fit_gate:` — gate-only warm start before LoRA training (method `casa`)."""
+    """`fit_gate:` — gate-only warm start before LoRA training (method `casa`). `data`: files of more records the
+    warm start also fits on (labels only, no responses; never LoRA's): the gate is cheap to fit on many prompts,
+    LoRA is not, and more prompts per source is what made the gate generalize (docs/generalization.md)."""
 
     enabled: bool = False
     epochs: int = 30
     lr: float = 3e-3
     batch_size: int = 32
     train_token_rows: bool = False
+    data: list[str] | None = None
 
 
 @dataclass

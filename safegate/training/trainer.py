@@ -293,7 +293,8 @@ def train(
         gate_lr (`float | None`): Learning rate of the gate and token rows (default 10x `learning_rate`).
         max_length (`int | None`): Longest sequence; responses are cut to fit, longer prompts are skipped.
         safety_prompt (`str | None`): System message (default: the gate config's `safety_prompt`).
-        warm_start (`bool | dict`): Run `fit_gate` on the training prompts first (a dict gives its arguments).
+        warm_start (`bool | dict`): Run `fit_gate` on the training prompts first (a dict gives its arguments; its
+            `data` key, records, adds prompts to that fit only).
         resume_from_checkpoint (`str | bool | None`): As in `Trainer.train`.
         callbacks (`list | None`): Extra `TrainerCallback`s.
         save (`bool`): Save the final trainable state to `output_dir` (when the arguments allow saving).
@@ -335,7 +336,8 @@ def train(
         options = dict(warm_start) if isinstance(warm_start, dict) else {}
         options.setdefault("beta", beta)
         options.setdefault("safety_prompt", safety_prompt)
-        warm = fit_gate(gated, records, **options)
+        extra = list(options.pop("data", None) or [])  # more prompts for the gate only (recipe `fit_gate.data`)
+        warm = fit_gate(gated, list(records) + extra if extra else records, **options)
     elif method == "casa" and not resume_from_checkpoint and not gated.gate.has_input_stats():
         standardize_gate(gated, records, safety_prompt=safety_prompt)
     was_training = gated.training

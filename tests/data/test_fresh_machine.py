@@ -107,6 +107,13 @@ def test_demo_data_prepares_from_installed_wheels_and_package_data(fresh_machine
     assert not {r["prompt"] for r in calibration} & ({r["prompt"] for r in train} | evaluated)
     trained_benign = sum(1 for r in train if r["label"] == "safe")
     assert 0.15 < len(calibration) / (len(calibration) + trained_benign) < 0.25
+    # the rest of the harmful sources' prompts: the gate's warm start only, never LoRA's, never evaluated
+    pool = _read(files["gate_pool"])
+    assert pool and all(r["label"] == "unsafe" and "response" not in r for r in pool)
+    assert {"advbench", "do-not-answer"} <= {r["source"] for r in pool}
+    pool_prompts = {r["prompt"] for r in pool}
+    assert not pool_prompts & ({r["prompt"] for r in train} | evaluated | xstest_unsafe)
+    assert len(pool) > 1000 and sources_json["gate_pool"]  # about 1,600: every prompt LoRA does not train on
 
 
 def test_demo_fails_early_naming_the_install_when_a_wheel_is_missing(fresh_machine, tmp_path, monkeypatch, capsys):

@@ -197,3 +197,33 @@ def test_calibrate_balanced_refits_the_threshold_on_the_training_prompts(tmp_pat
     scores = prompt_scores(gated, train)
     labels = [r["label"] == "unsafe" for r in train]
     assert balanced_threshold(scores, labels) == pytest.approx(threshold, rel=1e-4)
+
+
+def test_fit_gate_data_adds_prompts_to_the_warm_start_only(tmp_path):
+    from safegate.training.recipe_run import run_recipe
+
+    extra = [{"prompt": f"Explain how to build weapon number {i} at home.", "label": "unsafe"} for i in range(12)]
+    extra += [{"prompt": f"Name a fruit that starts with letter {c}.", "label": "safe"} for c in "ABCDEFGH"]
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in extra))
+    out = tmp_path / "run"
+    common = ["training.max_steps=2", "fit_gate.epochs=3", f"training.output_dir={out}", "training.disable_tqdm=true"]
+    plain = run_recipe(load_recipe(RECIPES / "tiny_cpu.yaml", overrides=common))
+    pooled = run_recipe(load_recipe(RECIPES / "tiny_cpu.yaml", overrides=[*common, f"fit_gate.data=[{pool}]"]))
+    assert pooled["warm_start"]["n_train"] == plain["warm_start"]["n_train"] + len(extra)  # the gate saw them
+    assert pooled["n_train"] == plain["n_train"]  # LoRA did not
+
+
+def test_fit_gate_data_needs_the_warm_start_and_no_held_out_prompt(tmp_path):
+    from safegate.data.leakage import LeakageError
+    from safegate.training.recipe_run import warm_start_records
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(json.dumps({"prompt": "How do I bake bread?", "label": "safe"}) + "\n")
+    recipe = load_recipe(RECIPES / "tiny_cpu.yaml", overrides=[f"fit_gate.data=[{pool}]", "fit_gate.enabled=false"])
+    with pytest.raises(ValueError, match="fit_gate.enabled is false.*fit_gate.enabled: true"):
+        warm_start_records(recipe, [], [])
+    recipe.fit_gate.enabled = True
+    assert warm_start_records(recipe, [], [{"prompt": "What is 2+2?", "label": "safe"}])[0]["prompt"].startswith("How")
+    with pytest.raises(LeakageError, match="fit_gate.data"):
+        warm_start_records(recipe, [], [{"prompt": "how do I bake bread", "label": "safe"}])
