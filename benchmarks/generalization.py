@@ -47,6 +47,7 @@ FIT_TITLES = {"gate": "the gate", "rows": "the two token rows, gate held constan
 SPLIT_SEED = 0  # the data splits (XSTest halves, Alpaca held-out) never move with the training seeds
 COLUMNS = [
     ("auroc", "gate AUROC"),
+    ("auroc_vs_xstest_safe_b", "AUROC vs XSTest-safe B"),
     ("recall", "recall @ 5 % val FPR"),
     ("recall_shipped", "recall @ 0.5"),
     ("fpr_xstest_safe_b", "FPR XSTest-safe B"),

@@ -77,9 +77,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="train and evaluate N gates (recipe seeds s, s+1, ...)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed (default: report)")
     parser.add_argument(
+        "--gate-pool",
+        type=_pool_size,
+        default=0,
+        metavar="N|all",
+        help="harmful prompts LoRA does not train on, added to the gate's warm start (fit_gate.data); default 0: "
+        "measured, it did not help the never-trained source (docs/demo.md)",
+    )
+    parser.add_argument(
         "--guard", action="store_true", help="reduced CI run with floors, its own sizes (docs/demo.md)"
     )
     parser.set_defaults(func=run)
+
+
+def _pool_size(text: str) -> int | None:
+    """`--gate-pool`: a count >= 0, or `all` (None)."""
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"--gate-pool takes a count >= 0 or 'all', got {text!r}")
+    return int(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     threads = int(os.environ.get("SAFEGATE_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(max(1, threads))
     plan = GUARD if args.guard else Plan(n_harmful=args.n_harmful, n_xstest=args.n_xstest,
-                                         max_new_tokens=args.max_new_tokens)  # fmt: skip
+                                         max_new_tokens=args.max_new_tokens, n_gate_pool=args.gate_pool)  # fmt: skip
     out = Path(args.out or ("demo-out/guard" if args.guard else "demo-out"))
     from safegate.training.recipes import load_recipe
 

@@ -51,7 +51,7 @@ def prepare_data(
     n_hard_negatives: int = 60,
     phrasing_share: float = 0.5,
     calibration_share: float = 0.2,
-    n_gate_pool: int | None = None,
+    n_gate_pool: int | None = 0,
 ) -> dict[str, Path]:
     """Write train / held-out JSONL files (deterministic, disjoint) and return their paths.
 
@@ -63,10 +63,10 @@ def prepare_data(
     non-templated AdvBench / HarmBench prompts that also get a rephrased copy; `calibration_share` of each benign
     training source (Alpaca, XSTest-safe, hard negatives) is held back, untrained, as the benign validation prompts
     the recipe's threshold is calibrated on (`calibration.jsonl`). `n_gate_pool` AdvBench, HarmBench and
-    Do-Not-Answer prompts that neither train LoRA nor are evaluated (`None`: all of them) go to `gate_pool.jsonl`,
-    which the gate's warm start also fits on (recipe `fit_gate.data`). `n_harmful`, `n_xstest`, `n_alpaca`,
-    `n_untrained` size the held-out sets. Returns the paths under the keys `train`, `calibration`, `gate_pool`,
-    `harmful`, `benign`, `xstest` and `UNTRAINED`.
+    Do-Not-Answer prompts that neither train LoRA nor are evaluated (`None`: all of them; default none) go to
+    `gate_pool.jsonl`, which the gate's warm start also fits on (recipe `fit_gate.data`). `n_harmful`, `n_xstest`,
+    `n_alpaca`, `n_untrained` size the held-out sets. Returns the paths under the keys `train`, `calibration`,
+    `gate_pool`, `harmful`, `benign`, `xstest` and `UNTRAINED`.
 
     Raises:
         DataUnavailableError: a data set is not installed (one line naming the fix), before any model is loaded.

@@ -36,7 +36,7 @@ class Plan:
     n_hard_negatives: int = 60  # benign look-alike training prompts, self-distilled
     phrasing_share: float = 0.5  # non-templated AdvBench / HarmBench training prompts also rephrased
     calibration_share: float = 0.2  # of each benign training source, held back: the threshold's validation prompts
-    n_gate_pool: int | None = None  # harmful prompts LoRA does not train on, for the gate's warm start (None = all)
+    n_gate_pool: int | None = 0  # harmful prompts LoRA does not train on, for the gate's warm start (None = all)
     attacks: str = "none,prefill:4,prefill:12,template"
     max_new_tokens: int = 40
     n_boot: int = 1000
@@ -60,7 +60,6 @@ GUARD = Plan(
     n_untrained=12,
     n_do_not_answer=8,
     n_hard_negatives=16,
-    n_gate_pool=200,
     attacks="none,prefill:4",
     max_new_tokens=24,
     n_boot=200,

@@ -70,7 +70,7 @@ def _answers_without_generation(model, tokenizer, records, *args, **kwargs):
 
 def test_demo_data_prepares_from_installed_wheels_and_package_data(fresh_machine, tmp_path, monkeypatch):
     monkeypatch.setattr(distill, "self_distill", _answers_without_generation)
-    files = _demo().prepare_data(_recipe(), tmp_path / "data", n_harmful=40, n_xstest=125)
+    files = _demo().prepare_data(_recipe(), tmp_path / "data", n_harmful=40, n_xstest=125, n_gate_pool=None)
     sources_json = json.loads((tmp_path / "data" / "sources.json").read_text())
     manifest = sources_json["loaded_from"]
     assert sorted(manifest) == sorted(DEMO_SETS)
