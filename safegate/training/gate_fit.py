@@ -35,6 +35,7 @@ from safegate.training.collate import build_inputs, concat_model_inputs
 from safegate.training.gate_opt import GateFitError, optimise
 from safegate.training.label_check import label_counts, single_label_message
 from safegate.training.objective import class_weighted_mean
+from safegate.training.token_rows import trainable_head_rows, write_head_rows
 
 __all__ = [
     "GateFitError", "PromptCache", "cache_prompts", "cached_scores", "fit_gate", "standardize_gate",
@@ -213,11 +214,9 @@ def fit_gate(
     Raises:
         `GateFitError`: Every attempt diverged and the best state is a gate that does not vary across prompts.
 
-    Example:
-        ```python
-        >>> stats = fit_gate(gated, "train.jsonl", epochs=20)                        # the gate (default)
-        >>> stats = fit_gate(gated, "train.jsonl", train_token_rows=True, train_gate=False)  # the rows alone
-        ```
+    Example (the module docstring runs one on a tiny model):
+        stats = fit_gate(gated, "train.jsonl", epochs=20)                            # the gate (default)
+        stats = fit_gate(gated, "train.jsonl", train_token_rows=True, train_gate=False)  # the two rows alone
     """
     _check_fit_args(epochs, lr, beta, aux_weight, batch_size)
     if not train_gate and not train_token_rows:
@@ -258,7 +257,7 @@ def fit_gate(
     device = next(gate.parameters()).device
     if standardize and not gate.has_input_stats():
         gate.set_input_stats(*state_statistics(cache.states))
-    rows = _head_rows(gated, cache) if train_token_rows else None
+    rows = trainable_head_rows(gated, cache.last_hidden, cache.logits) if train_token_rows else None
     if neutral_start and not (gate.out.weight.any() or gate.out.bias.any()):
         _neutral_bias(gated, cache, rows, beta)
     gate_params = [p for p in gate.parameters() if p.requires_grad] if train_gate else []
@@ -281,7 +280,7 @@ def fit_gate(
     finally:
         gate.train(was_training)
     if rows is not None:
-        _write_head_rows(gated, rows)
+        write_head_rows(gated, rows)
     history = fit["loss_history"]
     stats: dict[str, Any] = {
         **fit,
@@ -394,46 +393,6 @@ def _neutral_bias(gated: Any, cache: PromptCache, rows: tuple | None, beta: floa
     both = bool(cache.labels.any() and not cache.labels.all())
     mean = class_weighted_mean(offset, cache.labels, beta) if both else offset.mean()
     gated.gate.out.bias.fill_(-float(mean))
-
-
-def token_row_layer(gated: Any) -> Any:
-    """The PEFT trainable-tokens layer that holds the two safety rows the head uses (the embedding when tied)."""
-    layers = gated.token_layers()
-    return layers["embed"] if gated.arch.tied else layers["head"]
-
-
-def head_rows(gated: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The (safe, unsafe) head rows as they are now, `(2, hidden)` float32, and their head bias (or `None`).
-
-    Pass them as `rows` to `cached_scores` to score a `PromptCache` made before `fit_gate(train_token_rows=True)`
-    changed the rows (its cached logits are the old rows').
-    """
-    delta = token_row_layer(gated).trainable_tokens_delta["default"]
-    head_bias = getattr(gated.arch.head, "bias", None)
-    bias = None
-    if head_bias is not None:
-        bias = head_bias.detach()[[gated.safe_token_id, gated.unsafe_token_id]].float()
-    return delta.detach().float().clone(), bias
-
-
-def _head_rows(gated: Any, cache: PromptCache) -> tuple[torch.nn.Parameter, torch.Tensor | None]:
-    """Trainable copy of the (safe, unsafe) head rows; checks that logits are a plain dot product with them."""
-    current, bias = head_rows(gated)
-    weight = torch.nn.Parameter(current)
-    expected = cache.last_hidden.to(weight.device) @ weight.detach().t() + (0 if bias is None else bias)
-    if not torch.allclose(expected, cache.logits.to(weight.device), atol=1e-3, rtol=1e-3):
-        raise ValueError(
-            "`train_token_rows=True` needs logits that are a plain dot product of the last hidden state with the "
-            "head rows, but this model transforms them (logit scaling or soft-capping). Use "
-            "`train_token_rows=False`, or train the rows with `safegate.train`."
-        )
-    return weight, bias
-
-
-@torch.no_grad()
-def _write_head_rows(gated: Any, rows: tuple[torch.nn.Parameter, torch.Tensor | None]) -> None:
-    delta = token_row_layer(gated).trainable_tokens_delta["default"]
-    delta.copy_(rows[0].to(delta.dtype))
 
 
 @torch.no_grad()

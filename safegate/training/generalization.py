@@ -45,7 +45,8 @@ from safegate.data.leakage import check_disjoint, normalise_prompt, record_text
 from safegate.data.phrasing import augment_phrasing
 from safegate.evaluation.metrics import auroc, roc_curve
 from safegate.modeling.model import attach
-from safegate.training.gate_fit import PromptCache, cache_prompts, cached_scores, fit_gate, head_rows, token_row_layer
+from safegate.training.gate_fit import PromptCache, cache_prompts, cached_scores, fit_gate
+from safegate.training.token_rows import head_rows, token_row_layer
 
 HARMFUL = ["advbench", "harmbench", "do_not_answer", "xstest_unsafe"]
 BENIGN_TRAIN = ["xstest_safe_a", "alpaca_train", "hard_negatives_train"]

@@ -177,7 +177,7 @@ def test_protocol_fits_on_the_rephrased_copies_too(one_thread):
 def test_every_fold_fits_from_the_attached_rows_and_is_scored_with_its_fitted_rows(mode, one_thread, monkeypatch):
     from safegate import GateConfig
     from safegate.backbones.tiny import tiny_model_and_tokenizer
-    from safegate.training.gate_fit import head_rows
+    from safegate.training.token_rows import head_rows
 
     calls, scored = [], []
     real_fit, real_scores = gen.fit_gate, gen.cached_scores

@@ -16,8 +16,9 @@ import safegate
 from safegate.modeling.gate import SafetyGate
 from safegate.testing import chat, tiny_model_and_tokenizer
 from safegate.training.calibrate import balanced_threshold, calibrate_threshold, recall_cap, threshold_for_fpr
-from safegate.training.gate_fit import GateFitError, PromptCache, cache_prompts, cached_scores, fit_gate, head_rows
+from safegate.training.gate_fit import GateFitError, PromptCache, cache_prompts, cached_scores, fit_gate
 from safegate.training.gate_opt import split_indices
+from safegate.training.token_rows import head_rows
 from tests.conftest import SMALL
 
 HARMFUL = [
