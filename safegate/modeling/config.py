@@ -94,8 +94,9 @@ class GateConfig:
             raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {self.aggregation!r}.")
         if self.scaling not in SCALINGS:
             raise ValueError(f"`scaling` must be one of {SCALINGS}, got {self.scaling!r}.")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"`lora_dropout` must be a number in [0, 1), got {dropout!r} (e.g. 0.05, not '0.05').")
         check_threshold(self.threshold, name="threshold")
         if isinstance(self.lora_modules, str) or not all(isinstance(m, str) and m for m in self.lora_modules):
             raise ValueError(f"`lora_modules` must be a list of module names, got {self.lora_modules!r}.")

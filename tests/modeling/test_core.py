@@ -312,6 +312,8 @@ def test_token_rows_initialised_from_words(gated):
         (dict(threshold=1.5), "threshold"),
         (dict(safe_token="<x>", unsafe_token="<x>"), "safe_token"),
         (dict(lora_dropout=1.0), "lora_dropout"),
+        (dict(lora_dropout="0.5"), "lora_dropout. must be a number"),
+        (dict(lora_dropout=True), "lora_dropout"),
         (dict(lora_r=-1), "lora_r"),
     ],
 )
