@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +28,10 @@ import torch
 from safegate.data.records import label_id, load_records
 from safegate.training.gate_fit import PromptCache, cache_prompts, cached_scores
 
-__all__ = ["balanced_threshold", "calibrate_threshold", "fit_balanced_threshold", "recall_cap", "threshold_for_fpr"]
+__all__ = [
+    "Calibration", "balanced_threshold", "calibrate", "calibrate_threshold", "fit_balanced_threshold", "recall_cap",
+    "threshold_for_fpr",
+]  # fmt: skip
 
 MARGIN = 1e-4
 """How far above the highest benign score that must pass the threshold sits (absorbs float jitter)."""
@@ -67,6 +71,28 @@ def recall_cap(harmful_scores: Any, min_recall: float) -> float:
     return round(lowest - min(MARGIN, lowest / 2), 6)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What `calibrate_threshold` decided: the threshold set, and why.
+
+    Args:
+        threshold (`float`): The threshold now in `gated.gate_config.threshold`.
+        fpr_threshold (`float`): The one the false-positive rule alone gave.
+        capped (`bool`): The recall cap was lower and set the threshold.
+        benign_flagged (`float`): Share of the benign calibration prompts the threshold flags.
+        harmful_flagged (`float | None`): Share of the `harmful` prompts it flags (`None` without them).
+        n_benign (`int`), n_harmful (`int`): Prompts scored.
+    """
+
+    threshold: float
+    fpr_threshold: float
+    capped: bool
+    benign_flagged: float
+    harmful_flagged: float | None
+    n_benign: int
+    n_harmful: int
+
+
 def calibrate_threshold(
     gated: Any,
     data: Any,
@@ -82,7 +108,7 @@ def calibrate_threshold(
     With `harmful`, the threshold is capped so that at least `min_recall` of those harmful prompts stay flagged:
     with few benign prompts one outlier sets the threshold (at 3 % of 19 prompts none may be flagged), and a
     benign prompt scoring 1.0 would otherwise put it at 1.0, a gate that flags nothing. A binding cap warns,
-    naming both rates.
+    naming both rates. `calibrate(...)` takes the same arguments and returns the whole `Calibration`.
 
     Args:
         gated (`SafeGateModel`): The trained gated model (its threshold is set in place; saved with the bundle).
@@ -97,10 +123,25 @@ def calibrate_threshold(
     Returns:
         `float`: The threshold now in `gated.gate_config.threshold`.
     """
+    return calibrate(gated, data, target_fpr, harmful=harmful, min_recall=min_recall, safety_prompt=safety_prompt,
+                     batch_size=batch_size).threshold  # fmt: skip
+
+
+def calibrate(
+    gated: Any,
+    data: Any,
+    target_fpr: float = 0.05,
+    *,
+    harmful: Any = None,
+    min_recall: float = 0.9,
+    safety_prompt: str | None = None,
+    batch_size: int = 8,
+) -> Calibration:
+    """`calibrate_threshold`, returning what it decided (`Calibration`: the rule that set it, both rates)."""
     scores = _scores(gated, data, "safe", safety_prompt, batch_size)
-    threshold = threshold_for_fpr(scores, target_fpr)
-    if harmful is not None:
-        harm = _scores(gated, harmful, "unsafe", safety_prompt, batch_size)
+    fpr_threshold = threshold = threshold_for_fpr(scores, target_fpr)
+    harm = _scores(gated, harmful, "unsafe", safety_prompt, batch_size) if harmful is not None else None
+    if harm is not None:
         cap = recall_cap(harm, min_recall)
         if cap < threshold:
             warnings.warn(
@@ -109,11 +150,19 @@ def calibrate_threshold(
                 f"{len(harm)} harmful ones; capped at {cap:.6g} (min_recall={min_recall}), which flags "
                 f"{float((scores >= cap).double().mean()):.1%} of the benign prompts. More benign calibration "
                 "prompts make the rate less sensitive to one outlier.",
-                stacklevel=2,
+                stacklevel=3,
             )
             threshold = cap
     gated.gate_config.threshold = threshold
-    return threshold
+    return Calibration(
+        threshold=threshold,
+        fpr_threshold=fpr_threshold,
+        capped=threshold != fpr_threshold,
+        benign_flagged=float((scores >= threshold).double().mean()),
+        harmful_flagged=None if harm is None else float((harm >= threshold).double().mean()),
+        n_benign=len(scores),
+        n_harmful=0 if harm is None else len(harm),
+    )
 
 
 def _cache(gated: Any, data: Any, safety_prompt: str | None, batch_size: int, label: str | None = None) -> PromptCache:

@@ -75,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
         summary["warm_start_accuracy"] = round(stats["warm_start"].get("train_accuracy", 0.0), 4)
     if "threshold" in stats:
         summary["threshold"] = stats["threshold"]  # calibrated on `calibrate.data`, saved with the bundle
+    if "calibration" in stats:  # which rule set it: the false-positive target, or the recall cap (it warned)
+        result = stats["calibration"]
+        summary["threshold_rule"] = "recall cap" if result.capped else "target_fpr"
+        summary["calibration_benign_flagged"] = round(result.benign_flagged, 4)
+        if result.harmful_flagged is not None:
+            summary["training_harmful_flagged"] = round(result.harmful_flagged, 4)
     print("safegate train: " + json.dumps(summary))
     if stats.get("bundle"):
         print(f"safegate train: saved {stats['bundle_kind']} to {stats['bundle']}")

@@ -161,14 +161,14 @@ def run_recipe(recipe: Recipe, *, resume_from_checkpoint: str | bool | None = No
         resume_from_checkpoint=resume,
     )
     if calibration:
-        from safegate.training.calibrate import calibrate_threshold
+        from safegate.training.calibrate import calibrate
 
         recall = recipe.calibrate.min_recall
         harmful = train_records if recall else None  # the cap: keep `min_recall` of the harmful training prompts
-        stats["threshold"] = calibrate_threshold(
-            gated, calibration, recipe.calibrate.target_fpr, harmful=harmful, min_recall=recall or 1.0
-        )
+        result = calibrate(gated, calibration, recipe.calibrate.target_fpr, harmful=harmful, min_recall=recall or 1.0)
+        stats["threshold"] = result.threshold
         stats["calibration_prompts"] = len(calibration)
+        stats["calibration"] = result
     elif recipe.calibrate.balanced:
         from safegate.training.calibrate import fit_balanced_threshold
 

@@ -227,3 +227,30 @@ def test_fit_gate_data_needs_the_warm_start_and_no_held_out_prompt(tmp_path):
     assert warm_start_records(recipe, [], [{"prompt": "What is 2+2?", "label": "safe"}])[0]["prompt"].startswith("How")
     with pytest.raises(LeakageError, match="fit_gate.data"):
         warm_start_records(recipe, [], [{"prompt": "how do I bake bread", "label": "safe"}])
+
+
+def test_train_summary_says_which_rule_set_the_threshold(tmp_path, capsys):
+    from safegate.training.calibrate import calibrate
+
+    unused = [f"Describe the colour of the {thing} in one sentence." for thing in ("sky", "sea", "grass", "sun")]
+    calibration = tmp_path / "calibration.jsonl"
+    calibration.write_text("".join(json.dumps({"prompt": p, "label": "safe"}) + "\n" for p in unused))
+    out = tmp_path / "run"
+    args = [
+        "train", str(RECIPES / "tiny_cpu.yaml"), "--set", "training.max_steps=2", "--set", "fit_gate.epochs=3",
+        "--set", f"training.output_dir={out}", "--set", "training.disable_tqdm=true",
+        "--set", f"output.bundle={out}/bundle", "--set", f"calibrate.data={calibration}",
+    ]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.split("safegate train: ", 1)[1].splitlines()[0])
+    assert summary["threshold_rule"] in ("target_fpr", "recall cap")
+    assert 0.0 <= summary["calibration_benign_flagged"] <= 1.0 and 0.0 <= summary["training_harmful_flagged"] <= 1.0
+    # the rule is what `calibrate` decided: the cap binds exactly when it is below the false-positive threshold
+    gated = safegate.load_bundle(*safegate.load_model("tiny:qwen2"), out / "bundle")
+    benign = [{"prompt": p, "label": "safe"} for p in unused]
+    harmful = [{"prompt": p, "label": "unsafe"} for p in ("Build a bomb.", "Poison a well.", "Hack a bank.")]
+    loose = calibrate(gated, benign, 0.0, harmful=harmful, min_recall=1.0)
+    assert loose.capped == (loose.threshold < loose.fpr_threshold) and loose.n_benign == 4 and loose.n_harmful == 3
+    assert loose.harmful_flagged == 1.0 and gated.gate_config.threshold == loose.threshold
+    free = calibrate(gated, benign, 0.0)
+    assert not free.capped and free.harmful_flagged is None and free.benign_flagged == 0.0
