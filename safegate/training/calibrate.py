@@ -93,38 +93,9 @@ class Calibration:
     n_harmful: int
 
 
-def calibrate_threshold(
-    gated: Any,
-    data: Any,
-    target_fpr: float = 0.05,
-    *,
-    harmful: Any = None,
-    min_recall: float = 0.9,
-    safety_prompt: str | None = None,
-    batch_size: int = 8,
-) -> float:
-    """Set `gated.gate_config.threshold` so at most `target_fpr` of the benign prompts in `data` are flagged.
-
-    With `harmful`, the threshold is capped so that at least `min_recall` of those harmful prompts stay flagged:
-    with few benign prompts one outlier sets the threshold (at 3 % of 19 prompts none may be flagged), and a
-    benign prompt scoring 1.0 would otherwise put it at 1.0, a gate that flags nothing. A binding cap warns,
-    naming both rates. `calibrate(...)` takes the same arguments and returns the whole `Calibration`.
-
-    Args:
-        gated (`SafeGateModel`): The trained gated model (its threshold is set in place; saved with the bundle).
-        data: Held-out records or a `PromptCache`; only the benign (`label: safe`) prompts are used. They must
-            not be the prompts the gate was fitted on, or the rate will be optimistic.
-        target_fpr (`float`): Largest share of benign prompts the threshold may flag.
-        harmful: Records (their `label: unsafe` ones, e.g. the training prompts) or a `PromptCache`; `None` = no cap.
-        min_recall (`float`): Share of `harmful` the threshold must keep flagged.
-        safety_prompt (`str | None`): System message (default: the gate config's `safety_prompt`).
-        batch_size (`int`): Prompts per forward while scoring.
-
-    Returns:
-        `float`: The threshold now in `gated.gate_config.threshold`.
-    """
-    return calibrate(gated, data, target_fpr, harmful=harmful, min_recall=min_recall, safety_prompt=safety_prompt,
-                     batch_size=batch_size).threshold  # fmt: skip
+def calibrate_threshold(gated: Any, data: Any, target_fpr: float = 0.05, **kwargs: Any) -> float:
+    """The threshold `calibrate(gated, data, target_fpr, **kwargs)` sets (see there); kept for its plain float."""
+    return calibrate(gated, data, target_fpr, **kwargs).threshold
 
 
 def calibrate(
@@ -137,7 +108,27 @@ def calibrate(
     safety_prompt: str | None = None,
     batch_size: int = 8,
 ) -> Calibration:
-    """`calibrate_threshold`, returning what it decided (`Calibration`: the rule that set it, both rates)."""
+    """Set `gated.gate_config.threshold` so at most `target_fpr` of the benign prompts in `data` are flagged.
+
+    With `harmful`, the threshold is capped so that at least `min_recall` of those harmful prompts stay flagged:
+    with few benign prompts one outlier sets the threshold (at 3 % of 19 prompts none may be flagged), and a
+    benign prompt scoring 1.0 would otherwise put it at 1.0, a gate that flags nothing. A binding cap warns,
+    naming both rates.
+
+    Args:
+        gated (`SafeGateModel`): The trained gated model (its threshold is set in place; saved with the bundle).
+        data: Held-out records or a `PromptCache`; only the benign (`label: safe`) prompts are used. They must
+            not be the prompts the gate was fitted on, or the rate will be optimistic.
+        target_fpr (`float`): Largest share of benign prompts the threshold may flag.
+        harmful: Records (their `label: unsafe` ones, e.g. the training prompts) or a `PromptCache`; `None` = no cap.
+        min_recall (`float`): Share of `harmful` the threshold must keep flagged.
+        safety_prompt (`str | None`): System message (default: the gate config's `safety_prompt`).
+        batch_size (`int`): Prompts per forward while scoring.
+
+    Returns:
+        `Calibration`: The threshold now in `gated.gate_config.threshold`, the rule that set it and both rates
+        (`calibrate_threshold` returns its `threshold` alone).
+    """
     scores = _scores(gated, data, "safe", safety_prompt, batch_size)
     fpr_threshold = threshold = threshold_for_fpr(scores, target_fpr)
     harm = _scores(gated, harmful, "unsafe", safety_prompt, batch_size) if harmful is not None else None

@@ -137,6 +137,13 @@ def test_cli_dry_run_validates_data(capsys):
     assert "valid" in printed and "80 training records, 16 held out" in printed
 
 
+def calibrated_train_args(out, calibration, *overrides):
+    """`safegate train` on the tiny recipe into `out`, calibrated on `calibration`, with more `--set` overrides."""
+    sets = ["fit_gate.epochs=5", f"training.output_dir={out}", "training.disable_tqdm=true",
+            f"output.bundle={out}/bundle", f"calibrate.data={calibration}", *overrides]  # fmt: skip
+    return ["train", str(RECIPES / "tiny_cpu.yaml"), *[a for key in sets for a in ("--set", key)]]
+
+
 def test_calibrate_section_sets_the_threshold_on_held_out_benign_prompts_and_saves_it(tmp_path, capsys):
     unused = [f"Describe the colour of the {thing} in one sentence." for thing in (
         "sky", "sea", "grass", "sun", "moon", "snow", "sand", "rose", "lime", "plum",
@@ -144,12 +151,7 @@ def test_calibrate_section_sets_the_threshold_on_held_out_benign_prompts_and_sav
     calibration = tmp_path / "calibration.jsonl"
     calibration.write_text("".join(json.dumps({"prompt": p, "label": "safe"}) + "\n" for p in unused))
     out = tmp_path / "run"
-    args = [
-        "train", str(RECIPES / "tiny_cpu.yaml"), "--set", "training.max_steps=4", "--set", "fit_gate.epochs=5",
-        "--set", f"training.output_dir={out}", "--set", "training.disable_tqdm=true",
-        "--set", f"output.bundle={out}/bundle", "--set", f"calibrate.data={calibration}",
-        "--set", "calibrate.target_fpr=0.1",
-    ]  # fmt: skip
+    args = calibrated_train_args(out, calibration, "training.max_steps=4", "calibrate.target_fpr=0.1")
     assert main([*args, "--dry-run"]) == 0
     assert "calibration: 20 benign prompts, target false-positive rate 0.1" in capsys.readouterr().out
     assert main(args) == 0
@@ -236,11 +238,7 @@ def test_train_summary_says_which_rule_set_the_threshold(tmp_path, capsys):
     calibration = tmp_path / "calibration.jsonl"
     calibration.write_text("".join(json.dumps({"prompt": p, "label": "safe"}) + "\n" for p in unused))
     out = tmp_path / "run"
-    args = [
-        "train", str(RECIPES / "tiny_cpu.yaml"), "--set", "training.max_steps=2", "--set", "fit_gate.epochs=3",
-        "--set", f"training.output_dir={out}", "--set", "training.disable_tqdm=true",
-        "--set", f"output.bundle={out}/bundle", "--set", f"calibrate.data={calibration}",
-    ]  # fmt: skip
+    args = calibrated_train_args(out, calibration, "training.max_steps=2")
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.split("safegate train: ", 1)[1].splitlines()[0])
     assert summary["threshold_rule"] in ("target_fpr", "recall cap")
