@@ -188,8 +188,9 @@ def _train_and_evaluate(
     stats = run_recipe(recipe)
     gated = stats.pop("gated")
     if "threshold" in stats:
-        threshold, n = stats["threshold"], stats["calibration_prompts"]
-        _say(f"      p(unsafe) threshold {threshold:.6g} (calibrated on {n} prompts: recipe section `calibrate`)")
+        threshold, n, result = stats["threshold"], stats["calibration_prompts"], stats.get("calibration")
+        rule = "; set by the recall cap" if getattr(result, "capped", False) else ""
+        _say(f"      p(unsafe) threshold {threshold:.6g} (calibrated on {n} prompts: recipe `calibrate`{rule})")
     _say(f"      bundle: {folder / 'bundle'} ({_eta(started)})")
     _say(f"[3/3] evaluation, base vs gated{' (base answers reused)' if base_cache else ''} ({_eta(started)})")
     sets = {"harmful": files["harmful"], "xstest": files["xstest"], "alpaca": files["benign"]}

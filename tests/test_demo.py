@@ -14,6 +14,7 @@ from safegate.demo_guard import guard_checks
 from safegate.demo_report import TARGETS, git_commit, target_checks, untrained_auroc
 from safegate.evaluation.defense import CasaDefense, DefendedBatch
 from safegate.testing import tiny_model_and_tokenizer
+from safegate.training.calibrate import Calibration
 
 
 def test_quick_demo_runs(capsys):
@@ -180,7 +181,9 @@ def fake_pipeline(monkeypatch, tmp_path):
         warm_data.append(recipe.fit_gate.data)  # `--gate-pool`: the warm start also fits on gate_pool.jsonl
         torch.manual_seed(recipe.training["seed"])
         model, tok = tiny_model_and_tokenizer("qwen2")
-        return {"gated": safegate.attach(model, tok, safegate.GateConfig(attention_dim=16, lora_r=4))}
+        gated = safegate.attach(model, tok, safegate.GateConfig(attention_dim=16, lora_r=4))
+        capped = Calibration(0.4, 0.9, True, 0.1, 0.9, 10, 20)  # the demo names the rule that set the threshold
+        return {"gated": gated, "threshold": 0.4, "calibration_prompts": 10, "calibration": capped}
 
     warm_data = []
     real_evaluate = evaluation.evaluate
@@ -205,6 +208,7 @@ def test_demo_seeds_reuse_base_answers_and_write_the_summary(fake_pipeline, caps
     out = capsys.readouterr().out
     assert "commit " in out and "torch threads" in out and "2 seed(s) ran: [0, 1]" in out
     assert "(base answers reused)" in out and "mean ± std over 2 seeds" in out
+    assert "threshold 0.4 (calibrated on 10 prompts: recipe `calibrate`; set by the recall cap)" in out
     summary_json = json.loads((fake_pipeline.out / "summary.json").read_text())
     assert summary_json["seeds"] == [0, 1] and summary_json["machine"]["torch_threads"] >= 1
     assert len(summary_json["metrics"]["gate AUROC"]["values"]) == 2
