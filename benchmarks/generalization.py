@@ -48,6 +48,8 @@ SPLIT_SEED = 0  # the data splits (XSTest halves, Alpaca held-out) never move wi
 COLUMNS = [
     ("auroc", "gate AUROC"),
     ("auroc_vs_xstest_safe_b", "AUROC vs XSTest-safe B"),
+    ("auroc_vs_hard_negatives_eval", "AUROC vs topic-matched"),
+    ("auroc_vs_alpaca_held", "AUROC vs Alpaca held-out"),
     ("recall", "recall @ 5 % val FPR"),
     ("recall_shipped", "recall @ 0.5"),
     ("fpr_xstest_safe_b", "FPR XSTest-safe B"),

@@ -51,8 +51,9 @@ from safegate.training.token_rows import head_rows, token_row_layer
 HARMFUL = ["advbench", "harmbench", "do_not_answer", "xstest_unsafe"]
 BENIGN_TRAIN = ["xstest_safe_a", "alpaca_train", "hard_negatives_train"]
 BENIGN_HELD = ["xstest_safe_b", "alpaca_held", "hard_negatives_eval"]
-METRICS = ("auroc", "auroc_vs_xstest_safe_b", "recall", "recall_shipped", "fpr_xstest_safe_b",
-           "fpr_hard_negatives_eval", "fpr_alpaca_held", "fpr_xstest_safe_b_shipped", "threshold")  # fmt: skip
+METRICS = ("auroc", "auroc_vs_xstest_safe_b", "auroc_vs_hard_negatives_eval", "auroc_vs_alpaca_held", "recall",
+           "recall_shipped", "fpr_xstest_safe_b", "fpr_hard_negatives_eval", "fpr_alpaca_held",
+           "fpr_xstest_safe_b_shipped", "threshold")  # fmt: skip
 FIT_MODES = {  # what each fold fits: the ablation of issue 16 item 2 (safety attention vs the two token rows)
     "gate": {"train_gate": True, "train_token_rows": False},  # safety attention alone, rows as attached (default)
     "rows": {"train_gate": False, "train_token_rows": True},  # the two token rows alone, gate held constant
@@ -225,6 +226,8 @@ def fold_metrics(scores: torch.Tensor, fold: dict[str, Any], left_out: str, fpr:
     return {
         "auroc": area(benign),
         "auroc_vs_xstest_safe_b": area(pick["xstest_safe_b"]),
+        "auroc_vs_hard_negatives_eval": area(pick["hard_negatives_eval"]),
+        "auroc_vs_alpaca_held": area(pick["alpaca_held"]),
         "threshold": threshold,
         "recall": flag_rate(harmful, threshold),
         "recall_shipped": flag_rate(harmful, SHIPPED_THRESHOLD, inclusive=True),

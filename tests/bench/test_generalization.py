@@ -110,6 +110,8 @@ def test_metrics_on_hand_made_scores():
     won = sum((h > b) + 0.5 * (h == b) for h in (0.9, 0.8, 0.35, 0.1) for b in benign)
     assert out["auroc"] == pytest.approx(won / 48)
     assert out["auroc_vs_xstest_safe_b"] == pytest.approx((4 + 4 + 3 + 1.5) / 16)
+    assert out["auroc_vs_hard_negatives_eval"] == pytest.approx((4 + 4 + 3 + 2) / 16)
+    assert out["auroc_vs_alpaca_held"] == 1.0
     assert gen.threshold_at_fpr([0.3, 0.1, 0.2], 0.0) == 0.3 and math.isnan(gen.flag_rate([], 0.5))
     assert gen.summarise([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(math.sqrt(2)), "min": 1.0, "max": 3.0,
                                          "n": 2}  # fmt: skip
