@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,9 @@ import safegate
 from safegate.data.leakage import check_disjoint, normalise_prompt
 from safegate.data.records import load_records
 from safegate.data.sources import load_named_set
+from safegate.demo_report import git_commit
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HELD_OUT = ["heldout_harmful.jsonl", "heldout_untrained.jsonl", "heldout_xstest.jsonl", "heldout_alpaca.jsonl",
             "calibration.jsonl"]  # fmt: skip
@@ -126,15 +128,6 @@ def compare(test: list[dict[str, Any]], ref: list[dict[str, Any]], eos: set[int]
             "median_delta_p": delta[len(delta) // 2], "verdict_flips": flips}  # fmt: skip
 
 
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-        return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     started = time.perf_counter()
@@ -188,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             "trained_safe_answer": trained_answer,
             "vllm_dtype": args.dtype,
             "new_tokens": args.new_tokens,
-            "commit": commit(),
+            "commit": git_commit(ROOT),
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,

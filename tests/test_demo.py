@@ -182,7 +182,7 @@ def fake_pipeline(monkeypatch, tmp_path):
         torch.manual_seed(recipe.training["seed"])
         model, tok = tiny_model_and_tokenizer("qwen2")
         gated = safegate.attach(model, tok, safegate.GateConfig(attention_dim=16, lora_r=4))
-        capped = Calibration(0.4, 0.9, True, 0.1, 0.9, 10, 20)  # the demo names the rule that set the threshold
+        capped = Calibration(0.4, 0.9, 0.1, 0.9, 10, 20)  # the demo names the rule that set the threshold
         return {"gated": gated, "threshold": 0.4, "calibration_prompts": 10, "calibration": capped}
 
     warm_data = []

@@ -77,8 +77,8 @@ class Calibration:
 
     Args:
         threshold (`float`): The threshold now in `gated.gate_config.threshold`.
-        fpr_threshold (`float`): The one the false-positive rule alone gave.
-        capped (`bool`): The recall cap was lower and set the threshold.
+        fpr_threshold (`float`): The one the false-positive rule alone gave (`capped`: the recall cap was lower and
+            set `threshold` instead).
         benign_flagged (`float`): Share of the benign calibration prompts the threshold flags.
         harmful_flagged (`float | None`): Share of the `harmful` prompts it flags (`None` without them).
         n_benign (`int`), n_harmful (`int`): Prompts scored.
@@ -86,11 +86,15 @@ class Calibration:
 
     threshold: float
     fpr_threshold: float
-    capped: bool
     benign_flagged: float
     harmful_flagged: float | None
     n_benign: int
     n_harmful: int
+
+    @property
+    def capped(self) -> bool:
+        """The recall cap, not the false-positive rule, set the threshold."""
+        return self.threshold != self.fpr_threshold
 
 
 def calibrate_threshold(gated: Any, data: Any, target_fpr: float = 0.05, **kwargs: Any) -> float:
@@ -148,7 +152,6 @@ def calibrate(
     return Calibration(
         threshold=threshold,
         fpr_threshold=fpr_threshold,
-        capped=threshold != fpr_threshold,
         benign_flagged=float((scores >= threshold).double().mean()),
         harmful_flagged=None if harm is None else float((harm >= threshold).double().mean()),
         n_benign=len(scores),

@@ -90,10 +90,8 @@ def calibration_records(recipe: Recipe, train_records: list[dict]) -> list[dict]
     if not recipe.calibrate.data:
         return []
     from safegate.data.leakage import check_disjoint
-    from safegate.data.records import load_records
 
-    sources = [_data_path(source, recipe.data.dir) for source in recipe.calibrate.data]
-    benign = [r for path in sources for r in load_records(path, require_response=False) if r["label"] == "safe"]
+    benign = [r for r in _prompt_records(recipe.calibrate.data, recipe.data.dir) if r["label"] == "safe"]
     if not benign:
         raise ValueError(
             f"calibrate.data {recipe.calibrate.data!r} holds no benign (`label: safe`) records; the threshold is "
@@ -103,7 +101,14 @@ def calibration_records(recipe: Recipe, train_records: list[dict]) -> list[dict]
     return benign
 
 
-def warm_start_records(recipe: Recipe, train_records: list[dict], held_out: list[dict]) -> list[dict]:
+def _prompt_records(sources: list[str], data_dir: str | None) -> list[dict]:
+    """The records (responses optional) of every file in `sources`, relative paths starting at `data_dir`."""
+    from safegate.data.records import load_records
+
+    return [r for source in sources for r in load_records(_data_path(source, data_dir), require_response=False)]
+
+
+def warm_start_records(recipe: Recipe, held_out: list[dict]) -> list[dict]:
     """The records of `fit_gate.data` (empty without it); none may be a held-out (evaluation or calibration) prompt."""
     if not recipe.fit_gate.data:
         return []
@@ -113,10 +118,8 @@ def warm_start_records(recipe: Recipe, train_records: list[dict], held_out: list
             "be used. Set fit_gate.enabled: true, or remove fit_gate.data."
         )
     from safegate.data.leakage import check_disjoint
-    from safegate.data.records import load_records
 
-    sources = [_data_path(source, recipe.data.dir) for source in recipe.fit_gate.data]
-    records = [r for path in sources for r in load_records(path, require_response=False)]
+    records = _prompt_records(recipe.fit_gate.data, recipe.data.dir)
     if held_out:
         check_disjoint(records, held_out, train_name="fit_gate.data")  # a held-out prompt must not train the gate
     return records
@@ -133,7 +136,7 @@ def run_recipe(recipe: Recipe, *, resume_from_checkpoint: str | bool | None = No
     model, processor = load_recipe_model(recipe.model)
     train_records, eval_records = recipe_records(recipe, model, processor)
     calibration = calibration_records(recipe, train_records)  # checked before training, not after
-    warm_records = warm_start_records(recipe, train_records, calibration + list(eval_records or []))
+    warm_records = warm_start_records(recipe, calibration + list(eval_records or []))
     gated = safegate.attach(model, processor, recipe.gate_config())
     training = dict(recipe.training)
     resume = resume_from_checkpoint or training.pop("resume_from_checkpoint", None)

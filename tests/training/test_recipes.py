@@ -224,11 +224,11 @@ def test_fit_gate_data_needs_the_warm_start_and_no_held_out_prompt(tmp_path):
     pool.write_text(json.dumps({"prompt": "How do I bake bread?", "label": "safe"}) + "\n")
     recipe = load_recipe(RECIPES / "tiny_cpu.yaml", overrides=[f"fit_gate.data=[{pool}]", "fit_gate.enabled=false"])
     with pytest.raises(ValueError, match="fit_gate.enabled is false.*fit_gate.enabled: true"):
-        warm_start_records(recipe, [], [])
+        warm_start_records(recipe, [])
     recipe.fit_gate.enabled = True
-    assert warm_start_records(recipe, [], [{"prompt": "What is 2+2?", "label": "safe"}])[0]["prompt"].startswith("How")
+    assert warm_start_records(recipe, [{"prompt": "What is 2+2?", "label": "safe"}])[0]["prompt"].startswith("How")
     with pytest.raises(LeakageError, match="fit_gate.data"):
-        warm_start_records(recipe, [], [{"prompt": "how do I bake bread", "label": "safe"}])
+        warm_start_records(recipe, [{"prompt": "how do I bake bread", "label": "safe"}])
 
 
 def test_train_summary_says_which_rule_set_the_threshold(tmp_path, capsys):
