@@ -13,7 +13,8 @@ The issue-18 targets (docs/serving-vllm.md): verdicts equal on >= 99 % of 300 he
    Its merged export is written (`save_merged`).
 3. Reference, batch 1, greedy, `--new-tokens` tokens: `gated.generate` of the bundle (`--reference export`: of the
    export loaded back with `safegate.load_merged`, the same weights as vLLM's; `both`: both, and each other).
-4. vLLM: `GatedLLM` on the export (`--dtype`, eager), the same prompts in one batch.
+4. vLLM: `GatedLLM` on the export (`--dtype`, eager), the same prompts in one batch; one-pass (`serving.one_pass`)
+   unless `--two-pass`.
 
 Writes `--out`/results.json (every prompt's verdicts, p(unsafe) and answer ids) and report.md.
 """
@@ -58,6 +59,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default="bundle",
         help="transformers reference: the bundle (LoRA unmerged: the target's), the export loaded back, or both",
     )
+    ap.add_argument("--two-pass", action="store_true", help="vLLM decides with a pooling pass first (not one-pass)")
     ap.add_argument("--out", default="serve-agreement-out", help="output folder")
     args = ap.parse_args(argv)
     for name in ("bundle", "data"):
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     from safegate.serving import GatedLLM
 
     at = time.perf_counter()
-    llm = GatedLLM(export, dtype=args.dtype, enforce_eager=True, max_model_len=2048, max_num_seqs=32)
+    llm = GatedLLM(export, one_pass=not args.two_pass, dtype=args.dtype, enforce_eager=True, max_model_len=2048,
+                   max_num_seqs=32)  # fmt: skip
     timing["vllm_start_s"] = time.perf_counter() - at
     at = time.perf_counter()
     outs = llm.generate(prompts, SamplingParams(max_tokens=args.new_tokens, temperature=0))
@@ -180,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "trained_safe_answer": trained_answer,
             "vllm_dtype": args.dtype,
+            "vllm_path": "two-pass" if args.two_pass else "one-pass",
             "new_tokens": args.new_tokens,
             "commit": git_commit(ROOT),
             "cpu": platform.processor() or platform.machine(),
@@ -194,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         ],  # fmt: skip
     }
     (out / "results.json").write_text(json.dumps(report, indent=1))
-    head = f"| vLLM ({args.dtype}) vs | verdicts equal | answers equal (first {args.new_tokens} tokens) |"
+    path = "two-pass" if args.two_pass else "one-pass"
+    head = f"| vLLM ({args.dtype}, {path}) vs | verdicts equal | answers equal (first {args.new_tokens} tokens) |"
     lines = [head + " max / median Δ p(unsafe) |", "|---|---|---|---|"]
     for key, title in [("vs_bundle", "the bundle on transformers"), ("vs_export", "the export on transformers"),
                        ("export_vs_bundle", "(export vs bundle, both transformers)")]:  # fmt: skip

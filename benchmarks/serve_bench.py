@@ -6,7 +6,11 @@ prompts of PROMPT_TOKENS token ids and `max_tokens=NEW_TOKENS` (`ignore_eos`: ev
 server, then the same to the other (the order alternates per round). Reported: per round the ratio gated/plain of
 the wall time (1/throughput) and of the median time to first token; medians over the rounds; raw numbers as JSON.
 
-    .venv-serve/bin/python benchmarks/serve_bench.py EXPORT [--rounds 3] [--concurrency 32] [--cores 1] [--out F]
+    .venv-serve/bin/python benchmarks/serve_bench.py EXPORT [--rounds 3] [--concurrency 32] [--cores 1] [--two-pass]
+        [--out F]
+
+The gated server decides one-pass (`serving.one_pass`) unless `--two-pass`; every gated response must carry its
+verdict (counted in the results).
 
 Run it in `.venv-serve` (`make serve-setup`) on a `save_merged` export (it holds the `model.safetensors.index.json`
 vLLM needs; `safegate.serving.write_weights_index` adds it to an older one).
@@ -23,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from transformers import AutoTokenizer
@@ -44,13 +49,13 @@ def prompts(export: str, count: int, length: int, salt: str) -> list[list[int]]:
     return out
 
 
-def start(gated: bool, export: str, port: int, cores: str, log: Path) -> subprocess.Popen:
+def start(gated: bool, export: str, port: int, cores: str, log: Path, two_pass: bool = False) -> subprocess.Popen:
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=cores, VLLM_CPU_KVCACHE_SPACE="2", HF_HUB_OFFLINE="1")
     env.pop("VLLM_PLUGINS", None)
     flags = ["--host", HOST, "--port", str(port), "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "64"]
     flags += ["--dtype", os.environ.get("SERVE_BENCH_DTYPE", "bfloat16"), "--disable-uvicorn-access-log"]
     if gated:
-        cmd = [sys.executable, "-m", "safegate", "serve", export, *flags]
+        cmd = [sys.executable, "-m", "safegate", "serve", export, *(["--two-pass"] if two_pass else []), *flags]
     else:
         cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", export, *flags]
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -71,18 +76,22 @@ async def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 600) 
     raise TimeoutError(f"the server on port {port} did not become healthy in {timeout} s")
 
 
-async def one(client: httpx.AsyncClient, port: int, model: str, ids: list[int], new: int) -> tuple[float, int]:
-    """(time to first token, tokens received) for one streaming completion."""
+async def one(client: httpx.AsyncClient, port: int, model: str, ids: list[int], new: int) -> tuple[float, int, Any]:
+    """(time to first token, tokens received, the `safegate` field or None) for one streaming completion."""
     body = {"model": model, "prompt": ids, "max_tokens": new, "ignore_eos": True, "temperature": 0, "stream": True}
-    start_t, first, chunks = time.perf_counter(), None, 0
+    start_t, first, chunks, verdict = time.perf_counter(), None, 0, None
     async with client.stream("POST", f"http://{HOST}:{port}/v1/completions", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"port {port}: HTTP {response.status_code}: {await response.aread()!r}")
         async for line in response.aiter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"][0].get("text"):
+            if not line.startswith("data: {"):
+                continue
+            body = json.loads(line[6:])
+            verdict = verdict or body.get("safegate")
+            if body["choices"][0].get("text"):
                 first = first if first is not None else time.perf_counter() - start_t
                 chunks += 1
-    return first if first is not None else float("nan"), chunks
+    return first if first is not None else float("nan"), chunks, verdict
 
 
 async def round_trip(port: int, model: str, batch: list[list[int]], new: int) -> dict:
@@ -92,7 +101,9 @@ async def round_trip(port: int, model: str, batch: list[list[int]], new: int) ->
         wall = time.perf_counter() - t0
     ttft = [r[0] for r in results]
     chunks = [r[1] for r in results]
-    return {"wall_s": wall, "ttft_median_s": statistics.median(ttft), "ttft_s": ttft, "chunks": chunks}
+    verdicts = [r[2][0]["verdict"] if r[2] else None for r in results]
+    return {"wall_s": wall, "ttft_median_s": statistics.median(ttft), "ttft_s": ttft, "chunks": chunks,
+            "verdicts": verdicts}  # fmt: skip
 
 
 async def main() -> None:
@@ -103,12 +114,13 @@ async def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--cores", default="1", help="VLLM_CPU_OMP_THREADS_BIND of both servers (one core by default)")
+    parser.add_argument("--two-pass", action="store_true", help="the gated server decides with a pooling pass first")
     parser.add_argument("--out", default="serve-bench-out/results.json")
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     ports = {"gated": 8231, "plain": 8232}
-    procs = {name: start(name == "gated", args.export, port, args.cores, out.parent / f"{name}.log")
+    procs = {name: start(name == "gated", args.export, port, args.cores, out.parent / f"{name}.log", args.two_pass)
              for name, port in ports.items()}  # fmt: skip
     try:
         for name, port in ports.items():
@@ -123,6 +135,8 @@ async def main() -> None:
             for name in order:  # distinct prompts per server too, so no prefix cache helps either
                 tagged = prompts(args.export, args.concurrency, args.prompt_tokens, f"r{r}-{name}")
                 rec[name] = await round_trip(ports[name], args.export, tagged, args.new_tokens)
+            if None in rec["gated"]["verdicts"] or any(rec["plain"]["verdicts"]):
+                raise RuntimeError("a gated response without its verdict (or a plain one with one)")
             rec["wall_ratio"] = rec["gated"]["wall_s"] / rec["plain"]["wall_s"]
             rec["ttft_ratio"] = rec["gated"]["ttft_median_s"] / rec["plain"]["ttft_median_s"]
             rounds.append(rec)
@@ -132,8 +146,9 @@ async def main() -> None:
                 f"({rec['gated']['ttft_median_s']:.2f}/{rec['plain']['ttft_median_s']:.2f} s)",
                 flush=True,
             )
+        path = "two-pass" if args.two_pass else "one-pass"
         summary = {
-            "setup": vars(args) | {"dtype": os.environ.get("SERVE_BENCH_DTYPE", "bfloat16")},
+            "setup": vars(args) | {"dtype": os.environ.get("SERVE_BENCH_DTYPE", "bfloat16"), "gated_path": path},
             "throughput_ratio_gated_over_plain": statistics.median(1 / r["wall_ratio"] for r in rounds),
             "ttft_ratio_gated_over_plain": statistics.median(r["ttft_ratio"] for r in rounds),
             "rounds": rounds,

@@ -1,5 +1,5 @@
 """Fixtures of the serving tests (`make test-serve`, in `.venv-serve` with vLLM): one tiny gated Llama, its merged
-export, and one `GatedLLM` on it for the whole session (engine starts dominate the run time)."""
+export, and a `GatedLLM` on it per path for the whole session (engine starts dominate the run time)."""
 
 from __future__ import annotations
 
@@ -42,9 +42,11 @@ def gated_and_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[safegate
     return build_export(tmp_path_factory.mktemp("export") / "merged")
 
 
-@pytest.fixture(scope="session")
-def gated_llm(gated_and_export: tuple) -> object:
+@pytest.fixture(scope="session", params=["one-pass", "two-pass"])
+def gated_llm(request: pytest.FixtureRequest, gated_and_export: tuple) -> object:
+    """`GatedLLM` deciding in the generating engine (`serving.one_pass`), and with a pooling pass first."""
     from safegate.serving import GatedLLM
 
     _, _, folder = gated_and_export
-    return GatedLLM(folder, dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=8)
+    kwargs = {"dtype": "float32", "enforce_eager": True, "max_model_len": 256, "max_num_seqs": 8}
+    return GatedLLM(folder, one_pass=request.param == "one-pass", **kwargs)

@@ -32,10 +32,16 @@ def test_verdicts_scores_and_answers_equal_the_transformers_path(gated_and_expor
         assert out.p_unsafe == pytest.approx(p_unsafe, abs=1e-4)
         answer = list(out.request_output.outputs[0].token_ids)
         assert len(answer) == 6 and answer[: len(ids)] == ids  # the transformers path may stop at EOS
+    safety = {gated.safe_token_id, gated.unsafe_token_id}
+    for out in outs:
+        assert not safety & set(out.request_output.outputs[0].token_ids)  # never in an answer
     for out in outs[: len(USERS)]:  # no prefix: generation starts right after the decided token
         decided = gated.unsafe_token_id if out.verdict == "unsafe" else gated.safe_token_id
-        assert out.request_output.prompt_token_ids[-1] == decided
-        assert out.prompt_token_ids == out.request_output.prompt_token_ids[:-1]
+        if gated_llm.one_pass:  # decided in the generating engine: the token was generated, then taken off
+            assert out.request_output.prompt_token_ids == out.prompt_token_ids
+        else:
+            assert out.request_output.prompt_token_ids[-1] == decided
+            assert out.prompt_token_ids == out.request_output.prompt_token_ids[:-1]
 
 
 def test_classify_equals_the_transformers_classify(gated_and_export, gated_llm):

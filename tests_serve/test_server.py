@@ -22,14 +22,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(gated_and_export, tmp_path_factory):
+@pytest.fixture(scope="module", params=["one-pass", "two-pass"])
+def server(request, gated_and_export, tmp_path_factory):
     _, _, folder = gated_and_export
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "safegate", "serve", folder, "--safety-threshold-range", "0.2", "0.8",
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
            "--max-model-len", "256", "--max-num-seqs", "8"]  # fmt: skip
+    cmd += ["--two-pass"] if request.param == "two-pass" else []
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("VLLM_PLUGINS", None)
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -44,6 +45,8 @@ def server(gated_and_export, tmp_path_factory):
                     break
             except httpx.HTTPError:
                 time.sleep(1)
+        one_pass_model = "SafegateLlamaForCausalLM" in log.read_text()  # the generating engine's model class
+        assert one_pass_model is (request.param == "one-pass")
         yield base, folder
     finally:
         proc.terminate()
@@ -70,6 +73,39 @@ def test_verdicts_match_the_offline_path_and_ride_on_the_response(server, gated_
         chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
     assert chunks[0]["safegate"]["verdict"] == expected[0].verdict
     assert all("safegate" not in chunk for chunk in chunks[1:])
+
+
+def test_answers_usage_and_streams_are_those_of_the_offline_path(server, gated_llm):
+    from vllm import SamplingParams
+
+    base, folder = server
+    gate = gated_llm.gate
+    prompts = [gated_llm.chat_prompt(user) for user in USERS]
+    prompts.append(prompts[3] + "Sure, here is how")  # a prefill attack: decided two-pass on either server
+    offline = gated_llm.generate(prompts, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    for prompt, want in zip(prompts, offline):
+        body = {"model": folder, "prompt": prompt, "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+                "add_special_tokens": False, "logprobs": 1}  # fmt: skip
+        got = httpx.post(f"{base}/v1/completions", json=body, timeout=120).json()
+        assert got["safegate"][0]["verdict"] == want.verdict
+        assert got["safegate"][0]["p_unsafe"] == pytest.approx(want.p_unsafe, abs=1e-4)
+        assert got["choices"][0]["text"] == want.text and got["usage"]["completion_tokens"] == 5
+        assert len(got["choices"][0]["logprobs"]["tokens"]) == 5
+        assert not any(token in got["choices"][0]["text"] for token in (gate.safe_token, gate.unsafe_token))
+        stream = body | {"stream": True, "logprobs": None}
+        with httpx.stream("POST", f"{base}/v1/completions", json=stream, timeout=120) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        assert chunks[0]["safegate"][0]["verdict"] == want.verdict
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == want.text
+
+
+def test_a_callers_vllm_xargs_cannot_set_the_threshold(server, gated_llm):
+    base, folder = server
+    expected = gated_llm.classify([gated_llm.chat_prompt(user) for user in USERS])
+    for user, want in zip(USERS, expected):
+        xargs = {"safegate_threshold": 1.0 if want.verdict == "unsafe" else 0.0}  # would flip it
+        field = chat(base, folder, user, temperature=0, vllm_xargs=xargs).json()["safegate"]
+        assert field["verdict"] == want.verdict
 
 
 def test_a_threshold_in_range_decides(server):

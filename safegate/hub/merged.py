@@ -172,12 +172,33 @@ def merged_verdict(
         )
     if safety_logits.numel() != 2:
         raise ValueError(f"`safety_logits` must hold the 2 logits of (safe_id, unsafe_id), got {safety_logits.shape}.")
-    threshold = check_threshold(threshold if threshold is not None else gate.threshold, "threshold")
+    z_safe, z_unsafe = gated_safety_pair(gate, tapped_states, safety_logits)
+    return decide_pair(z_safe, z_unsafe, threshold if threshold is not None else gate.threshold)
+
+
+def gated_safety_pair(
+    gate: MergedGate, tapped_states: torch.Tensor, safety_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1 and 2 of `merged_verdict`: the gated pair `(z_s', z_u')` (float32 scalars) of one prompt."""
     module = gate.module.to(tapped_states.device)
     mask = torch.ones(1, tapped_states.shape[0], device=tapped_states.device)
     x = module(tapped_states.unsqueeze(0), mask)
     pair = safety_logits.reshape(2).float().to(x.device)
     z_safe, z_unsafe = gate_pair_logits(pair[:1], pair[1:], x, gate.config.scaling)
+    return z_safe.reshape(()), z_unsafe.reshape(())
+
+
+def decide_pair(z_safe: torch.Tensor, z_unsafe: torch.Tensor, threshold: float | None) -> tuple[str, float]:
+    """Step 3 of `merged_verdict`: `(verdict, p_unsafe)` from a gated pair; `threshold=None` decides by argmax (ties
+    and NaN fail closed).
+
+    Example:
+        >>> import torch
+        >>> zero = torch.tensor(0.0)
+        >>> decide_pair(zero, zero, None), decide_pair(zero, torch.tensor(-1.0), 0.2)
+        (('unsafe', 0.5), ('unsafe', 0.2689414322376251))
+    """
+    threshold = check_threshold(threshold, "threshold")
     p = unsafe_probability(z_safe, z_unsafe)
     unsafe = bool(p >= threshold) if threshold is not None else bool(z_unsafe >= z_safe)
     return (UNSAFE if unsafe or bool(p.isnan()) else SAFE), float(p)

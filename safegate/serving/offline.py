@@ -1,6 +1,11 @@
 """`GatedLLM`: offline batches on vLLM with the exact CASA verdict of the transformers path.
 
-Two engines on one merged export (`gated.save_merged(DIR)`): a pooling engine returns each prompt's final-norm states
+One-pass by default (`serving.one_pass`): the generating engine's own model runs the gate in the prefill of each
+prompt and starts the answer with the decided safety token, which `serving.forced_token` takes off the output again
+(the verdict and p(unsafe) come with it). A prompt with an attacker-written assistant prefix, and every prompt when
+`one_pass=False`, takes the two-pass path, with a second engine started on first use.
+
+Two-pass, on one merged export (`gated.save_merged(DIR)`): a pooling engine returns each prompt's final-norm states
 (`token_embed`, no activation: the states the head projects, which the gate reads when `tapped_layer == -1`; for a
 gate on an inner layer, that layer's states beside them: `serving.tap`); the
 gate and the two head safety rows turn them into the verdict in this process (`hub.merged.merged_verdict`); the
@@ -11,7 +16,7 @@ what they cost: `docs/serving-vllm.md`.
 vLLM is imported when a `GatedLLM` is built, never at `import safegate`. Scripts that build one need an
 `if __name__ == "__main__":` guard (vLLM starts its engines in spawned processes).
 
-Example (not run here: it needs vLLM and starts two engines):
+Example (not run here: it needs vLLM and starts an engine):
 
     from vllm import SamplingParams
     from safegate.serving import GatedLLM
@@ -38,6 +43,8 @@ from safegate.modeling.turns import chat_markers
 from safegate.modeling.verdict import UNSAFE
 from safegate.serving.checkpoint import check_engine_loadable, safety_head_rows
 from safegate.serving.decide import POOLER_CONFIG, most_unsafe, pooling_params, states_verdict
+from safegate.serving.forced_token import SafetyTokenStrip, UngatedOutput, one_pass_params
+from safegate.serving.one_pass import engine_kwargs, export_architecture
 from safegate.serving.plan import PromptPlan, plan_prompt
 from safegate.serving.tap import EXTENSION_CLASS, INSTALL_METHOD
 
@@ -55,8 +62,9 @@ class GatedOutput:
         p_unsafe (`float`): p(unsafe) after the gate.
         text (`str`): The first completion's text (never the safety token).
         prompt_token_ids (`list[int]`): The prompt's ids as the gate read them.
-        request_output (`Any`): vLLM's `RequestOutput` of the generation (its prompt ends with the decided token,
-            and the assistant prefix where one is kept); `None` from `classify`.
+        request_output (`Any`): vLLM's `RequestOutput` of the generation, its completions without the safety
+            token (two-pass: its prompt ends with the decided token, and the assistant prefix where one is kept);
+            `None` from `classify`.
     """
 
     verdict: str
@@ -71,11 +79,20 @@ class GatedLLM:
 
     Args:
         path: folder written by `gated.save_merged` (or `safegate export --merged`).
+        one_pass: decide in the generating engine's prefill (`serving.one_pass`; chunked prefill and prefix
+            caching off); `False`: a pooling pass per prompt, then generation (both engines start here).
         pooling_kwargs: extra `vllm.LLM` arguments for the pooling engine only (e.g. a smaller KV cache).
         **llm_kwargs: `vllm.LLM` arguments for both engines (`dtype`, `max_model_len`, `tensor_parallel_size`, ...).
     """
 
-    def __init__(self, path: str | os.PathLike, *, pooling_kwargs: Mapping[str, Any] | None = None, **llm_kwargs: Any):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        one_pass: bool = True,
+        pooling_kwargs: Mapping[str, Any] | None = None,
+        **llm_kwargs: Any,
+    ) -> None:
         from transformers import AutoTokenizer
         from vllm import LLM
 
@@ -85,16 +102,30 @@ class GatedLLM:
         self.rows = safety_head_rows(self.path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.markers = chat_markers(self.tokenizer)
-        for key in ("runner", "model", "tokenizer"):
+        for key in ("runner", "model", "tokenizer", *(engine_kwargs("") if one_pass else ())):
             if key in llm_kwargs:
-                raise ValueError(f"`{key}` is set by GatedLLM (the merged export and its runners); drop it.")
-        pooling = {"runner": "pooling", "pooler_config": dict(POOLER_CONFIG)}
-        if self.gate.tapped_layer != -1:  # an inner layer: the pooling pass returns it beside the final states
-            pooling["worker_extension_cls"] = EXTENSION_CLASS
-        self.pooler = LLM(model=str(self.path), **{**llm_kwargs, **pooling, **(pooling_kwargs or {})})
-        if self.gate.tapped_layer != -1:
-            self.pooler.collective_rpc(INSTALL_METHOD, args=(self.gate.tapped_layer,))
-        self.llm = LLM(model=str(self.path), **llm_kwargs)
+                raise ValueError(f"`{key}` is set by GatedLLM (the merged export, its runners, one-pass); drop it.")
+        self.one_pass = one_pass
+        self.llm_kwargs, self.pooling_kwargs = dict(llm_kwargs), dict(pooling_kwargs or {})
+        self._pooler: Any = None
+        if not one_pass:
+            self.pooler  # noqa: B018 (started now, as before)
+        extra = engine_kwargs(export_architecture(self.path)) if one_pass else {}
+        self.llm = LLM(model=str(self.path), **llm_kwargs, **extra)
+
+    @property
+    def pooler(self) -> Any:
+        """The pooling engine of the two-pass path (started on first use when `one_pass`)."""
+        if self._pooler is None:
+            from vllm import LLM
+
+            pooling = {"runner": "pooling", "pooler_config": dict(POOLER_CONFIG)}
+            if self.gate.tapped_layer != -1:  # an inner layer: the pooling pass returns it beside the final states
+                pooling["worker_extension_cls"] = EXTENSION_CLASS
+            self._pooler = LLM(model=str(self.path), **{**self.llm_kwargs, **pooling, **self.pooling_kwargs})
+            if self.gate.tapped_layer != -1:
+                self._pooler.collective_rpc(INSTALL_METHOD, args=(self.gate.tapped_layer,))
+        return self._pooler
 
     @property
     def safety_ids(self) -> tuple[int, int]:
@@ -114,6 +145,8 @@ class GatedLLM:
         """`(verdict, p_unsafe)` per plan: one pooling pass per id list a plan decides on, the gate here."""
         threshold = check_threshold(threshold, "threshold")
         passes = [ids for plan in plans for ids in plan.decide_on]
+        if not passes:
+            return []
         inputs = [{"prompt_token_ids": ids} for ids in passes]
         outputs = self.pooler.encode(inputs, pooling_params(), pooling_task="token_embed", use_tqdm=False)
         decisions = [
@@ -127,27 +160,55 @@ class GatedLLM:
         return verdicts
 
     def classify(self, prompts: Sequence[Prompt], threshold: float | None = None) -> list[GatedOutput]:
-        """The verdict per prompt, nothing generated."""
+        """The verdict per prompt, nothing generated (one-pass: the safety token alone is generated)."""
         plans = [self.plan(p) for p in _as_list(prompts)]
-        return [GatedOutput(v, p, "", plan.ids) for plan, (v, p) in zip(plans, self.decide(plans, threshold))]
+        if not self.one_pass:
+            return [GatedOutput(v, p, "", plan.ids) for plan, (v, p) in zip(plans, self.decide(plans, threshold))]
+        from vllm import SamplingParams
+
+        outputs = self.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), threshold)
+        return [GatedOutput(out.verdict, out.p_unsafe, "", out.prompt_token_ids) for out in outputs]
+
+    def one_pass_plan(self, plan: PromptPlan) -> bool:
+        """Whether `plan` is decided in the generating engine (no assistant prefix) rather than by a pooling pass."""
+        return self.one_pass and not plan.prefix and not plan.closed
 
     def generate(
         self, prompts: Sequence[Prompt], sampling_params: Any = None, threshold: float | None = None, **kwargs: Any
     ) -> list[GatedOutput]:
-        """Decide each prompt's safety token, then generate from it (`kwargs` go to `vllm.LLM.generate`)."""
+        """Decide each prompt's safety token and generate from it (`kwargs` go to `vllm.LLM.generate`)."""
+        from vllm import SamplingParams
+
         plans = [self.plan(p) for p in _as_list(prompts)]
-        verdicts = self.decide(plans, threshold)
+        threshold = check_threshold(threshold, "threshold")
+        decided = threshold if threshold is not None else self.gate.threshold
+        if not isinstance(sampling_params, Sequence):
+            sampling_params = [sampling_params or SamplingParams()] * len(plans)
+        if len(sampling_params) != len(plans):
+            raise ValueError(f"{len(sampling_params)} sampling params for {len(plans)} prompts: give one or one each.")
+        one = [self.one_pass_plan(plan) for plan in plans]
+        two_pass = iter(self.decide([plan for plan, o in zip(plans, one) if not o], threshold))
+        verdicts = [None if o else next(two_pass) for o in one]
         unsafe_prefix = self.gate.config.unsafe_prefix
         inputs = [
-            {"prompt_token_ids": plan.generation_ids(label == UNSAFE, unsafe_prefix)}
-            for plan, (label, _) in zip(plans, verdicts)
+            {"prompt_token_ids": plan.ids if o else plan.generation_ids(v[0] == UNSAFE, unsafe_prefix)}
+            for plan, o, v in zip(plans, one, verdicts)
         ]
+        params = [one_pass_params(sp, decided) if o else sp for sp, o in zip(sampling_params, one)]
         kwargs.setdefault("use_tqdm", False)
-        outputs = self.llm.generate(inputs, sampling_params, **kwargs)
-        return [
-            GatedOutput(label, p, out.outputs[0].text if out.outputs else "", plan.ids, out)
-            for plan, (label, p), out in zip(plans, verdicts, outputs)
-        ]
+        outputs = self.llm.generate(inputs, params, **kwargs)
+        results = []
+        for plan, o, verdict, sp, out in zip(plans, one, verdicts, sampling_params, outputs):
+            if o:
+                strip = SafetyTokenStrip(
+                    self.safety_ids, (self.gate.safe_token, self.gate.unsafe_token), True, sp.logprobs is not None
+                )
+                strip(out)
+                if strip.verdict is None:
+                    raise UngatedOutput("vLLM returned no completion to read the verdict from")
+                verdict = strip.verdict
+            results.append(GatedOutput(*verdict, out.outputs[0].text if out.outputs else "", plan.ids, out))
+        return results
 
 
 def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:

@@ -3,9 +3,14 @@
 `install(state, decider, policy)` wraps the two handlers vLLM's `init_app_state` built (`state.openai_serving_chat`,
 `state.openai_serving_completion`), as instance attributes (vLLM's classes are not patched):
 
-- after vLLM renders a request to token ids, each prompt is checked (`serving.plan`), its states come from the
-  pooling engine, the gate decides, and the ids the generating engine receives become
-  `prompt, decided safety token[, assistant prefix]`;
+- after vLLM renders a request to token ids, each prompt is checked (`serving.plan`);
+- one-pass (the default of `safegate serve`): a prompt without an assistant prefix goes to the generating engine
+  as it is; its model gates it in the prefill and starts the answer with the decided token (`serving.one_pass`),
+  which `GatingEngineClient` (the handlers' `engine_client`) takes off the output with the verdict
+  (`serving.forced_token`);
+- two-pass (a prompt with an assistant prefix, beam search, structured outputs, a streamed completion of several
+  prompts, or `safegate serve --two-pass`): its states come from the pooling engine, the gate decides, and the ids
+  the generating engine receives become `prompt, decided safety token[, assistant prefix]`;
 - the response gets one extra top-level field, `safegate`: `{"verdict": "safe"|"unsafe", "p_unsafe": float,
   "threshold": float|null}` for a chat completion, a list of those (one per prompt, in order) for a completion; a
   stream carries it on its first chunk.
@@ -31,7 +36,7 @@ import asyncio
 import contextvars
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +45,7 @@ import torch
 from safegate.hub.merged import MergedGate
 from safegate.modeling.verdict import UNSAFE
 from safegate.serving.decide import most_unsafe, pooling_params, states_verdict
+from safegate.serving.forced_token import SafetyTokenStrip, one_pass_params
 from safegate.serving.plan import PromptPlan, SafetyTokenInPrompt, plan_prompt
 
 EXTENSION = "safegate"
@@ -87,11 +93,15 @@ class ThresholdPolicy:
 
 
 class GateDecider:
-    """Decides prompts with a vLLM pooling engine (`AsyncLLM`, runner `pooling`) and the merged export's gate."""
+    """Decides prompts with a vLLM pooling engine (`AsyncLLM`, runner `pooling`) and the merged export's gate;
+    `one_pass`: the generating engine decides prompts without an assistant prefix itself (`serving.one_pass`)."""
 
-    def __init__(self, gate: MergedGate, rows: torch.Tensor, tokenizer: Any, markers: Any, pooler: Any) -> None:
+    def __init__(
+        self, gate: MergedGate, rows: torch.Tensor, tokenizer: Any, markers: Any, pooler: Any, one_pass: bool = False
+    ) -> None:
         self.gate, self.rows, self.tokenizer, self.markers, self.pooler = gate, rows, tokenizer, markers, pooler
         self.strings = (gate.safe_token, gate.unsafe_token)
+        self.one_pass = one_pass
 
     def check_text(self, request: Any) -> None:
         """`BadRequest` when the request's messages or prompt spell a safety token."""
@@ -112,34 +122,104 @@ class GateDecider:
             raise RuntimeError("the pooling engine returned nothing")
         return final.outputs.data
 
-    async def gate_inputs(self, engine_inputs: Sequence[dict[str, Any]], threshold: float | None) -> list[dict]:
-        """Decide each rendered prompt and rewrite its ids in place; return the verdict records."""
-        plans: list[PromptPlan] = []
-        for engine_input in engine_inputs:
-            if engine_input.get("type", "token") != "token" or "prompt_token_ids" not in engine_input:
-                raise BadRequest("a gated server serves text prompts only (no embeddings or media inputs).")
-            try:
-                plans.append(
-                    plan_prompt(engine_input["prompt_token_ids"], self.safety_ids, self.markers, self.tokenizer)
-                )
-            except SafetyTokenInPrompt as err:
-                raise BadRequest(str(err)) from err
-        passes = [ids for plan in plans for ids in plan.decide_on]
-        states = await asyncio.gather(*(self.states(ids) for ids in passes))
-        decisions = [states_verdict(self.gate, self.rows, s, len(ids), threshold) for s, ids in zip(states, passes)]
-        records, start = [], 0
+    def plan(self, engine_input: dict[str, Any]) -> PromptPlan:
+        """The plan of one rendered prompt; `BadRequest` for media inputs and safety token ids."""
+        if engine_input.get("type", "token") != "token" or "prompt_token_ids" not in engine_input:
+            raise BadRequest("a gated server serves text prompts only (no embeddings or media inputs).")
+        try:
+            return plan_prompt(engine_input["prompt_token_ids"], self.safety_ids, self.markers, self.tokenizer)
+        except SafetyTokenInPrompt as err:
+            raise BadRequest(str(err)) from err
+
+    async def decide_two_pass(self, plan: PromptPlan, engine_input: dict[str, Any], threshold: float | None) -> dict:
+        """Decide `plan` with the pooling engine, rewrite the input's ids to the generation ids; the verdict record."""
+        states = await asyncio.gather(*(self.states(ids) for ids in plan.decide_on))
+        decisions = [states_verdict(self.gate, self.rows, st, len(ids), threshold)
+                     for st, ids in zip(states, plan.decide_on)]  # fmt: skip
+        label, p = most_unsafe(decisions)
+        set_ids(engine_input, plan.generation_ids(label == UNSAFE, self.gate.config.unsafe_prefix))
+        return {"verdict": label, "p_unsafe": p, "threshold": threshold}
+
+    async def gate_inputs(
+        self, engine_inputs: Sequence[dict[str, Any]], threshold: float | None, one_pass: bool = False
+    ) -> list[dict | None]:
+        """Check each rendered prompt; decide the two-pass ones and rewrite their ids in place. The verdict records,
+        `None` for a prompt left to the generating engine's one-pass gate (`one_pass` and no assistant prefix)."""
+        plans = [self.plan(engine_input) for engine_input in engine_inputs]
+        records: list[dict | None] = []
         for plan, engine_input in zip(plans, engine_inputs):
-            label, p = most_unsafe(decisions[start : start + len(plan.decide_on)])
-            start += len(plan.decide_on)
-            engine_input["prompt_token_ids"] = plan.generation_ids(label == UNSAFE, self.gate.config.unsafe_prefix)
-            for stale in ("prompt", "prompt_token_offsets"):
-                engine_input.pop(stale, None)
-            records.append({"verdict": label, "p_unsafe": p, "threshold": threshold})
+            if one_pass and not plan.prefix and not plan.closed:
+                set_ids(engine_input, plan.ids)
+                records.append(None)
+            else:
+                records.append(await self.decide_two_pass(plan, engine_input, threshold))
         return records
 
     @property
     def safety_ids(self) -> tuple[int, int]:
         return self.gate.safe_id, self.gate.unsafe_id
+
+
+def set_ids(engine_input: dict[str, Any], ids: list[int]) -> None:
+    """Give a rendered prompt new token ids (its text and offsets no longer match them: dropped)."""
+    engine_input["prompt_token_ids"] = ids
+    for stale in ("prompt", "prompt_token_offsets"):
+        engine_input.pop(stale, None)
+
+
+class GatingEngineClient:
+    """The engine client of a gated handler: `generate` on a prompt left to the one-pass gate asks the engine for the
+    safety token first (`forced_token.one_pass_params`), takes it off every output (`SafetyTokenStrip`) and writes
+    the verdict into the request's record; a prompt with structured outputs is decided two-pass first. Prompts
+    already decided (their ids hold a safety token) pass through. Everything else is the wrapped client's."""
+
+    def __init__(self, client: Any, decider: GateDecider, default_threshold: float | None) -> None:
+        self._client, self._decider, self._default = client, decider, default_threshold
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def generate(self, prompt: Any, sampling_params: Any, request_id: str, *args: Any, **kwargs: Any) -> Any:
+        holder = _VERDICTS.get()  # now: the generator's body runs later, outside the handler's context
+        slot = None
+        if holder is not None:
+            slot = holder.setdefault("next", 0)
+            holder["next"] = slot + 1
+        return self._generate(holder, slot, prompt, sampling_params, request_id, *args, **kwargs)
+
+    async def _generate(self, holder: dict | None, slot: int | None, prompt: Any, sampling_params: Any,
+                        request_id: str, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:  # fmt: skip
+        from vllm.sampling_params import RequestOutputKind
+
+        ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+        decider = self._decider
+        threshold = holder.get("threshold", self._default) if holder is not None else self._default
+        records = holder.get("records") if holder is not None else None
+        if ids is None or any(i in decider.safety_ids for i in ids):  # decided already (or not a token prompt)
+            async for out in self._client.generate(prompt, sampling_params, request_id, *args, **kwargs):
+                yield out
+            return
+        if getattr(sampling_params, "structured_outputs", None) is not None:  # the grammar must not see the token
+            record = await decider.decide_two_pass(decider.plan(prompt), prompt, threshold)
+            if records is not None and slot is not None and slot < len(records):
+                records[slot] = record
+            async for out in self._client.generate(prompt, sampling_params, request_id, *args, **kwargs):
+                yield out
+            return
+        strip = SafetyTokenStrip(
+            decider.safety_ids, decider.strings, sampling_params.output_kind != RequestOutputKind.DELTA,
+            sampling_params.logprobs is not None,
+        )  # fmt: skip
+        params = one_pass_params(sampling_params, threshold)
+        async for out in self._client.generate(prompt, params, request_id, *args, **kwargs):
+            had_verdict = strip.verdict is not None
+            strip(out)
+            if strip.verdict is not None and not had_verdict and records is not None and slot is not None:
+                label, p = strip.verdict
+                if slot < len(records):
+                    records[slot] = {"verdict": label, "p_unsafe": p, "threshold": threshold}
+            if any(len(c.token_ids) or c.finish_reason is not None for c in out.outputs) or out.finished:
+                yield out  # an output that held the safety token alone is not passed on
 
 
 def install(state: Any, decider: GateDecider, policy: ThresholdPolicy) -> None:
@@ -157,21 +237,25 @@ def _wrap(handler: Any, render_name: str, create_name: str, decider: GateDecider
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     render, create = getattr(handler, render_name), getattr(handler, create_name)
+    if decider.one_pass:
+        handler.engine_client = GatingEngineClient(handler.engine_client, decider, policy.default)
 
     async def gated_render(request: Any) -> Any:  # every caller gets gated ids (fail closed), only ours the record
         result = await render(request)
         if isinstance(result, ErrorResponse):
             return result
         engine_inputs = result[1] if single else result
+        one_pass = decider.one_pass and not getattr(request, "use_beam_search", False)
+        one_pass = one_pass and (single or len(engine_inputs) == 1 or not getattr(request, "stream", False))
         try:
             threshold = policy.threshold(request.model_extra)
             decider.check_text(request)
-            records = await decider.gate_inputs(engine_inputs, threshold)
+            records = await decider.gate_inputs(engine_inputs, threshold, one_pass)
         except BadRequest as err:
             return handler.create_error_response(str(err), param=EXTENSION)
         holder = _VERDICTS.get()
         if holder is not None:
-            holder["records"] = records
+            holder.update(records=records, threshold=threshold, next=0)
         return result
 
     async def gated_create(request: Any, raw_request: Any = None) -> Any:
@@ -181,12 +265,17 @@ def _wrap(handler: Any, render_name: str, create_name: str, decider: GateDecider
             out = await create(request, raw_request)
         finally:
             _VERDICTS.reset(token)
-        records = holder.get("records")
-        if records is None or isinstance(out, ErrorResponse):
+        if "records" not in holder or isinstance(out, ErrorResponse):
             return out
-        field = records[0] if single else records
+
+        def field() -> Any:  # one-pass records are filled as generation starts: read them when sent
+            records = holder["records"]
+            if any(record is None for record in records):
+                raise RuntimeError("a prompt's verdict is missing: the gate did not run for it")
+            return records[0] if single else records
+
         if hasattr(out, "model_dump"):
-            setattr(out, EXTENSION, field)
+            setattr(out, EXTENSION, field())
             return out
         return _first_chunk_with(out, field)
 
@@ -194,13 +283,13 @@ def _wrap(handler: Any, render_name: str, create_name: str, decider: GateDecider
     setattr(handler, create_name, gated_create)
 
 
-async def _first_chunk_with(stream: AsyncIterator[str], field: Any) -> AsyncIterator[str]:
-    """The SSE stream with `field` added to its first data chunk."""
+async def _first_chunk_with(stream: AsyncIterator[str], field: Callable[[], Any]) -> AsyncIterator[str]:
+    """The SSE stream with `field()` added to its first data chunk."""
     pending = True
     async for chunk in stream:
         if pending and chunk.startswith("data: {"):
             body = json.loads(chunk[len("data: ") :])
-            body[EXTENSION] = field
+            body[EXTENSION] = field()
             chunk = f"data: {json.dumps(body)}\n\n"
             pending = False
         yield chunk
@@ -249,6 +338,7 @@ class GatePlugin:
         from safegate.modeling.turns import chat_markers
         from safegate.serving.checkpoint import check_engine_loadable, safety_head_rows
         from safegate.serving.decide import POOLER_CONFIG
+        from safegate.serving.one_pass import ARCH_PREFIX
         from safegate.serving.tap import EXTENSION_CLASS, INSTALL_METHOD
 
         if engine_client is None:
@@ -261,8 +351,15 @@ class GatePlugin:
         inner = gate.tapped_layer != -1  # the pooling pass returns that layer beside the final states (serving.tap)
         if inner and engine_args.worker_extension_cls:
             raise ValueError(f"--worker-extension-cls cannot be combined with a gate on layer {gate.tapped_layer}.")
+        overrides = engine_args.hf_overrides
+        architectures = overrides.get("architectures") if isinstance(overrides, dict) else None
+        one_pass = any(str(a).startswith(ARCH_PREFIX) for a in architectures or [])
+        if one_pass:  # the pooling engine runs the plain model
+            overrides = {k: v for k, v in overrides.items() if k != "architectures"}
         engine_args = dataclasses.replace(
             engine_args,
+            hf_overrides=overrides,
+            logits_processors=None if one_pass else engine_args.logits_processors,
             runner="pooling",
             pooler_config=dict(POOLER_CONFIG),
             gpu_memory_utilization=float(os.environ.get(POOLING_MEMORY_ENV, engine_args.gpu_memory_utilization)),
@@ -271,7 +368,7 @@ class GatePlugin:
         pooler = AsyncLLM.from_engine_args(engine_args)
         if inner:
             await pooler.collective_rpc(INSTALL_METHOD, args=(gate.tapped_layer,))
-        decider = GateDecider(gate, safety_head_rows(folder), tokenizer, chat_markers(tokenizer), pooler)
+        decider = GateDecider(gate, safety_head_rows(folder), tokenizer, chat_markers(tokenizer), pooler, one_pass)
         low, high = parse_range(os.environ.get(RANGE_ENV))
         install(state, decider, ThresholdPolicy(gate.threshold, low, high))
         state.safegate_pooler = pooler
