@@ -110,7 +110,12 @@ class GatedLLM:
         self._pooler: Any = None
         if not one_pass:
             self.pooler  # noqa: B018 (started now, as before)
-        extra = engine_kwargs(export_architecture(self.path)) if one_pass else {}
+        extra = {}
+        if one_pass:
+            extra = engine_kwargs(export_architecture(self.path))
+            if "VLLM_PLUGINS" in os.environ:  # an allow-list: the model class's registration must be on it
+                plugins = [p for p in os.environ["VLLM_PLUGINS"].split(",") if p]
+                os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*plugins, "safegate"]))
         self.llm = LLM(model=str(self.path), **llm_kwargs, **extra)
 
     @property

@@ -92,6 +92,12 @@ def check_one_pass_config(vllm_config: Any, tapped_layer: int) -> None:
     mode = getattr(vllm_config.model_config, "logprobs_mode", "raw_logprobs")
     if mode != "raw_logprobs":
         problems.append(f"logprobs_mode is {mode!r} (p(unsafe) is the raw logprob: drop --logprobs-mode)")
+    device = str(getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu"))
+    if device != "cpu" and os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").lower() not in ("0", "false"):
+        problems.append(
+            f"on {device}, vLLM's model runner V2 (its default there) runs no V1 logits processor, so nothing would "
+            "force the decided token (set VLLM_USE_V2_MODEL_RUNNER=0)"
+        )
     if tapped_layer != -1 and vllm_config.parallel_config.pipeline_parallel_size != 1:
         problems.append(f"a gate on layer {tapped_layer} needs one pipeline stage (--pipeline-parallel-size 1)")
     if problems:

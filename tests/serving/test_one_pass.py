@@ -146,11 +146,12 @@ def test_the_strip_takes_the_token_off_and_reads_the_verdict():
         SafetyTokenStrip((4, 5), ("a", "b"), True, False)(aborted)
 
 
-def test_settings_that_break_exact_one_pass_verdicts_are_refused():
+def test_settings_that_break_exact_one_pass_verdicts_are_refused(monkeypatch):
     def config(**changes):
-        base = dict(chunked=False, caching=False, spec=None, mode="raw_logprobs", pp=1)
+        base = dict(chunked=False, caching=False, spec=None, mode="raw_logprobs", pp=1, device="cpu")
         c = base | changes
         return SimpleNamespace(
+            device_config=SimpleNamespace(device_type=c["device"]),
             scheduler_config=SimpleNamespace(enable_chunked_prefill=c["chunked"]),
             cache_config=SimpleNamespace(enable_prefix_caching=c["caching"]), speculative_config=c["spec"],
             model_config=SimpleNamespace(logprobs_mode=c["mode"]),
@@ -166,6 +167,11 @@ def test_settings_that_break_exact_one_pass_verdicts_are_refused():
             check_one_pass_config(config(**changes), -1)
     with pytest.raises(ValueError, match="one pipeline stage"):
         check_one_pass_config(config(pp=2), 0)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        check_one_pass_config(config(device="cuda"), -1)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    check_one_pass_config(config(device="cuda"), -1)
 
 
 def test_the_serve_command_owns_the_one_pass_flags():
