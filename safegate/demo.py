@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from safegate.demo_data import DATA_SETS, UNTRAINED, load_data_sets, prepare_data
+from safegate.demo_data import DATA_SETS, UNTRAINED, UNTRAINED_SOURCES, load_data_sets, prepare_data, untrained_name
 from safegate.demo_guard import GUARD, Plan, guard_checks
 from safegate.demo_report import (
     TARGETS,
@@ -85,6 +85,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "measured, it did not help the never-trained source (docs/demo.md)",
     )
     parser.add_argument(
+        "--untrained",
+        default="xstest_unsafe",
+        choices=sorted(UNTRAINED_SOURCES),
+        help="the harmful source never trained on (default xstest_unsafe); any other is left out of training whole "
+        "and evaluated instead: one fold of leave-one-source-out with generation (docs/demo.md)",
+    )
+    parser.add_argument(
         "--guard", action="store_true", help="reduced CI run with floors, its own sizes (docs/demo.md)"
     )
     parser.set_defaults(func=run)
@@ -110,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     threads = int(os.environ.get("SAFEGATE_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(max(1, threads))
     plan = GUARD if args.guard else Plan(n_harmful=args.n_harmful, n_xstest=args.n_xstest,
-                                         max_new_tokens=args.max_new_tokens, n_gate_pool=args.gate_pool)  # fmt: skip
+                                         max_new_tokens=args.max_new_tokens, n_gate_pool=args.gate_pool,
+                                         untrained=getattr(args, "untrained", "xstest_unsafe"))  # fmt: skip
     out = Path(args.out or ("demo-out/guard" if args.guard else "demo-out"))
     from safegate.training.recipes import load_recipe
 
@@ -129,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
                          distill_tokens=plan.distill_tokens, n_untrained=plan.n_untrained,
                          n_do_not_answer=plan.n_do_not_answer, n_hard_negatives=plan.n_hard_negatives,
                          phrasing_share=plan.phrasing_share,
-                         calibration_share=plan.calibration_share, n_gate_pool=plan.n_gate_pool)  # fmt: skip
+                         calibration_share=plan.calibration_share, n_gate_pool=plan.n_gate_pool,
+                         untrained=plan.untrained)  # fmt: skip
     if args.data_only:
         _say(f"      data in {out / 'data'}; sources: {out / 'data' / 'sources.json'}")
         return 0
@@ -200,12 +209,13 @@ def _train_and_evaluate(
     report = evaluate(gated, {name: read_objects(path) for name, path in sets.items()}, out_dir=folder / "report",
                       plots=plan.plots, **settings)  # fmt: skip
     # the source never trained on, in its own report: the main report's gate AUROC stays the trained sources'
-    untrained = evaluate(gated, {UNTRAINED: read_objects(files[UNTRAINED])}, out_dir=folder / "report-untrained",
+    name = untrained_name(plan.untrained)
+    untrained = evaluate(gated, {name: read_objects(files[UNTRAINED])}, out_dir=folder / "report-untrained",
                          plots=False, **settings)  # fmt: skip
     benign = [r for r in read_objects(folder / "report" / "responses.jsonl") if r["label"] == "safe"]
     scored = read_objects(folder / "report-untrained" / "responses.jsonl") + benign
     report = {**report, "results": report["results"] + untrained["results"],
-              "gate_auroc_untrained": untrained_auroc(scored, UNTRAINED)}  # fmt: skip
+              "gate_auroc_untrained": untrained_auroc(scored, name)}  # fmt: skip
     del gated
     gc.collect()
     return report

@@ -19,9 +19,15 @@ Held out: other AdvBench / HarmBench prompts, other Alpaca tasks, the other half
 XSTest's unsafe contrast prompts, a harmful source never trained on (`UNTRAINED`). `check_disjoint` stops the
 preparation if any evaluation prompt, or any XSTest unsafe prompt, is in the training data.
 
+`untrained="advbench" | "harmbench" | "do_not_answer"` (`safegate demo --untrained SOURCE`) leaves that source out
+of training instead, whole, and evaluates it as the never-trained source (XSTest's unsafe prompts still never
+train): one fold of a leave-one-source-out run with generation.
+
 Example:
     >>> "do_not_answer" in DATA_SETS and UNTRAINED in SOURCE_NOTES
     True
+    >>> untrained_name("advbench"), untrained_name("xstest_unsafe") == UNTRAINED
+    ('untrained_advbench', True)
 """
 
 from __future__ import annotations
@@ -32,8 +38,21 @@ from pathlib import Path
 from typing import Any
 
 DATA_SETS = ("advbench", "harmbench", "do_not_answer", "alpaca", "xstest", "jailbreak_templates")  # all read
-UNTRAINED = "untrained_xstest_unsafe"  # the held-out harmful source the demo never trains on
-SOURCE_NOTES = {UNTRAINED: "XSTest's unsafe contrast prompts: a harmful source the demo never trains on"}
+UNTRAINED = "untrained_xstest_unsafe"  # the held-out harmful source the demo never trains on (and its file's key)
+#: The harmful sources the demo can leave out of training, whole, and evaluate as never trained on.
+UNTRAINED_SOURCES = {"xstest_unsafe": "XSTest's unsafe contrast prompts", "advbench": "AdvBench's behaviours",
+                     "harmbench": "HarmBench's behaviours", "do_not_answer": "Do-Not-Answer's questions"}  # fmt: skip
+SOURCE_NOTES = {f"untrained_{source}": f"{text}: a harmful source the demo never trains on"
+                for source, text in UNTRAINED_SOURCES.items()}  # fmt: skip
+
+
+def untrained_name(source: str) -> str:
+    """The report's dataset name of the never-trained source `source` (a key of `UNTRAINED_SOURCES`)."""
+    if source not in UNTRAINED_SOURCES:
+        raise ValueError(f"untrained source {source!r} is not one of {sorted(UNTRAINED_SOURCES)}.")
+    return f"untrained_{source}"
+
+
 MAX_PROMPT_CHARS = 400  # longer harmful prompts are left out (HarmBench's contextual behaviours)
 
 
@@ -52,6 +71,7 @@ def prepare_data(
     phrasing_share: float = 0.5,
     calibration_share: float = 0.2,
     n_gate_pool: int | None = 0,
+    untrained: str = "xstest_unsafe",
 ) -> dict[str, Path]:
     """Write train / held-out JSONL files (deterministic, disjoint) and return their paths.
 
@@ -65,8 +85,9 @@ def prepare_data(
     the recipe's threshold is calibrated on (`calibration.jsonl`). `n_gate_pool` AdvBench, HarmBench and
     Do-Not-Answer prompts that neither train LoRA nor are evaluated (`None`: all of them; default none) go to
     `gate_pool.jsonl`, which the gate's warm start also fits on (recipe `fit_gate.data`). `n_harmful`, `n_xstest`,
-    `n_alpaca`, `n_untrained` size the held-out sets. Returns the paths under the keys `train`, `calibration`,
-    `gate_pool`, `harmful`, `benign`, `xstest` and `UNTRAINED`.
+    `n_alpaca`, `n_untrained` size the held-out sets; `untrained` names the harmful source never trained on
+    (`UNTRAINED_SOURCES`; any but XSTest's unsafe prompts is then left out of training whole). Returns the paths
+    under the keys `train`, `calibration`, `gate_pool`, `harmful`, `benign`, `xstest` and `UNTRAINED`.
 
     Raises:
         DataUnavailableError: a data set is not installed (one line naming the fix), before any model is loaded.
@@ -82,13 +103,17 @@ def prepare_data(
 
     # the recipe's folder, else the data folder ($SAFEGATE_DATA or the development checkout's), else None: the
     # sets then come from safegate's package data and the installed wheels (never the Hub: see load_data_sets)
+    untrained_name(untrained)  # a wrong name fails before any work
     data_dir = require_data_folder(recipe.data.dir) if recipe.data.dir else data_folder()
     data_dir = data_dir if data_dir is not None and data_dir.is_dir() else None
     sets = load_data_sets(data_dir)
     folder.mkdir(parents=True, exist_ok=True)
     templates = _write(folder / "jailbreak_templates.jsonl", sets["jailbreak_templates"])
     seed = recipe.data.seed
-    harmful = _harmful(sets, ("advbench", "harmbench"))
+    left_out = [] if untrained == "xstest_unsafe" else _harmful(sets, (untrained,))  # trains on none of it
+    harmful = _harmful(sets, tuple(s for s in ("advbench", "harmbench") if s != untrained))
+    if left_out:
+        harmful = drop_overlap(harmful, left_out)[0]  # (AdvBench / HarmBench twins)
     benign = [dict(prompt=r["prompt"], label="safe", source="alpaca") for r in sets["alpaca"]]
     xstest = [dict(prompt=r["prompt"], label=r["label"], type=r.get("type"), source="xstest")
               for r in sets["xstest"]]  # fmt: skip
@@ -99,11 +124,12 @@ def prepare_data(
     xs_unsafe = [dict(r, source="xstest-unsafe") for r in xstest if r["label"] == "unsafe"]  # never trained on
     xs_train = [r for r in xs_train if r["label"] == "safe"][:n_xstest_train]
     xs_test = [r for r in xs_test if r["label"] == "safe"][:n_xstest]
+    never_trained = drop_overlap(left_out, xs_test + ben_test)[0] if left_out else xs_unsafe
     held_out = {"harmful": _sample(harm_test, n_harmful, seed), "benign": ben_test, "xstest": xs_test,
-                UNTRAINED: _sample(xs_unsafe, n_untrained, seed)}  # fmt: skip
-    evaluated = xs_unsafe + [r for rows in held_out.values() for r in rows]
+                UNTRAINED: _sample(never_trained, n_untrained, seed)}  # fmt: skip
+    evaluated = xs_unsafe + left_out + [r for rows in held_out.values() for r in rows]
     # the added sources, drawn from what no evaluation set holds (e.g. "What is terrorism?" is an XSTest prompt)
-    dna = drop_overlap(_harmful(sets, ("do_not_answer",)), evaluated)[0]
+    dna = [] if untrained == "do_not_answer" else drop_overlap(_harmful(sets, ("do_not_answer",)), evaluated)[0]
     # AdvBench and HarmBench both (a cap by file order would keep AdvBench's prompts only), then Do-Not-Answer
     harm_pool = harm_train + dna  # every harmful prompt no evaluation set holds
     harm_train = _sample(harm_train, recipe.data.max_harmful or len(harm_train), seed)
@@ -142,7 +168,8 @@ def prepare_data(
         "train": _composition(train), "calibration": _composition(calibration),
         "gate_pool": _composition(gate_pool),
         "held_out": {names[k]: _composition(rows) for k, rows in held_out.items()},
-        "never_trained_on": SOURCE_NOTES[UNTRAINED] + " (check_disjoint against all of them)",
+        "never_trained_on": SOURCE_NOTES[untrained_name(untrained)] + " (check_disjoint against all of them)",
+        "untrained": untrained_name(untrained),
     })  # fmt: skip
     counts = {k: len(v.read_text().splitlines()) for k, v in files.items()}
     _say(f"      {counts} (XSTest safe prompts: one half trains, the other measures over-refusal; XSTest unsafe: "

@@ -37,6 +37,7 @@ class Plan:
     phrasing_share: float = 0.5  # non-templated AdvBench / HarmBench training prompts also rephrased
     calibration_share: float = 0.2  # of each benign training source, held back: the threshold's validation prompts
     n_gate_pool: int | None = 0  # harmful prompts LoRA does not train on, for the gate's warm start (None = all)
+    untrained: str = "xstest_unsafe"  # the harmful source never trained on (`demo_data.UNTRAINED_SOURCES`)
     attacks: str = "none,prefill:4,prefill:12,template"
     max_new_tokens: int = 40
     n_boot: int = 1000

@@ -149,7 +149,8 @@ class GateDecider:
         records: list[dict | None] = []
         for plan, engine_input in zip(plans, engine_inputs):
             if one_pass and not plan.prefix and not plan.closed:
-                set_ids(engine_input, plan.ids)
+                if plan.ids != list(engine_input["prompt_token_ids"]):
+                    set_ids(engine_input, plan.ids)
                 records.append(None)
             else:
                 records.append(await self.decide_two_pass(plan, engine_input, threshold))

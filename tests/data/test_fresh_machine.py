@@ -116,6 +116,29 @@ def test_demo_data_prepares_from_installed_wheels_and_package_data(fresh_machine
     assert len(pool) > 1000 and sources_json["gate_pool"]  # about 1,600: every prompt LoRA does not train on
 
 
+@pytest.mark.parametrize("left_out", ["advbench", "do_not_answer"])
+def test_a_source_left_out_never_trains_and_is_the_untrained_set(fresh_machine, tmp_path, monkeypatch, left_out):
+    from safegate.data.leakage import normalise_prompt
+    from safegate.demo_data import UNTRAINED, UNTRAINED_SOURCES
+
+    monkeypatch.setattr(distill, "self_distill", _answers_without_generation)
+    files = _demo().prepare_data(_recipe(), tmp_path / "data", n_gate_pool=None, untrained=left_out)
+    source = {r["prompt"] for r in sources.load_named_set(left_out)}
+    whole = {normalise_prompt(p) for p in source}
+    trained = _read(files["train"]) + _read(files["gate_pool"]) + _read(files["calibration"])
+    assert trained and not whole & {normalise_prompt(r["prompt"]) for r in trained}  # none of it, not even twins
+    untrained = _read(files[UNTRAINED])
+    assert len(untrained) == 40 and {r["prompt"] for r in untrained} <= source
+    assert not {r["prompt"] for r in untrained} & {r["prompt"] for r in _read(files["harmful"])}
+    xstest_unsafe = {r["prompt"] for r in sources.load_named_set("xstest") if r["label"] == "unsafe"}
+    assert not xstest_unsafe & {r["prompt"] for r in trained}  # still never trained on
+    manifest = json.loads((tmp_path / "data" / "sources.json").read_text())
+    assert manifest["untrained"] == f"untrained_{left_out}"
+    assert manifest["never_trained_on"].startswith(UNTRAINED_SOURCES[left_out])
+    with pytest.raises(ValueError, match="untrained source 'alpaca'"):
+        _demo().prepare_data(_recipe(), tmp_path / "other", untrained="alpaca")
+
+
 def test_demo_fails_early_naming_the_install_when_a_wheel_is_missing(fresh_machine, tmp_path, monkeypatch, capsys):
     real_find_spec = importlib.util.find_spec
 
