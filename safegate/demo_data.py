@@ -171,7 +171,8 @@ def prepare_data(
         "never_trained_on": SOURCE_NOTES[untrained_name(untrained)] + " (check_disjoint against all of them)",
         "untrained": untrained_name(untrained),
     })  # fmt: skip
-    counts = {k: len(v.read_text().splitlines()) for k, v in files.items()}
+    counts = {(untrained_name(untrained) if k == UNTRAINED else k): len(v.read_text().splitlines())
+              for k, v in files.items()}  # fmt: skip
     _say(f"      {counts} (XSTest safe prompts: one half trains, the other measures over-refusal; XSTest unsafe: "
          "never trained on)")  # fmt: skip
     return files
