@@ -40,6 +40,7 @@ import torch
 
 from safegate.hub.merged import MergedGate, gated_safety_pair, read_merged_gate
 from safegate.serving.checkpoint import UnservableExport, safety_head_rows
+from safegate.serving.tap import residual_stream
 
 ARCH_PREFIX = "Safegate"
 FORCER_CLASS = "safegate.serving.forced_token:SafetyTokenForcer"
@@ -124,8 +125,7 @@ class OnePassGate:
         PENDING.safety_ids, PENDING.threshold = self.ids, self.gate.threshold
 
     def _keep(self, module: Any, args: Any, output: Any) -> None:
-        hidden, residual = output if isinstance(output, tuple) else (output, None)
-        self.kept["states"] = hidden if residual is None else hidden + residual
+        self.kept["states"] = residual_stream(output)
 
     @torch.no_grad()
     def observe(self, input_ids: torch.Tensor | None, hidden: Any) -> None:

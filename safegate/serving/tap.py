@@ -41,6 +41,12 @@ def split_states(states: torch.Tensor, hidden_size: int, tapped_layer: int) -> t
     return states[:, :hidden_size], states[:, hidden_size:]
 
 
+def residual_stream(output: Any) -> torch.Tensor:
+    """A decoder layer's output as transformers returns it: vLLM's layers return `(hidden, residual)`, their sum."""
+    hidden, residual = output if isinstance(output, tuple) else (output, None)
+    return hidden if residual is None else hidden + residual
+
+
 class TapExtension:
     """Methods vLLM adds to each worker (`worker_extension_cls`); see the module docstring."""
 
@@ -56,8 +62,7 @@ class TapExtension:
         kept: dict[str, torch.Tensor] = {}
 
         def keep(module: Any, args: Any, output: Any) -> None:
-            hidden, residual = output if isinstance(output, tuple) else (output, None)
-            kept["states"] = hidden if residual is None else hidden + residual
+            kept["states"] = residual_stream(output)
 
         def concatenate(module: Any, args: Any, output: Any) -> Any:
             if "states" not in kept:
