@@ -4,6 +4,8 @@
     HF_HUB_OFFLINE=1 python benchmarks/generalization.py --limit-per-source 120 --seeds 1
     HF_HUB_OFFLINE=1 python benchmarks/generalization.py --layer 15 --augment-phrasing 0.5   # the two levers
     HF_HUB_OFFLINE=1 python benchmarks/generalization.py --fit rows     # ablation: the two token rows alone
+    HF_HUB_OFFLINE=1 python benchmarks/generalization.py --add-source tense_rephrased   # a fifth harmful source
+    HF_HUB_OFFLINE=1 python benchmarks/generalization.py --lora-steps 250 --left-out xstest_unsafe   # LoRA too
 
 Writes to `--out` (default `generalization-out/`): `results.json` (every number, git commit, machine), `report.md`
 (the table) and `roc_<source>.png` (one ROC per left-out source, one curve per seed). Prompt states are cached in
@@ -32,18 +34,18 @@ import safegate
 from safegate.data.build import split_records
 from safegate.data.hard_negatives import hard_negatives
 from safegate.data.leakage import normalise_prompt
-from safegate.data.sources import load_named_set
+from safegate.data.sources import DATASETS, load_named_set
 from safegate.training.generalization import (
-    BENIGN_HELD,
-    BENIGN_TRAIN,
     FIT_MODES,
     HARMFUL,
     StateStore,
+    group_names,
     run_protocol,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 FIT_TITLES = {"gate": "the gate", "rows": "the two token rows, gate held constant", "both": "gate and token rows"}
+ADDABLE = sorted(n for n, spec in DATASETS.items() if spec.prompts and n not in (*HARMFUL, "alpaca", "xstest"))
 SPLIT_SEED = 0  # the data splits (XSTest halves, Alpaca held-out) never move with the training seeds
 COLUMNS = [
     ("auroc", "gate AUROC"),
@@ -88,6 +90,27 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default="gate",
         help="what each fold fits: the gate (default), the two token rows alone (gate constant), or both",
     )
+    ap.add_argument(
+        "--add-source",
+        action="append",
+        default=[],
+        choices=ADDABLE,
+        help="one more harmful named set: trained on in every other fold, left out in its own (repeatable)",
+    )
+    ap.add_argument(
+        "--left-out",
+        action="append",
+        default=None,
+        metavar="SOURCE",
+        help="run only this fold (repeatable; default: every harmful source)",
+    )
+    ap.add_argument(
+        "--lora-steps",
+        type=int,
+        default=0,
+        help="after the gate fit, train LoRA + gate + token rows on each fold's prompts for N steps (verdict only, "
+        "the recipe's `training` batch, learning rate and schedule, its `gate_lr`); 0 = frozen states only",
+    )
     ap.add_argument("--fpr", type=float, default=0.05, help="target FPR of the calibrated threshold")
     ap.add_argument("--out", default="generalization-out", help="output folder")
     ap.add_argument(
@@ -103,6 +126,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--limit-per-source must be >= 2 (or omitted for all prompts), got {args.limit_per_source}")
     if not 0 <= args.augment_phrasing <= 1:
         ap.error(f"--augment-phrasing must be in [0, 1] (0 = off), got {args.augment_phrasing}")
+    if len(set(args.add_source)) != len(args.add_source):
+        ap.error(f"--add-source names each set once, got {args.add_source}")
+    harmful = [*HARMFUL, *args.add_source]
+    unknown = [name for name in args.left_out or [] if name not in harmful]
+    if unknown:
+        ap.error(f"--left-out {unknown[0]!r} is not a harmful source of this run; choose from {harmful}")
+    if args.lora_steps < 0:
+        ap.error(f"--lora-steps must be >= 0 (0 = frozen states only), got {args.lora_steps}")
+    if args.lora_steps and args.fit != "gate":
+        ap.error(f"--lora-steps trains gate, rows and LoRA after the gate fit; it needs --fit gate, got {args.fit!r}")
     if not 0 < args.fpr < 1:
         ap.error(f"--fpr must be in (0, 1), got {args.fpr}")
     if not Path(args.recipe).is_file():
@@ -121,8 +154,13 @@ def _limit(records: list[dict[str, Any]], limit: int | None, salt: str) -> list[
     return [r for i, r in enumerate(records) if i in keep]
 
 
-def load_groups(limit: int | None, max_chars: int) -> dict[str, list[dict[str, Any]]]:
-    """The protocol's groups from the library's named-set loaders and `hard_negatives` (duplicates removed)."""
+def load_groups(
+    limit: int | None, max_chars: int, added: tuple[str, ...] | list[str] = ()
+) -> dict[str, list[dict[str, Any]]]:
+    """The protocol's groups from the library's named-set loaders and `hard_negatives` (duplicates removed).
+
+    `added` names more harmful named sets (`ADDABLE`), each one more group after `HARMFUL`.
+    """
 
     def clean(records: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
         seen, out = set(), []
@@ -133,7 +171,8 @@ def load_groups(limit: int | None, max_chars: int) -> dict[str, list[dict[str, A
                 out.append({"prompt": r["prompt"], "label": label})
         return out
 
-    groups = {name: clean(load_named_set(name), "unsafe") for name in ("advbench", "harmbench", "do_not_answer")}
+    harmful_sets = ("advbench", "harmbench", "do_not_answer", *added)
+    groups = {name: clean(load_named_set(name), "unsafe") for name in harmful_sets}
     xstest = load_named_set("xstest")
     groups["xstest_unsafe"] = clean(xstest, "unsafe")
     groups["xstest_safe_a"], groups["xstest_safe_b"] = split_records(clean(xstest, "safe"), 0.5, seed=SPLIT_SEED)
@@ -142,7 +181,7 @@ def load_groups(limit: int | None, max_chars: int) -> dict[str, list[dict[str, A
     )
     groups["hard_negatives_train"] = clean(hard_negatives("train"), "safe")
     groups["hard_negatives_eval"] = clean(hard_negatives("eval"), "safe")
-    return {name: _limit(groups[name], limit, name) for name in HARMFUL + BENIGN_TRAIN + BENIGN_HELD}
+    return {name: _limit(groups[name], limit, name) for name in group_names([*HARMFUL, *added])}
 
 
 def machine() -> dict[str, Any]:
@@ -189,9 +228,12 @@ def markdown(report: dict[str, Any]) -> str:
     box = meta["machine"]
     return "\n".join(
         [
-            f"LOSO on `{meta['model']}` (frozen states; fitted: {FIT_TITLES[meta.get('fit', 'gate')]}), layer "
+            f"LOSO on `{meta['model']}` ({'LoRA trained per fold' if meta.get('lora_steps') else 'frozen states'}; "
+            f"fitted: {FIT_TITLES[meta.get('fit', 'gate')]}), layer "
             f"{meta['layer']}, fit_gate {meta['fit_kwargs']}, "
             f"phrasing augmentation {meta['augment_phrasing'] or 'off'}, "
+            f"added harmful sources {', '.join(meta.get('added_sources') or []) or 'none'}, "
+            f"LoRA steps per fold {meta.get('lora_steps') or 'none (frozen states)'}, "
             f"seeds {meta['seeds']}, limit per source {meta['limit_per_source']}; mean ± std over seeds "
             "(last row: mean of the sources' means ± std across sources).",
             "",
@@ -210,7 +252,7 @@ def plot(report: dict[str, Any], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for source in HARMFUL:
+    for source in report.get("left_out", HARMFUL):
         fig, ax = plt.subplots(figsize=(4.2, 4.2))
         for fold in (f for f in report["folds"] if f["left_out"] == source):
             ax.plot(fold["roc"]["fpr"], fold["roc"]["tpr"], label=f"seed {fold['seed']} (AUROC {fold['auroc']:.3f})")
@@ -249,10 +291,15 @@ def main(argv: list[str] | None = None) -> int:
         if key in recipe:
             fit_kwargs[key] = recipe[key]
     config = safegate.GateConfig(**gate)
-    groups = load_groups(args.limit_per_source, args.max_prompt_chars)
+    groups = load_groups(args.limit_per_source, args.max_prompt_chars, args.add_source)
     print("prompts per group:", {k: len(v) for k, v in groups.items()}, flush=True)
     model, processor = safegate.load_model(args.model, dtype=(recipe.get("model") or {}).get("dtype"))
     store = StateStore(args.cache_dir or None)
+    lora_args = None
+    if args.lora_steps:
+        keys = ("learning_rate", "per_device_train_batch_size", "lr_scheduler_type", "warmup_steps", "use_cpu")
+        lora_args = {k: v for k, v in (recipe.get("training") or {}).items() if k in keys}
+        lora_args.update(max_steps=args.lora_steps, logging_steps=max(1, args.lora_steps // 5), disable_tqdm=True)
     report = run_protocol(
         model,
         processor,
@@ -266,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         augment_share=args.augment_phrasing,
         fit_mode=args.fit,
         progress=True,
+        harmful=[*HARMFUL, *args.add_source],
+        left_out=args.left_out,
+        lora_args=lora_args,
+        gate_lr=recipe.get("gate_lr"),
     )
     report["meta"] = {
         "model": args.model,
@@ -274,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         "fit_kwargs": fit_kwargs,
         "augment_phrasing": args.augment_phrasing,
         "fit": args.fit,
+        "added_sources": args.add_source,
+        "lora_steps": args.lora_steps,
+        "lora_args": lora_args,
+        "gate_lr": recipe.get("gate_lr") if args.lora_steps else None,
         "fpr": args.fpr,
         "seeds": args.seeds,
         "limit_per_source": args.limit_per_source,

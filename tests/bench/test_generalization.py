@@ -131,6 +131,37 @@ def test_clear_errors():
         gen.check_groups(groups)
 
 
+def test_an_added_harmful_source_is_trained_on_in_every_other_fold_and_left_out_in_its_own(one_thread):
+    from safegate import GateConfig
+    from safegate.backbones.tiny import tiny_model_and_tokenizer
+
+    harmful = [*gen.HARMFUL, "tense_rephrased"]
+    groups = {**toy_groups(), "tense_rephrased": [{"prompt": f"how was harm {i} done?", "label": "unsafe"}
+                                                   for i in range(4)]}  # fmt: skip
+    names = gen.group_names(harmful)
+    tense = set(range(names.index("tense_rephrased") * 4, names.index("tense_rephrased") * 4 + 4))
+    own = gen.fold_split(groups, "tense_rephrased", seed=0, harmful=harmful)
+    assert set(own["eval"]["tense_rephrased"]) == tense and not tense & set(own["train"])
+    other = gen.fold_split(groups, "advbench", seed=0, harmful=harmful)
+    assert tense <= set(other["train"]) and "tense_rephrased" not in other["eval"]
+    default = gen.fold_split(groups, "advbench", seed=0)  # default: the four sources; the added group unused
+    assert len(default["train"]) == len(other["train"]) - 4
+    model, tok = tiny_model_and_tokenizer("llama")
+    report = gen.run_protocol(model, tok, groups, config=GateConfig(attention_dim=8, lora_r=2), seeds=[0],
+                              fit_kwargs=dict(epochs=1), harmful=harmful)  # fmt: skip
+    assert list(report["summary"]) == [*harmful, "mean over sources"] and report["harmful"] == harmful
+    assert [f["left_out"] for f in report["folds"]] == harmful
+    with pytest.raises(ValueError, match="'tense_rephrased' is missing"):
+        gen.check_groups(toy_groups(), harmful)
+    with pytest.raises(ValueError, match="`harmful` must name distinct harmful groups"):
+        gen.group_names(["advbench", "alpaca_held"])
+    script = load_script()
+    assert script.parse(["--add-source", "tense_rephrased"]).add_source == ["tense_rephrased"]
+    for bad in (["--add-source", "advbench"], ["--add-source", "tense_rephrased"] * 2):
+        with pytest.raises(SystemExit):
+            script.parse(bad)
+
+
 def test_phrasing_augmentation_rephrases_training_records_only_and_drops_held_out_twins():
     groups = toy_groups(9)
     fold = gen.fold_split(groups, "advbench", seed=3)
@@ -207,3 +238,44 @@ def test_every_fold_fits_from_the_attached_rows_and_is_scored_with_its_fitted_ro
     with pytest.raises(ValueError, match="`fit_mode` must be one of"):
         gen.run_protocol(model, tok, toy_groups(), config=GateConfig(), seeds=[0], fit_mode="token")
     assert load_script().parse(["--fit", "rows"]).fit == "rows"
+
+
+def test_lora_phase_starts_every_fold_from_a_fresh_adapter_and_scores_from_adapted_states(one_thread, monkeypatch):
+    from safegate import GateConfig
+    from safegate.backbones.tiny import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer("llama")
+    seen = []
+    real = gen.train_verdict
+
+    def spy(gated, records, args, seed, gate_lr, fit_kwargs):
+        lora_b = [p for n, p in gated.named_parameters() if "lora_B" in n]
+        seen.append((sum(float(p.detach().abs().sum()) for p in lora_b), len(records), {r["label"] for r in records}))
+        out = real(gated, records, args, seed, gate_lr, fit_kwargs)
+        assert sum(float(p.detach().abs().sum()) for p in lora_b) > 0  # the adapter trained
+        return out
+
+    monkeypatch.setattr(gen, "train_verdict", spy)
+    args = dict(max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, disable_tqdm=True, use_cpu=True)
+    report = gen.run_protocol(model, tok, toy_groups(), config=GateConfig(attention_dim=8, lora_r=2), seeds=[0],
+                              fit_kwargs=dict(epochs=1), left_out=["advbench", "xstest_unsafe"], lora_args=args,
+                              gate_lr=1e-2)  # fmt: skip
+    assert [f["left_out"] for f in report["folds"]] == ["advbench", "xstest_unsafe"]
+    assert list(report["summary"]) == ["advbench", "xstest_unsafe", "mean over sources"]
+    assert [s[0] for s in seen] == [0.0, 0.0]  # LoRA B starts at zero in every fold: a fresh adapter
+    assert all(n == 3 * 4 + 3 * 4 - round(0.2 * 12) and labels == {"safe", "unsafe"} for _, n, labels in seen)
+    for fold in report["folds"]:
+        assert fold["fit"]["lora"]["global_step"] == 2 and 0.0 <= fold["auroc"] <= 1.0
+        assert not math.isnan(fold["fpr_validation"]) and not math.isnan(fold["recall"])
+    assert report["lora_args"] == args
+    with pytest.raises(ValueError, match="`left_out` must name harmful groups"):
+        gen.run_protocol(model, tok, toy_groups(), config=GateConfig(), seeds=[0], left_out=["alpaca_held"])
+    with pytest.raises(ValueError, match="use fit_mode='gate'"):
+        gen.run_protocol(model, tok, toy_groups(), config=GateConfig(), seeds=[0], lora_args=args, fit_mode="rows")
+    script = load_script()
+    for bad in (["--left-out", "tense_rephrased"], ["--lora-steps", "-1"], ["--lora-steps", "5", "--fit", "rows"]):
+        with pytest.raises(SystemExit):
+            script.parse(bad)
+    assert script.parse(["--add-source", "tense_rephrased", "--left-out", "tense_rephrased"]).left_out == [
+        "tense_rephrased"
+    ]

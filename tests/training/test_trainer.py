@@ -305,3 +305,27 @@ def test_records_with_gate_false_do_not_train_the_gate():
     assert any(p.grad is not None and p.grad.any() for n, p in gated.named_parameters() if "lora_" in n)
     with pytest.raises(ValueError, match="gate"):
         safegate.train(gated, [dict(record, gate="no")], args=dict(output_dir="unused", max_steps=1))
+
+
+def test_verdict_only_trains_the_verdict_from_prompt_only_records(tmp_path):
+    prompts = [{"prompt": r["prompt"], "label": r["label"]} for r in TRAIN]
+    gated = fresh()
+    with pytest.raises(ValueError, match="field 'response' is missing"):
+        safegate.train(gated, prompts, args=dict(output_dir=str(tmp_path / "a"), max_steps=1, **QUIET))
+    with pytest.raises(ValueError, match="`verdict_only=True` .* method='ssft' does not have"):
+        safegate.train(gated, prompts, method="ssft", verdict_only=True, args=dict(output_dir=str(tmp_path / "b")))
+    lora = {n: p.detach().clone() for n, p in gated.named_parameters() if "lora_B" in n}
+    stats = safegate.train(
+        gated,
+        prompts + TRAIN[:2],  # prompt-only records and answered ones mix
+        verdict_only=True,
+        args=dict(output_dir=str(tmp_path / "c"), max_steps=40, per_device_train_batch_size=8, learning_rate=1e-3,
+                  logging_steps=10, lr_scheduler_type="constant", warmup_steps=0, **QUIET),
+        gate_lr=1e-2,
+    )  # fmt: skip
+    logs = [e for e in stats["log_history"] if "loss" in e]
+    assert logs[-1]["gate_loss"] < 0.5 * logs[0]["gate_loss"] and stats["n_train"] == len(prompts) + 2
+    moved = [n for n, p in gated.named_parameters() if n in lora and not torch.equal(p, lora[n])]
+    assert moved  # LoRA learns from the verdict alone (through the prompt states the gate reads)
+    scores = gated.classify(**chat(gated.tokenizer, [r["prompt"] for r in TRAIN]))
+    assert auroc(scores, torch.tensor([r["label"] == "unsafe" for r in TRAIN])) >= 0.95
