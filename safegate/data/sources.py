@@ -8,12 +8,13 @@ were checked are listed in `docs/real-model.md` ("Data sets").
 
 Example:
     >>> sorted(DATASETS)
-    ['advbench', 'alpaca', 'do_not_answer', 'harmbench', 'jailbreak_templates', 'refusal_labels', 'xstest']
+    ['advbench', 'alpaca', 'do_not_answer', 'harmbench', 'jailbreak_templates', 'refusal_labels', 'tense_rephrased', \
+'xstest']
     >>> load_named_set("advbnch")
     Traceback (most recent call last):
     ...
     ValueError: unknown data set `name`='advbnch'; known: advbench, alpaca, do_not_answer, harmbench, \
-jailbreak_templates, refusal_labels, xstest.
+jailbreak_templates, refusal_labels, tense_rephrased, xstest.
 """
 
 from __future__ import annotations
