@@ -111,6 +111,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="after the gate fit, train LoRA + gate + token rows on each fold's prompts for N steps (verdict only, "
         "the recipe's `training` batch, learning rate and schedule, its `gate_lr`); 0 = frozen states only",
     )
+    ap.add_argument(
+        "--lora-lr", type=float, default=None, help="learning rate of that LoRA phase (default: the recipe's)"
+    )
     ap.add_argument("--fpr", type=float, default=0.05, help="target FPR of the calibrated threshold")
     ap.add_argument("--out", default="generalization-out", help="output folder")
     ap.add_argument(
@@ -134,6 +137,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--left-out {unknown[0]!r} is not a harmful source of this run; choose from {harmful}")
     if args.lora_steps < 0:
         ap.error(f"--lora-steps must be >= 0 (0 = frozen states only), got {args.lora_steps}")
+    if args.lora_lr is not None and not (args.lora_steps and args.lora_lr > 0):
+        ap.error(f"--lora-lr {args.lora_lr} needs --lora-steps N > 0 and a positive rate")
     if args.lora_steps and args.fit != "gate":
         ap.error(f"--lora-steps trains gate, rows and LoRA after the gate fit; it needs --fit gate, got {args.fit!r}")
     if not 0 < args.fpr < 1:
@@ -300,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         keys = ("learning_rate", "per_device_train_batch_size", "lr_scheduler_type", "warmup_steps", "use_cpu")
         lora_args = {k: v for k, v in (recipe.get("training") or {}).items() if k in keys}
         lora_args.update(max_steps=args.lora_steps, logging_steps=max(1, args.lora_steps // 5), disable_tqdm=True)
+        if args.lora_lr is not None:
+            lora_args["learning_rate"] = args.lora_lr
     report = run_protocol(
         model,
         processor,

@@ -273,7 +273,8 @@ def test_lora_phase_starts_every_fold_from_a_fresh_adapter_and_scores_from_adapt
     with pytest.raises(ValueError, match="use fit_mode='gate'"):
         gen.run_protocol(model, tok, toy_groups(), config=GateConfig(), seeds=[0], lora_args=args, fit_mode="rows")
     script = load_script()
-    for bad in (["--left-out", "tense_rephrased"], ["--lora-steps", "-1"], ["--lora-steps", "5", "--fit", "rows"]):
+    for bad in (["--left-out", "tense_rephrased"], ["--lora-steps", "-1"], ["--lora-steps", "5", "--fit", "rows"],
+                ["--lora-lr", "1e-4"], ["--lora-steps", "5", "--lora-lr", "0"]):  # fmt: skip
         with pytest.raises(SystemExit):
             script.parse(bad)
     assert script.parse(["--add-source", "tense_rephrased", "--left-out", "tense_rephrased"]).left_out == [
