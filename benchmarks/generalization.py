@@ -38,6 +38,7 @@ from safegate.data.sources import DATASETS, load_named_set
 from safegate.training.generalization import (
     FIT_MODES,
     HARMFUL,
+    SPLIT_SEED,
     StateStore,
     group_names,
     run_protocol,
@@ -46,7 +47,6 @@ from safegate.training.generalization import (
 ROOT = Path(__file__).resolve().parents[1]
 FIT_TITLES = {"gate": "the gate", "rows": "the two token rows, gate held constant", "both": "gate and token rows"}
 ADDABLE = sorted(n for n, spec in DATASETS.items() if spec.prompts and n not in (*HARMFUL, "alpaca", "xstest"))
-SPLIT_SEED = 0  # the data splits (XSTest halves, Alpaca held-out) never move with the training seeds
 COLUMNS = [
     ("auroc", "gate AUROC"),
     ("auroc_vs_xstest_safe_b", "AUROC vs XSTest-safe B"),
@@ -77,6 +77,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=None, help="fit_gate learning rate (default: the recipe's)")
     ap.add_argument("--weight-decay", type=float, default=None, help="fit_gate weight decay (default: 0)")
     ap.add_argument("--attention-dim", type=int, default=None, help="gate attention_dim (default: the recipe's)")
+    ap.add_argument(
+        "--safety-prompt",
+        default=None,
+        metavar="TEXT",
+        help="system message before every prompt whose states the gate reads (GateConfig.safety_prompt; "
+        "default: the recipe's, else none: the chat template's own)",
+    )
     ap.add_argument(
         "--augment-phrasing",
         type=float,
@@ -114,6 +121,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--lora-lr", type=float, default=None, help="learning rate of that LoRA phase (default: the recipe's)"
     )
+    ap.add_argument(
+        "--in-source",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="in-distribution control: also train on this share of each fold's own source (a fixed split) and "
+        "evaluate on the rest; 0 = the source left out whole (the protocol)",
+    )
     ap.add_argument("--fpr", type=float, default=0.05, help="target FPR of the calibrated threshold")
     ap.add_argument("--out", default="generalization-out", help="output folder")
     ap.add_argument(
@@ -141,6 +156,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--lora-lr {args.lora_lr} needs --lora-steps N > 0 and a positive rate")
     if args.lora_steps and args.fit != "gate":
         ap.error(f"--lora-steps trains gate, rows and LoRA after the gate fit; it needs --fit gate, got {args.fit!r}")
+    if args.safety_prompt is not None and not args.safety_prompt.strip():
+        ap.error("--safety-prompt is blank; pass the system message's text, or omit the flag for none")
+    if not 0 <= args.in_source < 1:
+        ap.error(f"--in-source must be in [0, 1) (0 = left out whole), got {args.in_source}")
     if not 0 < args.fpr < 1:
         ap.error(f"--fpr must be in (0, 1), got {args.fpr}")
     if not Path(args.recipe).is_file():
@@ -239,6 +258,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"phrasing augmentation {meta['augment_phrasing'] or 'off'}, "
             f"added harmful sources {', '.join(meta.get('added_sources') or []) or 'none'}, "
             f"LoRA steps per fold {meta.get('lora_steps') or 'none (frozen states)'}, "
+            f"safety prompt {meta.get('safety_prompt')!r}, "
+            f"share of the left-out source trained on {meta.get('in_source') or 'none (left out whole)'}, "
             f"seeds {meta['seeds']}, limit per source {meta['limit_per_source']}; mean ± std over seeds "
             "(last row: mean of the sources' means ± std across sources).",
             "",
@@ -288,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         gate["layer"] = args.layer
     if args.attention_dim is not None:
         gate["attention_dim"] = args.attention_dim
+    if args.safety_prompt is not None:
+        gate["safety_prompt"] = args.safety_prompt
     fit = recipe.get("fit_gate") or {}
     fit_kwargs = {"epochs": args.epochs or fit.get("epochs", 30), "lr": args.lr or fit.get("lr", 1e-2)}
     if args.weight_decay is not None:
@@ -324,11 +347,14 @@ def main(argv: list[str] | None = None) -> int:
         left_out=args.left_out,
         lora_args=lora_args,
         gate_lr=recipe.get("gate_lr"),
+        in_source=args.in_source,
     )
     report["meta"] = {
         "model": args.model,
         "layer": config.layer,
         "attention_dim": config.attention_dim,
+        "safety_prompt": config.safety_prompt,
+        "in_source": args.in_source,
         "fit_kwargs": fit_kwargs,
         "augment_phrasing": args.augment_phrasing,
         "fit": args.fit,

@@ -64,6 +64,7 @@ FIT_MODES = {  # what each fold fits: the ablation of issue 16 item 2 (safety at
     "rows": {"train_gate": False, "train_token_rows": True},  # the two token rows alone, gate held constant
     "both": {"train_gate": True, "train_token_rows": True},
 }
+SPLIT_SEED = 0  # fixed data splits (XSTest halves, Alpaca held-out, in-source halves) never move with training seeds
 SHIPPED_THRESHOLD = 0.5  # the gate's own decision: the unsafe token wins when p(unsafe) >= 0.5
 
 
@@ -175,8 +176,15 @@ def fold_split(
     seed: int,
     val_fraction: float = 0.2,
     harmful: list[str] | None = None,
+    in_source: float = 0.0,
 ) -> dict[str, Any]:
-    """Global record indices of one fold: `train`, `val` (benign validation), `eval` groups; overlap dropped."""
+    """Global record indices of one fold: `train`, `val` (benign validation), `eval` groups; overlap dropped.
+
+    `in_source` > 0 turns the fold into its in-distribution control: that share of the `left_out` source (a fixed
+    split, the same for every seed) trains with the other sources and only the rest is evaluated.
+    """
+    if not 0.0 <= in_source < 1.0:
+        raise ValueError(f"`in_source` must be in [0, 1) (0 = the source left out whole), got {in_source!r}.")
     names = group_names(harmful)
     offsets, start = {}, 0
     for name in names:
@@ -187,20 +195,27 @@ def fold_split(
         return [{**r, "_index": offsets[name] + i} for i, r in enumerate(groups[name])]
 
     eval_names = [left_out, *BENIGN_HELD]
-    held = {normalise_prompt(record_text(r)) for name in eval_names for r in groups[name]}
+    own_train, own_eval = (
+        split_records(indexed(left_out), held_out=1.0 - in_source, seed=SPLIT_SEED) if in_source else
+        ([], indexed(left_out))
+    )  # fmt: skip
+    eval_index = {name: [r["_index"] for r in indexed(name)] for name in BENIGN_HELD}
+    eval_index[left_out] = [r["_index"] for r in own_eval]
+    eval_records = [r for name in eval_names for r in (own_eval if name == left_out else groups[name])]
+    held = {normalise_prompt(record_text(r)) for r in eval_records}
     harm = [r for name in names if name not in BENIGN_TRAIN + BENIGN_HELD and name != left_out for r in indexed(name)]
+    harm += own_train
     benign = [r for name in BENIGN_TRAIN for r in indexed(name)]
     fit_benign, val = split_records(benign, held_out=val_fraction, seed=seed)
     train = harm + fit_benign
     kept_train = [r for r in train if normalise_prompt(record_text(r)) not in held]
     kept_val = [r for r in val if normalise_prompt(record_text(r)) not in held]
-    eval_records = [r for name in eval_names for r in groups[name]]
     check_disjoint(kept_train + kept_val, eval_records, train_name=f"training pool without {left_out}",
                    eval_name=f"held-out ({left_out} + benign)")  # fmt: skip
     return {
         "train": [r["_index"] for r in kept_train],
         "val": [r["_index"] for r in kept_val],
-        "eval": {name: list(range(offsets[name], offsets[name] + len(groups[name]))) for name in eval_names},
+        "eval": {name: eval_index[name] for name in eval_names},
         "dropped_overlap": len(train) + len(val) - len(kept_train) - len(kept_val),
     }
 
@@ -290,6 +305,7 @@ def run_protocol(
     left_out: list[str] | None = None,
     lora_args: dict[str, Any] | None = None,
     gate_lr: float | None = None,
+    in_source: float = 0.0,
 ) -> dict[str, Any]:
     """Run the LOSO protocol; returns `{"folds": [...], "summary": {source: {metric: summary}}, "cache": ...}`.
 
@@ -313,6 +329,8 @@ def run_protocol(
             prompts with `safegate.train(verdict_only=True)` and these `TrainingArguments` fields (`max_steps`, ...);
             every fold starts from the seed's fresh adapter. None = frozen states only.
         gate_lr (`float | None`): learning rate of gate and token rows in that phase (`safegate.train`'s).
+        in_source (`float`): the in-distribution control: train on this share of each fold's own source too (a fixed
+            split) and evaluate on the rest (`fold_split`); 0 = leave the source out whole (the protocol).
     """
     harmful = list(HARMFUL if harmful is None else harmful)
     check_groups(groups, harmful)
@@ -360,7 +378,7 @@ def run_protocol(
                 for n, p in gated.named_parameters():
                     if n in initial_lora:
                         p.copy_(initial_lora[n])
-            fold = fold_split(groups, source, seed, harmful=harmful)
+            fold = fold_split(groups, source, seed, harmful=harmful, in_source=in_source)
             train_cache = subset_cache(all_cache, fold["train"])
             copies, dropped = (
                 augment_fold(groups, fold, source, augment_share, seed, harmful) if augment_share else ([], 0)
@@ -401,6 +419,7 @@ def run_protocol(
         "lora_args": lora_args,
         "augment_share": augment_share,
         "fit_mode": fit_mode,
+        "in_source": in_source,
         "cache": {"hits": store.hits, "misses": store.misses, "seconds": cache_seconds},
     }
 

@@ -81,6 +81,21 @@ def test_fold_split_keeps_the_left_out_source_and_held_benign_out_of_training():
     assert len(fold["val"]) == round(0.2 * 30) and len(fold["train"]) == 30 + 24
 
 
+def test_in_source_control_trains_on_a_fixed_share_of_the_left_out_source_and_scores_the_rest():
+    groups = toy_groups(10)
+    whole = gen.fold_split(groups, "do_not_answer", seed=1)
+    folds = [gen.fold_split(groups, "do_not_answer", seed=s, in_source=0.5) for s in (1, 2)]
+    own = set(whole["eval"]["do_not_answer"])
+    for fold in folds:
+        trained, scored = own & set(fold["train"]), set(fold["eval"]["do_not_answer"])
+        assert len(trained) == len(scored) == 5 and trained | scored == own and not trained & scored
+        assert fold["eval"]["xstest_safe_b"] == whole["eval"]["xstest_safe_b"]  # benign held-out sets unchanged
+    assert set(folds[0]["train"]) - own == set(whole["train"])  # same seed: otherwise the fold it controls
+    assert folds[0]["eval"]["do_not_answer"] == folds[1]["eval"]["do_not_answer"]  # fixed whatever the seed
+    with pytest.raises(ValueError, match="in_source"):
+        gen.fold_split(groups, "do_not_answer", seed=1, in_source=1.0)
+
+
 def test_metrics_on_hand_made_scores():
     # global order: the 10 groups of toy_groups(4), 4 prompts each
     names = gen.HARMFUL + gen.BENIGN_TRAIN + gen.BENIGN_HELD
@@ -280,3 +295,60 @@ def test_lora_phase_starts_every_fold_from_a_fresh_adapter_and_scores_from_adapt
     assert script.parse(["--add-source", "tense_rephrased", "--left-out", "tense_rephrased"]).left_out == [
         "tense_rephrased"
     ]
+
+
+def test_safety_prompt_and_in_source_flags_reach_the_gate_config_and_the_report(tmp_path, one_thread):
+    script = load_script()
+    for bad in (["--safety-prompt", "  "], ["--in-source", "1"], ["--in-source", "-0.1"]):
+        with pytest.raises(SystemExit):
+            script.parse(bad)
+    try:
+        script.load_groups(2, 1000)
+    except (DataUnavailableError, FileNotFoundError) as why:
+        pytest.skip(f"no offline data: {why}")
+    argv = ["--model", "tiny:llama", "--limit-per-source", "4", "--seeds", "1", "--epochs", "1", "--in-source", "0.5",
+            "--safety-prompt", "Consider whether the request is harmful.", "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]  # fmt: skip
+    assert script.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["meta"]["safety_prompt"] == "Consider whether the request is harmful."
+    assert report["meta"]["in_source"] == report["in_source"] == 0.5
+    assert all(fold["n"]["left_out"] == 2 for fold in report["folds"])  # half of each source scored
+    assert "share of the left-out source trained on 0.5" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_layer_probe_end_to_end_on_a_tiny_model(tmp_path, one_thread):
+    spec = importlib.util.spec_from_file_location("layer_probe", SCRIPT.parent / "layer_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    try:
+        load_script().load_groups(2, 1000)
+    except (DataUnavailableError, FileNotFoundError) as why:
+        pytest.skip(f"no offline data: {why}")
+    argv = ["--model", "tiny:llama", "--limit-per-source", "4", "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]  # fmt: skip
+    assert probe.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(report["layers"]) == set(probe.POOLINGS)
+    for rows in report["layers"].values():
+        assert [r["layer"] for r in rows] == list(range(len(rows))) and len(rows) >= 2  # embeddings + each layer
+        for row in rows:
+            assert set(row["sources"]) == set(gen.HARMFUL)
+            for mode in ("loso", "in_source"):
+                assert 0.0 <= row[mode]["auroc"] <= 1.0 and 0.0 <= row[mode]["auroc_vs_xstest_safe_b"] <= 1.0
+    assert (tmp_path / "out" / "probe_layers.png").stat().st_size > 0
+    assert len(list((tmp_path / "cache").glob("layers_*.pt"))) == 1  # a re-run reads the states from there
+    assert probe.main(argv) == 0
+
+
+def test_probe_separates_separable_data_and_is_class_balanced():
+    spec = importlib.util.spec_from_file_location("layer_probe", SCRIPT.parent / "layer_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    torch.manual_seed(0)
+    x = torch.randn(200, 8)
+    y = (x[:, 3] > 1.0).long()  # 1 in 6 positive: an unbalanced but separable direction
+    mu, sd, w, b = probe.fit_probe(x, y, l2=1e-3)
+    assert w.abs().argmax() == 3
+    scores = ((x - mu) / sd) @ w + b
+    assert float(((scores > 0).long() == y).float().mean()) > 0.97

@@ -1,0 +1,199 @@
+"""How far can *any* read-out of a frozen backbone's states go? A per-layer linear-probe ceiling (issue 16).
+
+The generalization protocol (`benchmarks/generalization.py`) measures the shipped gate, which reads one layer. This
+benchmark asks the question behind it: does some layer of the frozen backbone separate a harmful source it never
+trained on from benign look-alikes, and would it if the source *had* been trained on? For every decoder layer and two
+poolings (the last prompt token; the mean over the prompt's tokens after the first, which is an attention sink in
+mid layers), it fits a class-balanced, L2-regularised logistic regression on standardised states (full batch,
+L-BFGS; no tuning: one fixed `--l2`) on the protocol's folds (`fold_split`, seed 0) and reports, per layer:
+
+* **LOSO**: AUROC of each left-out source against all held-out benign prompts and against XSTest-safe B alone;
+* **in-source control** (`--in-source`, default 0.5): the same folds with half of the left-out source in training
+  (a fixed split) and the other half scored: what the states allow when the distribution is known.
+
+Prompt states of every layer are computed once (about 3 minutes on 2 cores for the ~2,900 prompts) and cached.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/layer_probe.py --out docs/generalization/probe
+
+Outputs in `--out`: `results.json` (every layer, pooling, fold), `report.md`, `probe_layers.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from generalization import load_groups, machine  # noqa: E402
+
+import safegate  # noqa: E402
+from safegate.evaluation.metrics import auroc  # noqa: E402
+from safegate.modeling.tokens import padding_id  # noqa: E402
+from safegate.training.collate import build_inputs  # noqa: E402
+from safegate.training.generalization import BENIGN_HELD, HARMFUL, fold_split, group_names  # noqa: E402
+
+POOLINGS = ("last", "mean")
+
+
+def layer_features(model: Any, processor: Any, records: list[dict[str, Any]], batch_size: int = 8) -> torch.Tensor:
+    """`[prompts, pooling (last, mean), layers + 1, hidden]` states of the frozen model (embeddings = layer 0)."""
+    pad = padding_id(processor)
+    rows = []
+    model.eval()
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(records), batch_size), desc="layer states"):
+        chunk = records[start : start + batch_size]
+        ids = [build_inputs(processor, {"prompt": r["prompt"], "label": r["label"]})["prompt_ids"] for r in chunk]
+        width = max(map(len, ids))
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        with torch.no_grad():
+            hidden = torch.stack(model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True,
+                                       use_cache=False).hidden_states, 1).float()  # fmt: skip
+        last = torch.tensor([len(r) - 1 for r in ids])
+        body = mask.clone()
+        body[:, 0] = 0  # position 0 is an attention sink (huge norm) in mid layers: keep it out of the mean
+        mean = (hidden * body[:, None, :, None]).sum(2) / body.sum(1).clamp(min=1)[:, None, None]
+        rows.append(torch.stack([hidden[torch.arange(len(ids)), :, last], mean], 1))
+    return torch.cat(rows)
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float, steps: int = 100) -> tuple[torch.Tensor, ...]:
+    """Class-balanced logistic regression on standardised `x`; returns (mean, std, weight, bias)."""
+    mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = (x - mu) / sd
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    pos = y.float().mean()
+    weight = torch.where(y == 1, 0.5 / pos, 0.5 / (1 - pos))
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y.float(), weight=weight)
+                + l2 * w.square().sum())  # fmt: skip
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return mu, sd, w.detach(), b.detach()
+
+
+def probe_fold(feats: torch.Tensor, labels: torch.Tensor, fold: dict[str, Any], source: str, l2: float) -> dict:
+    train = torch.tensor(fold["train"] + fold["val"])  # a probe needs no validation split: the fold's pool
+    mu, sd, w, b = fit_probe(feats[train], labels[train], l2)
+    score = lambda index: ((feats[torch.tensor(index)] - mu) / sd) @ w + b  # noqa: E731
+    harm = score(fold["eval"][source])
+
+    def area(names: list[str]) -> float:
+        benign = torch.cat([score(fold["eval"][n]) for n in names])
+        return auroc(torch.cat([harm, benign]), [1] * len(harm) + [0] * len(benign))
+
+    return {"auroc": area(BENIGN_HELD), "auroc_vs_xstest_safe_b": area(["xstest_safe_b"])}
+
+
+def plot(report: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    metrics = (("auroc", "vs all held-out benign"), ("auroc_vs_xstest_safe_b", "vs XSTest-safe B"))
+    for ax, (metric, title) in zip(axes, metrics, strict=True):
+        for pooling, style in zip(POOLINGS, ("-", "--"), strict=True):
+            for mode, color in (("loso", "tab:red"), ("in_source", "tab:blue")):
+                curve = [row[mode][metric] for row in report["layers"][pooling]]
+                read = "last token" if pooling == "last" else "mean over tokens"
+                label = f"{'left out' if mode == 'loso' else 'in-source control'}, {read}"
+                ax.plot(range(len(curve)), curve, style, color=color, label=label)
+        ax.axhline(0.95, color="grey", lw=0.7, ls=":")
+        ax.set(xlabel="layer (0 = embeddings)", title=f"linear probe, mean over 4 sources, {title}")
+    axes[0].set_ylabel("AUROC (mean over left-out sources)")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "probe_layers.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin:smollm2-135m-instruct", help="backbone for safegate.load_model")
+    ap.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the probe's weights (fixed, not tuned)")
+    ap.add_argument("--in-source", type=float, default=0.5, help="share of the left-out source in the control")
+    ap.add_argument("--limit-per-source", type=int, default=None, help="at most N prompts per group (quick run)")
+    ap.add_argument("--max-prompt-chars", type=int, default=1000, help="drop longer prompts (as the protocol)")
+    ap.add_argument("--out", default="probe-out", help="output folder")
+    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache/safegate/generalization"), help="state cache")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    if not 0 < args.in_source < 1:
+        ap.error(f"--in-source must be in (0, 1), got {args.in_source}")
+    if args.limit_per_source is not None and args.limit_per_source < 2:
+        ap.error(f"--limit-per-source must be >= 2 (or omitted for all prompts), got {args.limit_per_source}")
+    if args.l2 < 0:
+        ap.error(f"--l2 must be >= 0, got {args.l2}")
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    groups = load_groups(args.limit_per_source, args.max_prompt_chars)
+    records = [r for name in group_names() for r in groups[name]]
+    key = hashlib.sha256(json.dumps([args.model, [[r["prompt"], r["label"]] for r in records]]).encode())
+    path = Path(args.cache_dir) / f"layers_{key.hexdigest()[:24]}.pt"
+    if path.exists():
+        feats = torch.load(path, weights_only=True)
+    else:
+        model, processor = safegate.load_model(args.model, dtype="float32")
+        feats = layer_features(model, processor, records)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(feats, path)
+    labels = torch.tensor([int(r["label"] == "unsafe") for r in records])
+    folds = {s: fold_split(groups, s, seed=0) for s in HARMFUL}
+    controls = {s: fold_split(groups, s, seed=0, in_source=args.in_source) for s in HARMFUL}
+    report: dict[str, Any] = {"layers": {}, "meta": {**vars(args), "machine": machine(), "prompts": len(records)}}
+    for p, pooling in enumerate(POOLINGS):
+        rows = []
+        for layer in range(feats.shape[2]):
+            x = feats[:, p, layer]
+            per = {s: {"loso": probe_fold(x, labels, folds[s], s, args.l2),
+                       "in_source": probe_fold(x, labels, controls[s], s, args.l2)} for s in HARMFUL}  # fmt: skip
+            mean = {mode: {m: sum(per[s][mode][m] for s in HARMFUL) / len(HARMFUL) for m in per[HARMFUL[0]][mode]}
+                    for mode in ("loso", "in_source")}  # fmt: skip
+            rows.append({"layer": layer, **mean, "sources": per})
+            print(f"{pooling} layer {layer:2d}: LOSO {mean['loso']['auroc']:.3f} / vs XSTest-safe B "
+                  f"{mean['loso']['auroc_vs_xstest_safe_b']:.3f}; in-source {mean['in_source']['auroc']:.3f} / "
+                  f"{mean['in_source']['auroc_vs_xstest_safe_b']:.3f}", flush=True)  # fmt: skip
+        report["layers"][pooling] = rows
+    report["meta"]["seconds"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    head = "| pooling | mode | best layer (all benign) | AUROC | best layer (vs XSTest-safe B) | AUROC | last layer |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for pooling, rows in report["layers"].items():
+        for mode in ("loso", "in_source"):
+            best = max(rows, key=lambda r: r[mode]["auroc"])
+            hard = max(rows, key=lambda r: r[mode]["auroc_vs_xstest_safe_b"])
+            lines.append(f"| {pooling} | {mode} | {best['layer']} | {best[mode]['auroc']:.3f} | {hard['layer']} | "
+                         f"{hard[mode]['auroc_vs_xstest_safe_b']:.3f} | {rows[-1][mode]['auroc']:.3f} |")  # fmt: skip
+    box = report["meta"]["machine"]
+    lines += ["", f"Commit {box['commit']}{' (dirty)' if box['dirty'] else ''}, {box['cpu']}, {box['date']}, "
+              f"{report['meta']['seconds']:.0f} s."]  # fmt: skip
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    plot(report, out)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
