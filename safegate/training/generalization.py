@@ -36,11 +36,8 @@ Example (tiny random model, a few prompts per group):
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import statistics
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,7 +47,8 @@ from safegate.data.leakage import check_disjoint, normalise_prompt, record_text
 from safegate.data.phrasing import augment_phrasing
 from safegate.evaluation.metrics import auroc, roc_curve
 from safegate.modeling.model import attach
-from safegate.training.gate_fit import PromptCache, cache_prompts, cached_scores, fit_gate
+from safegate.training.gate_fit import cache_prompts, cached_scores, fit_gate
+from safegate.training.state_store import StateStore, concat_caches, subset_cache
 from safegate.training.token_rows import head_rows, token_row_layer
 
 HARMFUL = ["advbench", "harmbench", "do_not_answer", "xstest_unsafe"]
@@ -94,57 +92,6 @@ def summarise(values: list[float]) -> dict[str, float]:
         return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
     std = statistics.stdev(finite) if len(finite) > 1 else 0.0
     return {"mean": statistics.fmean(finite), "std": std, "min": min(finite), "max": max(finite), "n": len(finite)}
-
-
-# ------------------------------------------------------------------------------------------------ state cache
-class StateStore:
-    """On-disk cache of `cache_prompts` results, one `torch.save` file of tensors per key (no pickled objects)."""
-
-    def __init__(self, folder: str | Path | None) -> None:
-        self.folder = Path(folder) if folder is not None else None
-        self.hits = self.misses = 0
-
-    @staticmethod
-    def key(model_name: str, layer: int, safety_prompt: str | None, records: list[dict[str, Any]]) -> str:
-        payload = [model_name, layer, safety_prompt, [[r["prompt"], r["label"]] for r in records]]
-        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
-
-    def get(self, gated: Any, records: list[dict[str, Any]], model_name: str, progress: bool = False) -> PromptCache:
-        config = gated.gate_config
-        path = None
-        if self.folder is not None:
-            path = self.folder / f"{self.key(model_name, config.layer, config.safety_prompt, records)}.pt"
-            if path.exists():
-                self.hits += 1
-                saved = torch.load(path, weights_only=True)
-                return PromptCache(saved["states"], saved["logits"], saved["last_hidden"], saved["labels"], 0.0)
-        self.misses += 1
-        cache = cache_prompts(gated, records, progress=progress)
-        if path is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tensors = {"states": cache.states, "logits": cache.logits, "last_hidden": cache.last_hidden,
-                       "labels": cache.labels}  # fmt: skip
-            torch.save(tensors, path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
-        return cache
-
-
-def concat_caches(caches: list[PromptCache]) -> PromptCache:
-    """One cache holding the prompts of `caches` in order."""
-    return PromptCache(
-        states=[s for c in caches for s in c.states],
-        logits=torch.cat([c.logits for c in caches]),
-        last_hidden=torch.cat([c.last_hidden for c in caches]),
-        labels=torch.cat([c.labels for c in caches]),
-        seconds=sum(c.seconds for c in caches),
-    )
-
-
-def subset_cache(cache: PromptCache, index: list[int]) -> PromptCache:
-    """The prompts `index` of `cache`, in that order."""
-    rows = torch.tensor(index, dtype=torch.long)
-    return PromptCache([cache.states[i] for i in index], cache.logits[rows], cache.last_hidden[rows],
-                       cache.labels[rows], 0.0)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ protocol
