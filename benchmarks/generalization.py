@@ -246,7 +246,8 @@ def markdown(report: dict[str, Any]) -> str:
     head = "| left-out source | n | " + " | ".join(title for _, title in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for source, row in report["summary"].items():
-        n = report["counts"].get(source, "")
+        scored = [f["n"]["left_out"] for f in report["folds"] if f["left_out"] == source]
+        n = scored[0] if scored else ""  # the prompts of the source scored (all of it, or the rest with --in-source)
         lines.append(f"| {source} | {n} | " + " | ".join(cell(row[m]) for m, _ in COLUMNS) + " |")
     meta = report["meta"]
     box = meta["machine"]

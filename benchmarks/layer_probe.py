@@ -44,7 +44,11 @@ POOLINGS = ("last", "mean")
 
 
 def layer_features(model: Any, processor: Any, records: list[dict[str, Any]], batch_size: int = 8) -> torch.Tensor:
-    """`[prompts, pooling (last, mean), layers + 1, hidden]` states of the frozen model (embeddings = layer 0)."""
+    """`[prompts, pooling (last, mean), layers + 1, hidden]` states of the frozen model.
+
+    transformers' `hidden_states`: index 0 the embeddings, L the output of decoder layer L-1 (`GateConfig(layer=L-1)`),
+    the last one after the final norm (the gate's default tap, `layer=-1`).
+    """
     pad = padding_id(processor)
     rows = []
     model.eval()

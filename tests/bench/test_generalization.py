@@ -314,6 +314,7 @@ def test_safety_prompt_and_in_source_flags_reach_the_gate_config_and_the_report(
     assert report["meta"]["safety_prompt"] == "Consider whether the request is harmful."
     assert report["meta"]["in_source"] == report["in_source"] == 0.5
     assert all(fold["n"]["left_out"] == 2 for fold in report["folds"])  # half of each source scored
+    assert "| advbench | 2 |" in (tmp_path / "out" / "report.md").read_text()  # the scored half, not the source
     assert "share of the left-out source trained on 0.5" in (tmp_path / "out" / "report.md").read_text()
 
 
