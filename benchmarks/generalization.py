@@ -192,7 +192,8 @@ def load_groups(
             key = normalise_prompt(r["prompt"])
             if r["label"] == label and len(r["prompt"]) <= max_chars and key not in seen:
                 seen.add(key)
-                out.append({"prompt": r["prompt"], "label": label})
+                kind = r.get("category") or r.get("type")  # XSTest names its kinds of prompt `type`
+                out.append({"prompt": r["prompt"], "label": label, **({"category": kind} if kind else {})})
         return out
 
     harmful_sets = ("advbench", "harmbench", "do_not_answer", *added)
@@ -249,6 +250,14 @@ def markdown(report: dict[str, Any]) -> str:
         scored = [f["n"]["left_out"] for f in report["folds"] if f["left_out"] == source]
         n = scored[0] if scored else ""  # the prompts of the source scored (all of it, or the rest with --in-source)
         lines.append(f"| {source} | {n} | " + " | ".join(cell(row[m]) for m, _ in COLUMNS) + " |")
+    title = "Recall at the calibrated threshold by the left-out source's own categories (≥ 10 prompts; mean ± std):"
+    categories = ["", title, "", "| left-out source | category | n | recall |", "|---|---|---|---|"]
+    for source, table in (report.get("recall_by_category") or {}).items():
+        fold = next(f for f in report["folds"] if f["left_out"] == source)
+        sizes = fold.get("n_by_category", {})
+        for category, stat in table.items():
+            if sizes.get(category, 0) >= 10:
+                categories.append(f"| {source} | {category[:60]} | {sizes[category]} | {cell(stat)} |")
     meta = report["meta"]
     box = meta["machine"]
     return "\n".join(
@@ -265,6 +274,7 @@ def markdown(report: dict[str, Any]) -> str:
             "(last row: mean of the sources' means ± std across sources).",
             "",
             *lines,
+            *(categories if len(categories) > 5 else []),
             "",
             f"Commit {box['commit']}{' (dirty)' if box['dirty'] else ''}, {box['cpu']} ({box['cpu_count']} CPUs, "
             f"{box['torch_threads']} threads), torch {box['torch']}, {box['date']}, {meta['seconds']:.0f} s.",

@@ -197,12 +197,22 @@ def augment_fold(
     return kept, len(copies) - len(kept)
 
 
-def fold_metrics(scores: torch.Tensor, fold: dict[str, Any], left_out: str, fpr: float) -> dict[str, Any]:
-    """AUROC, recall and FPRs of one fold from the scores of every prompt (global indices)."""
+def fold_metrics(
+    scores: torch.Tensor, fold: dict[str, Any], left_out: str, fpr: float, categories: list[Any] | None = None
+) -> dict[str, Any]:
+    """AUROC, recall and FPRs of one fold from the scores of every prompt (global indices).
+
+    With `categories` (one per prompt, global order; None = uncategorised), `recall_by_category` gives the recall at
+    the calibrated threshold within each category of the left-out source: which kinds of harm transfer.
+    """
     pick = {name: scores[torch.tensor(index)] for name, index in fold["eval"].items()}
     harmful = pick[left_out]
     benign = torch.cat([pick[name] for name in BENIGN_HELD])
     threshold = threshold_at_fpr(scores[torch.tensor(fold["val"])], fpr)
+    by_category: dict[str, list[int]] = {}
+    for i in fold["eval"][left_out] if categories is not None else []:
+        if categories[i] is not None:
+            by_category.setdefault(str(categories[i]), []).append(i)
 
     def area(negative: torch.Tensor) -> float:
         value = auroc(torch.cat([harmful, negative]), [1] * len(harmful) + [0] * len(negative))
@@ -223,6 +233,10 @@ def fold_metrics(scores: torch.Tensor, fold: dict[str, Any], left_out: str, fpr:
         "fpr_alpaca_held": flag_rate(pick["alpaca_held"], threshold),
         "fpr_xstest_safe_b_shipped": flag_rate(pick["xstest_safe_b"], SHIPPED_THRESHOLD, inclusive=True),
         "fpr_validation": flag_rate(scores[torch.tensor(fold["val"])], threshold),
+        "recall_by_category": {
+            c: flag_rate(scores[torch.tensor(i)], threshold) for c, i in sorted(by_category.items())
+        },
+        "n_by_category": {c: len(i) for c, i in sorted(by_category.items())},
         "roc": {"fpr": [round(x, 5) for x in fprs], "tpr": [round(y, 5) for y in tprs]},
         "n": {
             "left_out": len(harmful),
@@ -304,6 +318,7 @@ def run_protocol(
     cache_seconds = all_cache.seconds
     model = gated.detach()
     records = [r for name in names for r in groups[name]]
+    categories = [r.get("category") for r in records]
     folds = []
     steps = [(seed, name) for seed in seeds for name in folds_run]
     bar = None
@@ -340,7 +355,7 @@ def run_protocol(
                 scores = adapted_scores(gated, records, fold)
             else:
                 scores = cached_scores(gated, all_cache, fitted_rows).double()
-            row = {"seed": seed, "left_out": source, **fold_metrics(scores, fold, source, fpr)}
+            row = {"seed": seed, "left_out": source, **fold_metrics(scores, fold, source, fpr, categories)}
             row["n"].update(augmented=len(copies), dropped_augmented=dropped)
             row["fit"] = {k: stats.get(k) for k in ("train_auroc", "train_accuracy", "final_loss", "fit_seconds")}
             row["fit"].update({k: v for k, v in stats.items() if k in ("diverged", "retries", "best_epoch", "lora")})
@@ -354,6 +369,11 @@ def run_protocol(
     summary = {
         name: {m: summarise([f[m] for f in folds if f["left_out"] == name]) for m in METRICS} for name in folds_run
     }
+    by_category = {
+        name: {c: summarise([f["recall_by_category"].get(c, float("nan")) for f in folds if f["left_out"] == name])
+               for c in sorted({c for f in folds if f["left_out"] == name for c in f["recall_by_category"]})}
+        for name in folds_run
+    }  # fmt: skip
     summary["mean over sources"] = {
         m: summarise([summary[s][m]["mean"] for s in folds_run]) for m in METRICS
     }  # spread here = across sources
@@ -361,6 +381,7 @@ def run_protocol(
         "folds": folds,
         "summary": summary,
         "counts": {name: len(groups[name]) for name in names},
+        "recall_by_category": by_category,
         "harmful": harmful,
         "left_out": folds_run,
         "lora_args": lora_args,

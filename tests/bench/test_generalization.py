@@ -53,6 +53,11 @@ def test_end_to_end_on_a_tiny_model(tmp_path, one_thread):
     assert report["cache"] == {"hits": 0, "misses": 10, "seconds": report["cache"]["seconds"]}
     assert sorted(p.name for p in (tmp_path / "out").glob("roc_*.png")) == sorted(f"roc_{s}.png" for s in gen.HARMFUL)
     assert "| advbench | 3 |" in (tmp_path / "out" / "report.md").read_text()
+    assert set(report["recall_by_category"]) == set(gen.HARMFUL)  # the sources' own categories (may be empty)
+    for source, table in report["recall_by_category"].items():
+        fold = next(f for f in report["folds"] if f["left_out"] == source)
+        assert set(table) == set(fold["n_by_category"]) and sum(fold["n_by_category"].values()) <= 3
+    assert report["recall_by_category"]["do_not_answer"] and report["recall_by_category"]["xstest_unsafe"]
     # a second run re-fits from the on-disk prompt states
     assert script.main(argv[:-6] + ["--seeds", "1", "--out", str(tmp_path / "out2"), "--cache-dir",
                                     str(tmp_path / "cache"), "--threads", "1"]) == 0  # fmt: skip
@@ -127,6 +132,16 @@ def test_metrics_on_hand_made_scores():
     assert out["auroc_vs_xstest_safe_b"] == pytest.approx((4 + 4 + 3 + 1.5) / 16)
     assert out["auroc_vs_hard_negatives_eval"] == pytest.approx((4 + 4 + 3 + 2) / 16)
     assert out["auroc_vs_alpaca_held"] == 1.0
+    assert out["recall_by_category"] == {} and out["n_by_category"] == {}  # no categories given
+    kinds = [None] * 60
+    for i, kind in zip(range(start["xstest_unsafe"], start["xstest_unsafe"] + 4), ["a", "b", "a", None], strict=True):
+        kinds[i] = kind
+    kinds[start["xstest_safe_b"]] = "benign kinds are not counted"
+    split = gen.fold_metrics(scores, fold, "xstest_unsafe", fpr=0.05, categories=kinds)
+    assert split["recall_by_category"] == {"a": 1.0, "b": 1.0} and split["n_by_category"] == {"a": 2, "b": 1}
+    kinds[start["xstest_unsafe"] + 3] = "b"  # 0.1: below the threshold
+    split = gen.fold_metrics(scores, fold, "xstest_unsafe", fpr=0.05, categories=kinds)
+    assert split["recall_by_category"] == {"a": 1.0, "b": 0.5} and split["recall"] == out["recall"]
     assert gen.threshold_at_fpr([0.3, 0.1, 0.2], 0.0) == 0.3 and math.isnan(gen.flag_rate([], 0.5))
     assert gen.summarise([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(math.sqrt(2)), "min": 1.0, "max": 3.0,
                                          "n": 2}  # fmt: skip
