@@ -1,15 +1,19 @@
-"""How far can *any* read-out of a frozen backbone's states go? A per-layer linear-probe ceiling (issue 16).
+"""How far do linear read-outs of a frozen backbone's layers go? A per-layer probe reference for the gate (issue 16).
 
 The generalization protocol (`benchmarks/generalization.py`) measures the shipped gate, which reads one layer. This
 benchmark asks the question behind it: does some layer of the frozen backbone separate a harmful source it never
 trained on from benign look-alikes, and would it if the source *had* been trained on? For every decoder layer and two
-poolings (the last prompt token; the mean over the prompt's tokens after the first, which is an attention sink in
-mid layers), it fits a class-balanced, L2-regularised logistic regression on standardised states (full batch,
-L-BFGS; no tuning: one fixed `--l2`) on the protocol's folds (`fold_split`, seed 0) and reports, per layer:
+poolings (the last prompt token; the mean over every token of the templated prompt — system message, user turn,
+assistant header — but the first, which is an attention sink in mid layers), it fits a class-balanced,
+L2-regularised logistic regression on standardised states (full batch, L-BFGS; no tuning: one fixed `--l2`) on the
+protocol's folds (`fold_split`, seed 0) and reports, per layer:
 
 * **LOSO**: AUROC of each left-out source against all held-out benign prompts and against XSTest-safe B alone;
 * **in-source control** (`--in-source`, default 0.5): the same folds with half of the left-out source in training
   (a fixed split) and the other half scored: what the states allow when the distribution is known.
+
+It is a probe of single-vector linear read-outs, not an upper bound on every gate: the attention gate, which reads all
+positions of one layer, beats every probe when sources are left out (docs/generalization.md).
 
 Prompt states of every layer are computed once (about 3 minutes on 2 cores for the ~2,900 prompts) and cached.
 
@@ -41,6 +45,7 @@ from safegate.training.collate import build_inputs  # noqa: E402
 from safegate.training.generalization import BENIGN_HELD, HARMFUL, fold_split, group_names  # noqa: E402
 
 POOLINGS = ("last", "mean")
+FEATURES_VERSION = 1  # part of the cache key: bump when the pooling or the prompt formatting changes
 
 
 def layer_features(model: Any, processor: Any, records: list[dict[str, Any]], batch_size: int = 8) -> torch.Tensor:
@@ -74,7 +79,10 @@ def layer_features(model: Any, processor: Any, records: list[dict[str, Any]], ba
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float, steps: int = 100) -> tuple[torch.Tensor, ...]:
-    """Class-balanced logistic regression on standardised `x`; returns (mean, std, weight, bias)."""
+    """Class-balanced logistic regression on standardised `x`; returns (mean, std, weight, bias).
+
+    One L-BFGS call of at most `steps` iterations with a strong-Wolfe line search: the loss is convex and L2-penalised.
+    """
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
     z = (x - mu) / sd
     w = torch.zeros(x.shape[1], requires_grad=True)
@@ -94,10 +102,16 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float, steps: int = 100) -> 
     return mu, sd, w.detach(), b.detach()
 
 
-def probe_fold(feats: torch.Tensor, labels: torch.Tensor, fold: dict[str, Any], source: str, l2: float) -> dict:
-    train = torch.tensor(fold["train"] + fold["val"])  # a probe needs no validation split: the fold's pool
+def probe_fold(
+    feats: torch.Tensor, labels: torch.Tensor, fold: dict[str, Any], source: str, l2: float
+) -> dict[str, float]:
+    """Fit a probe on the fold's training pool (its validation split included); AUROCs of the left-out prompts."""
+    train = torch.tensor(fold["train"] + fold["val"], dtype=torch.long)
     mu, sd, w, b = fit_probe(feats[train], labels[train], l2)
-    score = lambda index: ((feats[torch.tensor(index)] - mu) / sd) @ w + b  # noqa: E731
+
+    def score(index: list[int]) -> torch.Tensor:
+        return ((feats[torch.tensor(index, dtype=torch.long)] - mu) / sd) @ w + b
+
     harm = score(fold["eval"][source])
 
     def area(names: list[str]) -> float:
@@ -108,6 +122,7 @@ def probe_fold(feats: torch.Tensor, labels: torch.Tensor, fold: dict[str, Any], 
 
 
 def plot(report: dict[str, Any], out: Path) -> None:
+    """`probe_layers.png`: mean AUROC over sources per layer, left out and in-source, for both poolings."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     groups = load_groups(args.limit_per_source, args.max_prompt_chars)
     records = [r for name in group_names() for r in groups[name]]
-    key = hashlib.sha256(json.dumps([args.model, [[r["prompt"], r["label"]] for r in records]]).encode())
+    payload = [FEATURES_VERSION, args.model, [[r["prompt"], r["label"]] for r in records]]
+    key = hashlib.sha256(json.dumps(payload).encode())
     path = Path(args.cache_dir) / f"layers_{key.hexdigest()[:24]}.pt"
     if path.exists():
         feats = torch.load(path, weights_only=True)

@@ -142,10 +142,14 @@ def fold_split(
         return [{**r, "_index": offsets[name] + i} for i, r in enumerate(groups[name])]
 
     eval_names = [left_out, *BENIGN_HELD]
-    own_train, own_eval = (
-        split_records(indexed(left_out), held_out=1.0 - in_source, seed=SPLIT_SEED) if in_source else
-        ([], indexed(left_out))
-    )  # fmt: skip
+    own_train, own_eval = [], indexed(left_out)
+    if in_source:
+        scored = round((1.0 - in_source) * len(own_eval))
+        if not 0 < scored < len(own_eval):
+            raise ValueError(f"`in_source`={in_source!r} leaves {len(own_eval) - scored} of {left_out!r}'s "
+                             f"{len(own_eval)} prompts to train on and {scored} to score; choose a share that leaves "
+                             "both non-empty.")  # fmt: skip
+        own_train, own_eval = split_records(own_eval, held_out=scored, seed=SPLIT_SEED)
     eval_index = {name: [r["_index"] for r in indexed(name)] for name in BENIGN_HELD}
     eval_index[left_out] = [r["_index"] for r in own_eval]
     eval_records = [r for name in eval_names for r in (own_eval if name == left_out else groups[name])]
@@ -205,7 +209,7 @@ def fold_metrics(
     With `categories` (one per prompt, global order; None = uncategorised), `recall_by_category` gives the recall at
     the calibrated threshold within each category of the left-out source: which kinds of harm transfer.
     """
-    pick = {name: scores[torch.tensor(index)] for name, index in fold["eval"].items()}
+    pick = {name: scores[torch.tensor(index, dtype=torch.long)] for name, index in fold["eval"].items()}
     harmful = pick[left_out]
     benign = torch.cat([pick[name] for name in BENIGN_HELD])
     threshold = threshold_at_fpr(scores[torch.tensor(fold["val"])], fpr)
@@ -234,7 +238,7 @@ def fold_metrics(
         "fpr_xstest_safe_b_shipped": flag_rate(pick["xstest_safe_b"], SHIPPED_THRESHOLD, inclusive=True),
         "fpr_validation": flag_rate(scores[torch.tensor(fold["val"])], threshold),
         "recall_by_category": {
-            c: flag_rate(scores[torch.tensor(i)], threshold) for c, i in sorted(by_category.items())
+            c: flag_rate(scores[torch.tensor(i, dtype=torch.long)], threshold) for c, i in sorted(by_category.items())
         },
         "n_by_category": {c: len(i) for c, i in sorted(by_category.items())},
         "roc": {"fpr": [round(x, 5) for x in fprs], "tpr": [round(y, 5) for y in tprs]},

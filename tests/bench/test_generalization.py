@@ -99,6 +99,9 @@ def test_in_source_control_trains_on_a_fixed_share_of_the_left_out_source_and_sc
     assert folds[0]["eval"]["do_not_answer"] == folds[1]["eval"]["do_not_answer"]  # fixed whatever the seed
     with pytest.raises(ValueError, match="in_source"):
         gen.fold_split(groups, "do_not_answer", seed=1, in_source=1.0)
+    for share in (0.9, 1e-17):  # 2 prompts: nothing left to score, or nothing to train on
+        with pytest.raises(ValueError, match="`in_source`=.*both non-empty"):
+            gen.fold_split(toy_groups(2), "do_not_answer", seed=1, in_source=share)
 
 
 def test_metrics_on_hand_made_scores():
