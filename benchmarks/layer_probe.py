@@ -180,20 +180,27 @@ def main(argv: list[str] | None = None) -> int:
     labels = torch.tensor([int(r["label"] == "unsafe") for r in records])
     folds = {s: fold_split(groups, s, seed=0) for s in HARMFUL}
     controls = {s: fold_split(groups, s, seed=0, in_source=args.in_source) for s in HARMFUL}
-    report: dict[str, Any] = {"layers": {}, "meta": {**vars(args), "machine": machine(), "prompts": len(records)}}
+
+    def read_out(x: torch.Tensor) -> dict[str, Any]:
+        """One probe per fold, left out and in-source, on features `x`; their means over the sources."""
+        per = {s: {"loso": probe_fold(x, labels, folds[s], s, args.l2),
+                   "in_source": probe_fold(x, labels, controls[s], s, args.l2)} for s in HARMFUL}  # fmt: skip
+        mean = {mode: {m: sum(per[s][mode][m] for s in HARMFUL) / len(HARMFUL) for m in per[HARMFUL[0]][mode]}
+                for mode in ("loso", "in_source")}  # fmt: skip
+        return {**mean, "sources": per}
+
+    report: dict[str, Any] = {"layers": {}, "all_layers": {},
+                              "meta": {**vars(args), "machine": machine(), "prompts": len(records)}}  # fmt: skip
     for p, pooling in enumerate(POOLINGS):
         rows = []
         for layer in range(feats.shape[2]):
-            x = feats[:, p, layer]
-            per = {s: {"loso": probe_fold(x, labels, folds[s], s, args.l2),
-                       "in_source": probe_fold(x, labels, controls[s], s, args.l2)} for s in HARMFUL}  # fmt: skip
-            mean = {mode: {m: sum(per[s][mode][m] for s in HARMFUL) / len(HARMFUL) for m in per[HARMFUL[0]][mode]}
-                    for mode in ("loso", "in_source")}  # fmt: skip
-            rows.append({"layer": layer, **mean, "sources": per})
+            rows.append({"layer": layer, **read_out(feats[:, p, layer])})
+            mean = rows[-1]
             print(f"{pooling} layer {layer:2d}: LOSO {mean['loso']['auroc']:.3f} / vs XSTest-safe B "
                   f"{mean['loso']['auroc_vs_xstest_safe_b']:.3f}; in-source {mean['in_source']['auroc']:.3f} / "
                   f"{mean['in_source']['auroc_vs_xstest_safe_b']:.3f}", flush=True)  # fmt: skip
         report["layers"][pooling] = rows
+        report["all_layers"][pooling] = read_out(feats[:, p, 1:].flatten(1))  # every layer's state side by side
     report["meta"]["seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
             hard = max(rows, key=lambda r: r[mode]["auroc_vs_xstest_safe_b"])
             lines.append(f"| {pooling} | {mode} | {best['layer']} | {best[mode]['auroc']:.3f} | {hard['layer']} | "
                          f"{hard[mode]['auroc_vs_xstest_safe_b']:.3f} | {rows[-1][mode]['auroc']:.3f} |")  # fmt: skip
+    lines += ["", "Every layer but the embeddings concatenated (one probe on all of them):", "",
+              "| pooling | left out: vs all benign | vs XSTest-safe B | in-source: vs all benign | vs XSTest-safe B |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for pooling, row in report["all_layers"].items():
+        lines.append(f"| {pooling} | " + " | ".join(f"{row[mode][m]:.3f}" for mode in ("loso", "in_source")
+                                                    for m in ("auroc", "auroc_vs_xstest_safe_b")) + " |")  # fmt: skip
     box = report["meta"]["machine"]
     lines += ["", f"Commit {box['commit']}{' (dirty)' if box['dirty'] else ''}, {box['cpu']}, {box['date']}, "
               f"{report['meta']['seconds']:.0f} s."]  # fmt: skip

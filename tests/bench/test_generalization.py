@@ -355,6 +355,10 @@ def test_layer_probe_end_to_end_on_a_tiny_model(tmp_path, one_thread):
             assert set(row["sources"]) == set(gen.HARMFUL)
             for mode in ("loso", "in_source"):
                 assert 0.0 <= row[mode]["auroc"] <= 1.0 and 0.0 <= row[mode]["auroc_vs_xstest_safe_b"] <= 1.0
+    assert set(report["all_layers"]) == set(probe.POOLINGS)  # one probe on every layer's state side by side
+    for row in report["all_layers"].values():
+        assert set(row["sources"]) == set(gen.HARMFUL) and 0.0 <= row["in_source"]["auroc"] <= 1.0
+    assert "Every layer but the embeddings concatenated" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out" / "probe_layers.png").stat().st_size > 0
     assert len(list((tmp_path / "cache").glob("layers_*.pt"))) == 1  # a re-run reads the states from there
     assert probe.main(argv) == 0
