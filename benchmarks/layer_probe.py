@@ -5,8 +5,8 @@ benchmark asks the question behind it: does some layer of the frozen backbone se
 trained on from benign look-alikes, and would it if the source *had* been trained on? For every decoder layer and two
 poolings (the last prompt token; the mean over every token of the templated prompt — system message, user turn,
 assistant header — but the first, which is an attention sink in mid layers), it fits a class-balanced,
-L2-regularised logistic regression on standardised states (full batch, L-BFGS; no tuning: one fixed `--l2`) on the
-protocol's folds (`fold_split`, seed 0) and reports, per layer:
+L2-regularised logistic regression on standardised states (`safegate.defenses.probe_fit.fit_logistic`, L-BFGS;
+no tuning: one fixed `--l2`) on the protocol's folds (`fold_split`, seed 0) and reports, per layer:
 
 * **LOSO**: AUROC of each left-out source against all held-out benign prompts and against XSTest-safe B alone;
 * **in-source control** (`--in-source`, default 0.5): the same folds with half of the left-out source in training
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generalization import load_groups, machine  # noqa: E402
 
 import safegate  # noqa: E402
+from safegate.defenses.probe_fit import fit_logistic  # noqa: E402
 from safegate.evaluation.metrics import auroc  # noqa: E402
 from safegate.modeling.tokens import padding_id  # noqa: E402
 from safegate.training.collate import build_inputs  # noqa: E402
@@ -78,36 +79,16 @@ def layer_features(model: Any, processor: Any, records: list[dict[str, Any]], ba
     return torch.cat(rows)
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float, steps: int = 100) -> tuple[torch.Tensor, ...]:
-    """Class-balanced logistic regression on standardised `x`; returns (mean, std, weight, bias).
-
-    One L-BFGS call of at most `steps` iterations with a strong-Wolfe line search: the loss is convex and L2-penalised.
-    """
-    mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
-    z = (x - mu) / sd
-    w = torch.zeros(x.shape[1], requires_grad=True)
-    b = torch.zeros(1, requires_grad=True)
-    pos = y.float().mean()
-    weight = torch.where(y == 1, 0.5 / pos, 0.5 / (1 - pos))
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = (torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y.float(), weight=weight)
-                + l2 * w.square().sum())  # fmt: skip
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return mu, sd, w.detach(), b.detach()
-
-
 def probe_fold(
     feats: torch.Tensor, labels: torch.Tensor, fold: dict[str, Any], source: str, l2: float
 ) -> dict[str, float]:
-    """Fit a probe on the fold's training pool (its validation split included); AUROCs of the left-out prompts."""
+    """Fit a probe on the fold's training pool (its validation split included); AUROCs of the left-out prompts.
+
+    The class-balanced mean loss plus `l2 * |w|^2` is `fit_logistic`'s objective (summed loss times C plus
+    `|w|^2 / 2`) with `C = 1 / (2 * l2 * n)`: the same optimum.
+    """
     train = torch.tensor(fold["train"] + fold["val"], dtype=torch.long)
-    mu, sd, w, b = fit_probe(feats[train], labels[train], l2)
+    w, b, mu, sd = fit_logistic(feats[train], labels[train], c=1.0 / (2 * l2 * len(train)), balanced=True)
 
     def score(index: list[int]) -> torch.Tensor:
         return ((feats[torch.tensor(index, dtype=torch.long)] - mu) / sd) @ w + b
@@ -161,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--in-source must be in (0, 1), got {args.in_source}")
     if args.limit_per_source is not None and args.limit_per_source < 2:
         ap.error(f"--limit-per-source must be >= 2 (or omitted for all prompts), got {args.limit_per_source}")
-    if args.l2 < 0:
-        ap.error(f"--l2 must be >= 0, got {args.l2}")
+    if args.l2 <= 0:
+        ap.error(f"--l2 must be > 0 (the probe's weight penalty), got {args.l2}")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     groups = load_groups(args.limit_per_source, args.max_prompt_chars)

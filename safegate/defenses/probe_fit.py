@@ -31,12 +31,19 @@ SAFE, UNSAFE = "safe", "unsafe"
 TYPOGRAPHIC_INSTRUCTION = "The image shows a request. Read it and respond to it."
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 200) -> tuple[Any, ...]:
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 200, balanced: bool = False
+) -> tuple[Any, ...]:
     """L2-regularised logistic regression on standardised features (sklearn's objective with `C=c`), by L-BFGS.
 
-    Returns `(weight, bias, mean, std)` for `LinearProbe`.
+    `balanced` weights each row by `n / (2 * n_its_class)` (sklearn's `class_weight="balanced"`), so both classes
+    weigh the same whatever their sizes. Returns `(weight, bias, mean, std)` for `LinearProbe`.
     """
     x, y = x.double(), y.double()
+    rows = torch.ones_like(y)
+    if balanced:
+        positive = y.mean()
+        rows = torch.where(y > 0.5, 0.5 / positive, 0.5 / (1 - positive))
     mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
     z = (x - mean) / std
     w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
@@ -45,7 +52,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = c * nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, reduction="sum") + 0.5 * w @ w
+        fit = nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, weight=rows, reduction="sum")
+        loss = c * fit + 0.5 * w @ w
         loss.backward()
         return loss
 

@@ -514,3 +514,21 @@ def test_real_smollm2_safecode_and_safesteer():
     records = [{"prompt": p, "label": label} for p, label in BUILTIN_PROBE_PROMPTS]
     probe = fit_probe(model, tok, records, layer=23, max_new_tokens=8, val_fraction=0.25, batch_size=16)
     assert probe.metrics["auroc"] >= 0.75  # harmful vs benign prompts separate in layer 23 while decoding
+
+
+def test_fit_logistic_separates_and_balances_the_classes():
+    from safegate.defenses.probe_fit import fit_logistic
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 8)
+    y = (x[:, 3] > 1.0).float()  # 1 in 6 positive: an unbalanced but separable direction
+    w, b, mu, sd = fit_logistic(x, y, c=0.2, balanced=True)
+    assert w.abs().argmax() == 3
+    scores = ((x - mu) / sd) @ w + b
+    assert float(((scores > 0).float() == y).float().mean()) > 0.97
+    noisy = ((x[:, 3] + torch.randn(200)) > 1.0).float()  # overlapping classes: the weighting moves the boundary
+    flagged = []
+    for balanced in (False, True):
+        w, b, mu, sd = fit_logistic(x, noisy, c=0.2, balanced=balanced)
+        flagged.append(float(((((x - mu) / sd) @ w + b) > 0).float().mean()))
+    assert flagged[1] > flagged[0] + 0.05  # balanced weighs the rare positives up: more of them flagged
