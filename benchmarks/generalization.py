@@ -250,14 +250,13 @@ def markdown(report: dict[str, Any]) -> str:
         scored = [f["n"]["left_out"] for f in report["folds"] if f["left_out"] == source]
         n = scored[0] if scored else ""  # the prompts of the source scored (all of it, or the rest with --in-source)
         lines.append(f"| {source} | {n} | " + " | ".join(cell(row[m]) for m, _ in COLUMNS) + " |")
-    title = "Recall at the calibrated threshold by the left-out source's own categories (≥ 10 prompts; mean ± std):"
-    categories = ["", title, "", "| left-out source | category | n | recall |", "|---|---|---|---|"]
+    category_rows = []
     for source, table in (report.get("recall_by_category") or {}).items():
-        fold = next(f for f in report["folds"] if f["left_out"] == source)
-        sizes = fold.get("n_by_category", {})
-        for category, stat in table.items():
-            if sizes.get(category, 0) >= 10:
-                categories.append(f"| {source} | {category[:60]} | {sizes[category]} | {cell(stat)} |")
+        sizes = next(f for f in report["folds"] if f["left_out"] == source).get("n_by_category", {})
+        category_rows += [f"| {source} | {category[:60]} | {sizes[category]} | {cell(stat)} |"
+                          for category, stat in table.items() if sizes.get(category, 0) >= 10]  # fmt: skip
+    title = "Recall at the calibrated threshold by the left-out source's own categories (≥ 10 prompts; mean ± std):"
+    categories = ["", title, "", "| left-out source | category | n | recall |", "|---|---|---|---|", *category_rows]
     meta = report["meta"]
     box = meta["machine"]
     return "\n".join(
@@ -274,7 +273,7 @@ def markdown(report: dict[str, Any]) -> str:
             "(last row: mean of the sources' means ± std across sources).",
             "",
             *lines,
-            *(categories if len(categories) > 5 else []),
+            *(categories if category_rows else []),
             "",
             f"Commit {box['commit']}{' (dirty)' if box['dirty'] else ''}, {box['cpu']} ({box['cpu_count']} CPUs, "
             f"{box['torch_threads']} threads), torch {box['torch']}, {box['date']}, {meta['seconds']:.0f} s.",
