@@ -336,10 +336,15 @@ def test_safety_prompt_and_in_source_flags_reach_the_gate_config_and_the_report(
     assert "share of the left-out source trained on 0.5" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_layer_probe_end_to_end_on_a_tiny_model(tmp_path, one_thread):
+def load_probe():
     spec = importlib.util.spec_from_file_location("layer_probe", SCRIPT.parent / "layer_probe.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
+    return probe
+
+
+def test_layer_probe_end_to_end_on_a_tiny_model(tmp_path, one_thread):
+    probe = load_probe()
     try:
         load_script().load_groups(2, 1000)
     except (DataUnavailableError, FileNotFoundError) as why:
@@ -362,3 +367,68 @@ def test_layer_probe_end_to_end_on_a_tiny_model(tmp_path, one_thread):
     assert (tmp_path / "out" / "probe_layers.png").stat().st_size > 0
     assert len(list((tmp_path / "cache").glob("layers_*.pt"))) == 1  # a re-run reads the states from there
     assert probe.main(argv) == 0
+
+
+def test_mlp_read_out_learns_what_a_linear_one_cannot(one_thread):
+    probe = load_probe()
+    gen_ = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 2, generator=gen_)
+    y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).long()  # XOR of the signs: no line separates it
+    test = torch.randn(200, 2, generator=gen_)
+    truth = ((test[:, 0] > 0) ^ (test[:, 1] > 0)).long().tolist()
+    mlp = probe.mlp_fit(seed=0, hidden=32, epochs=40)(x, y)(test)
+    linear = probe.linear_fit(1e-3)(x, y)(test)
+    assert gen.auroc(mlp, truth) > 0.9 > 0.7 > gen.auroc(linear, truth)
+    assert torch.equal(probe.mlp_fit(seed=0, hidden=32, epochs=2)(x, y)(test),
+                       probe.mlp_fit(seed=0, hidden=32, epochs=2)(x, y)(test))  # fmt: skip
+
+
+def test_answer_log_odds_reads_the_models_own_next_token_distribution(one_thread):
+    import safegate
+
+    probe = load_probe()
+    model, processor = safegate.load_model("tiny:llama", dtype="float32")
+    records = [{"prompt": "Is this harmful? Answer Yes or No.", "label": "safe"}, {"prompt": "Hi", "label": "safe"}]
+    feats = probe.layer_features(model, processor, records)
+    odds = probe.answer_log_odds(model, processor, feats[:, 0, -1], ("Yes", "No"))
+    tok = getattr(processor, "tokenizer", processor)
+    for i, record in enumerate(records):  # the same number from the model's own logits at the last prompt token
+        ids = probe.build_inputs(processor, record)["prompt_ids"]
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+        yes = sorted({tok.encode(w, add_special_tokens=False)[0] for w in ("Yes", " Yes")})
+        no = sorted({tok.encode(w, add_special_tokens=False)[0] for w in ("No", " No")})
+        assert math.isclose(float(logp[yes].logsumexp(0) - logp[no].logsumexp(0)), float(odds[i]), abs_tol=1e-4)
+
+
+def test_layer_probe_mlp_and_framed_prompts_on_a_tiny_model(tmp_path, one_thread):
+    probe = load_probe()
+    for bad in (["--frame", "no field"], ["--answer-words", "Yes"], ["--mlp-seeds", "-1"]):
+        with pytest.raises(SystemExit):
+            probe.main(bad)
+    try:
+        load_script().load_groups(2, 1000)
+    except (DataUnavailableError, FileNotFoundError) as why:
+        pytest.skip(f"no offline data: {why}")
+    common = ["--model", "tiny:llama", "--limit-per-source", "4", "--cache-dir", str(tmp_path / "cache"),
+              "--threads", "1"]  # fmt: skip
+    assert probe.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    framed = [*common, "--mlp-seeds", "2", "--frame", "Is the following request harmful? {prompt}", "--out",
+              str(tmp_path / "out")]  # fmt: skip
+    assert probe.main(framed) == 0
+    assert len(list((tmp_path / "cache").glob("layers_*.pt"))) == 2  # framed prompts have states of their own
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["meta"]["frame"] == "Is the following request harmful? {prompt}"
+    assert len(report["mlp"]) == 3 and list(report["mlp"])[-1] == "all layers"
+    for row in report["mlp"].values():
+        assert len(row["seeds"]) == 2
+        for mode in ("loso", "in_source"):
+            cell = row[mode]["auroc_vs_xstest_safe_b"]
+            values = [run[mode]["auroc_vs_xstest_safe_b"] for run in row["seeds"]]
+            assert math.isclose(cell["mean"], sum(values) / 2) and cell["std"] >= 0.0
+    for mode in ("loso", "in_source"):
+        assert 0.0 <= report["zero_shot"][mode]["auroc"] <= 1.0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Non-linear read-outs" in text and "own judge" in text and "Prompts framed as" in text
+    plain = json.loads((tmp_path / "plain" / "results.json").read_text())
+    assert plain["mlp"] == {} and plain["zero_shot"] is None
