@@ -48,7 +48,7 @@ from generalization import load_groups, machine  # noqa: E402
 import safegate  # noqa: E402
 from safegate.defenses.probe_fit import fit_logistic  # noqa: E402
 from safegate.evaluation.metrics import auroc  # noqa: E402
-from safegate.modeling.tokens import padding_id  # noqa: E402
+from safegate.modeling.tokens import padding_id, text_tokenizer  # noqa: E402
 from safegate.training.collate import build_inputs  # noqa: E402
 from safegate.training.generalization import BENIGN_HELD, HARMFUL, fold_split, group_names  # noqa: E402
 
@@ -109,8 +109,12 @@ def mlp_fit(seed: int, hidden: int = 256, epochs: int = 60, batch: int = 64) -> 
     (lr 1e-3, weight decay 1e-2), dropout 0.1 on the input and 0.3 on the hidden layer. One setting, not tuned."""
 
     def fit(x: torch.Tensor, y: torch.Tensor) -> Scorer:
+        with torch.random.fork_rng():  # the seed fixes the initialisation and dropout without touching the caller's
+            torch.manual_seed(seed)
+            return train(x, y)
+
+    def train(x: torch.Tensor, y: torch.Tensor) -> Scorer:
         generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
         mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
         z, target = (x - mu) / sd, y.float()
         positive = target.mean()
@@ -161,18 +165,41 @@ def probe_fold(
     return {"auroc": area(BENIGN_HELD), "auroc_vs_xstest_safe_b": area(["xstest_safe_b"])}
 
 
-def answer_log_odds(model: Any, processor: Any, final_states: torch.Tensor, words: tuple[str, str]) -> torch.Tensor:
-    """The backbone as its own judge: log p(first word) - log p(second word) as the answer's first token, from the
-    final-norm states of the last prompt token (each word's first token, with and without a leading space)."""
-    tok = getattr(processor, "tokenizer", processor)
+def answer_token_ids(tokenizer: Any, word: str) -> list[int]:
+    """The first token of `word` as an answer would start: the word alone and after a space, skipping forms whose
+    first token is bare whitespace (SentencePiece's "▁", a byte-level "Ġ")."""
+    ids = set()
+    for form in (word, " " + word):
+        first = tokenizer.encode(form, add_special_tokens=False)[:1]
+        if first and tokenizer.decode(first).strip():
+            ids.add(first[0])
+    if not ids:
+        raise ValueError(f"--answer-words: {word!r} has no first token that is not whitespace; pick another word")
+    return sorted(ids)
+
+
+def answer_log_odds(
+    model: Any, processor: Any, final_states: torch.Tensor, words: tuple[str, str], chunk: int = 256
+) -> torch.Tensor:
+    """The backbone as its own judge: log p(first word) - log p(second word) as the answer's first token (ids from
+    `answer_token_ids`), from the final-norm states of the last prompt token through the LM head (models that
+    transform logits after the head, e.g. soft-capping, are not covered)."""
+    tok = text_tokenizer(processor)
+    first, second = (answer_token_ids(tok, w) for w in words)
+    if set(first) & set(second):
+        raise ValueError(f"--answer-words {words[0]!r} and {words[1]!r} share a first token: pick distinct words")
+    odds = []
     with torch.no_grad():
-        logp = model.get_output_embeddings()(final_states.to(model.dtype)).float().log_softmax(-1)
+        for start in range(0, len(final_states), chunk):
+            logp = model.get_output_embeddings()(final_states[start : start + chunk].to(model.dtype)).float()
+            logp = logp.log_softmax(-1)
+            odds.append(logp[:, first].logsumexp(-1) - logp[:, second].logsumexp(-1))
+    return torch.cat(odds)
 
-    def word(text: str) -> torch.Tensor:
-        ids = sorted({tok.encode(form, add_special_tokens=False)[0] for form in (text, " " + text)})
-        return logp[:, ids].logsumexp(-1)
 
-    return word(words[0]) - word(words[1])
+def layer_band(best: int, states: int, width: int = 4) -> list[int]:
+    """Decoder layers `best - width` .. `best + width` (embeddings excluded), clipped to the `states - 1` layers."""
+    return list(range(max(1, best - width), min(states - 1, best + width) + 1))
 
 
 def plot(report: dict[str, Any], out: Path) -> None:
@@ -202,7 +229,7 @@ def plot(report: dict[str, Any], out: Path) -> None:
 
 def load_features(args: argparse.Namespace, records: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Every layer's states (cached), and with `--frame` the backbone's own answer log-odds (`answer_log_odds`)."""
-    framed = [{**r, "prompt": args.frame.format(prompt=r["prompt"])} for r in records] if args.frame else records
+    framed = [{**r, "prompt": args.frame.replace("{prompt}", r["prompt"])} for r in records] if args.frame else records
     payload = [FEATURES_VERSION, args.model, [[r["prompt"], r["label"]] for r in framed]]
     key = hashlib.sha256(json.dumps(payload).encode())
     path = Path(args.cache_dir) / f"layers_{key.hexdigest()[:24]}.pt"
@@ -218,8 +245,7 @@ def load_features(args: argparse.Namespace, records: list[dict[str, Any]]) -> tu
         return feats, None
     if model is None:
         model, processor = safegate.load_model(args.model, dtype="float32")
-    first, second = args.answer_words.split(",")
-    return feats, answer_log_odds(model, processor, feats[:, 0, -1], (first.strip(), second.strip()))
+    return feats, answer_log_odds(model, processor, feats[:, 0, -1], args.answer_words)
 
 
 def spread(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -264,7 +290,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             lines.append(f"| {name} | " + " | ".join(f"{c['mean']:.3f} ± {c['std']:.3f}" for c in cells) + " |")
     if report["zero_shot"]:
         row = report["zero_shot"]
-        words = report["meta"]["answer_words"]
+        words = "/".join(report["meta"]["answer_words"])
         lines += ["", f"The backbone as its own judge (log-odds of {words!r} as the answer to the framed prompt; "
                   f"nothing fitted): left out vs all benign {row['loso']['auroc']:.3f}, vs "
                   f"XSTest-safe B {row['loso']['auroc_vs_xstest_safe_b']:.3f}."]  # fmt: skip
@@ -281,21 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct", help="backbone for safegate.load_model")
     ap.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the probe's weights (fixed, not tuned)")
     ap.add_argument("--in-source", type=float, default=0.5, help="share of the left-out source in the control")
-    ap.add_argument(
-        "--mlp-seeds",
-        type=int,
-        default=0,
-        help="also fit non-linear read-outs (`mlp_fit`) with N seeds "
-        "on the best last-token layer, the 9 layers around it and all layers (~10 min a seed on 2 cores)",
-    )
-    ap.add_argument("--frame", default=None, help="wrap each prompt in this text (with a {prompt} field) before the "
-                    "chat template, e.g. a question asking the backbone whether the request is harmful")  # fmt: skip
-    ap.add_argument(
-        "--answer-words",
-        default="Yes,No",
-        help="with --frame: the backbone's own verdict is the "
-        "log-odds of the first word against the second as its answer (reported as the zero-shot judge)",
-    )
+    ap.add_argument("--mlp-seeds", type=int, default=0, help="also fit non-linear read-outs (`mlp_fit`) with N "
+                    "seeds on the best last-token layer, the up to 9 layers around it (`layer_band`) and all layers "
+                    "(~10 min a seed on 2 cores)")  # fmt: skip
+    ap.add_argument("--frame", default=None, help="wrap each prompt in this text before the chat template: every "
+                    "literal {prompt} is replaced by the prompt (no other braces are special), e.g. a question asking "
+                    "the backbone whether the request is harmful")  # fmt: skip
+    ap.add_argument("--answer-words", default=None, help="with --frame (default Yes,No): the backbone's own "
+                    "verdict is the log-odds of the first word over the second as its answer")  # fmt: skip
     ap.add_argument("--limit-per-source", type=int, default=None, help="at most N prompts per group (quick run)")
     ap.add_argument("--max-prompt-chars", type=int, default=1000, help="drop longer prompts (as the protocol)")
     ap.add_argument("--out", default="probe-out", help="output folder")
@@ -311,9 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.mlp_seeds < 0:
         ap.error(f"--mlp-seeds must be >= 0 (0: no non-linear read-outs), got {args.mlp_seeds}")
     if args.frame is not None and "{prompt}" not in args.frame:
-        ap.error(f"--frame must contain the field {{prompt}} where each prompt goes, got {args.frame!r}")
-    if len([w for w in args.answer_words.split(",") if w.strip()]) != 2:
-        ap.error(f"--answer-words must be two comma-separated words (e.g. Yes,No), got {args.answer_words!r}")
+        ap.error(f"--frame must contain {{prompt}} where each prompt goes, got {args.frame!r}")
+    if args.answer_words is not None and args.frame is None:
+        ap.error("--answer-words scores the answer to a framed prompt: give --frame too")
+    words = [w.strip() for w in (args.answer_words or "Yes,No").split(",")]
+    if len(words) != 2 or not all(words) or words[0] == words[1]:
+        ap.error(
+            f"--answer-words must be two different comma-separated words (e.g. Yes,No), got {args.answer_words!r}"
+        )
+    args.answer_words = tuple(words)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     groups = load_groups(args.limit_per_source, args.max_prompt_chars)
@@ -346,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         report["all_layers"][pooling] = read_out(feats[:, p, 1:].flatten(1), linear)  # every layer side by side
     if args.mlp_seeds:
         best = max(report["layers"]["last"][1:], key=lambda r: r["in_source"]["auroc_vs_xstest_safe_b"])["layer"]
-        low, high = max(1, best - 4), min(feats.shape[2] - 1, best + 4)
-        inputs = {f"layer {best}": [best], f"layers {low}-{high}": list(range(low, high + 1)),
+        band = layer_band(best, feats.shape[2])
+        inputs = {f"layer {best}": [best], f"layers {band[0]}-{band[-1]}": band,
                   "all layers": list(range(1, feats.shape[2]))}  # fmt: skip
         for name, layers in inputs.items():
             x = feats[:, 0, layers].flatten(1)

@@ -376,11 +376,36 @@ def test_mlp_read_out_learns_what_a_linear_one_cannot(one_thread):
     y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).long()  # XOR of the signs: no line separates it
     test = torch.randn(200, 2, generator=gen_)
     truth = ((test[:, 0] > 0) ^ (test[:, 1] > 0)).long().tolist()
+    before = torch.random.get_rng_state()
     mlp = probe.mlp_fit(seed=0, hidden=32, epochs=40)(x, y)(test)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the seed does not touch the caller's generator
     linear = probe.linear_fit(1e-3)(x, y)(test)
     assert gen.auroc(mlp, truth) > 0.9 > 0.7 > gen.auroc(linear, truth)
-    assert torch.equal(probe.mlp_fit(seed=0, hidden=32, epochs=2)(x, y)(test),
-                       probe.mlp_fit(seed=0, hidden=32, epochs=2)(x, y)(test))  # fmt: skip
+    quick = [probe.mlp_fit(seed=seed, hidden=32, epochs=2)(x, y)(test) for seed in (0, 0, 1)]
+    assert torch.equal(quick[0], quick[1]) and not torch.allclose(quick[0], quick[2])  # the seed decides
+
+
+def test_layer_band_is_the_nine_layers_around_the_best_clipped_to_the_decoder():
+    probe = load_probe()
+    assert probe.layer_band(17, 31) == list(range(13, 22))
+    assert probe.layer_band(2, 31) == list(range(1, 7))  # the embeddings (state 0) stay out
+    assert probe.layer_band(29, 31) == list(range(25, 31))
+    assert probe.layer_band(1, 3) == [1, 2]
+
+
+def test_answer_token_ids_skip_bare_whitespace_and_distinct_words_are_required(one_thread):
+    import safegate
+
+    probe = load_probe()
+    model, processor = safegate.load_model("tiny:llama", dtype="float32")
+    tok = probe.text_tokenizer(processor)
+    for word in ("Yes", "No", "zebra"):
+        ids = probe.answer_token_ids(tok, word)
+        assert ids and all(tok.decode([i]).strip() for i in ids)
+    with pytest.raises(ValueError, match="no first token that is not whitespace"):
+        probe.answer_token_ids(tok, " ")
+    with pytest.raises(ValueError, match="share a first token"):
+        probe.answer_log_odds(model, processor, torch.zeros(1, model.config.hidden_size), ("Yes", "Yes!"))
 
 
 def test_answer_log_odds_reads_the_models_own_next_token_distribution(one_thread):
@@ -390,22 +415,29 @@ def test_answer_log_odds_reads_the_models_own_next_token_distribution(one_thread
     model, processor = safegate.load_model("tiny:llama", dtype="float32")
     records = [{"prompt": "Is this harmful? Answer Yes or No.", "label": "safe"}, {"prompt": "Hi", "label": "safe"}]
     feats = probe.layer_features(model, processor, records)
-    odds = probe.answer_log_odds(model, processor, feats[:, 0, -1], ("Yes", "No"))
-    tok = getattr(processor, "tokenizer", processor)
+    odds = probe.answer_log_odds(model, processor, feats[:, 0, -1], ("Yes", "No"), chunk=1)
+    tok = probe.text_tokenizer(processor)
+    yes, no = probe.answer_token_ids(tok, "Yes"), probe.answer_token_ids(tok, "No")
     for i, record in enumerate(records):  # the same number from the model's own logits at the last prompt token
         ids = probe.build_inputs(processor, record)["prompt_ids"]
         with torch.no_grad():
             logp = model(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)
-        yes = sorted({tok.encode(w, add_special_tokens=False)[0] for w in ("Yes", " Yes")})
-        no = sorted({tok.encode(w, add_special_tokens=False)[0] for w in ("No", " No")})
         assert math.isclose(float(logp[yes].logsumexp(0) - logp[no].logsumexp(0)), float(odds[i]), abs_tol=1e-4)
 
 
-def test_layer_probe_mlp_and_framed_prompts_on_a_tiny_model(tmp_path, one_thread):
+def test_layer_probe_mlp_and_framed_prompts_on_a_tiny_model(tmp_path, one_thread, capsys):
+    import statistics
+
     probe = load_probe()
-    for bad in (["--frame", "no field"], ["--answer-words", "Yes"], ["--mlp-seeds", "-1"]):
+    bad = {("--frame", "no field"): "--frame must contain {prompt}",
+           ("--answer-words", "Yes,No"): "give --frame too",
+           ("--frame", "{prompt}", "--answer-words", "Yes,,No"): "two different comma-separated words",
+           ("--frame", "{prompt}", "--answer-words", "Yes,Yes"): "two different comma-separated words",
+           ("--mlp-seeds", "-1"): "--mlp-seeds must be >= 0"}  # fmt: skip
+    for argv, message in bad.items():
         with pytest.raises(SystemExit):
-            probe.main(bad)
+            probe.main(list(argv))
+        assert message in capsys.readouterr().err
     try:
         load_script().load_groups(2, 1000)
     except (DataUnavailableError, FileNotFoundError) as why:
@@ -413,22 +445,22 @@ def test_layer_probe_mlp_and_framed_prompts_on_a_tiny_model(tmp_path, one_thread
     common = ["--model", "tiny:llama", "--limit-per-source", "4", "--cache-dir", str(tmp_path / "cache"),
               "--threads", "1"]  # fmt: skip
     assert probe.main([*common, "--out", str(tmp_path / "plain")]) == 0
-    framed = [*common, "--mlp-seeds", "2", "--frame", "Is the following request harmful? {prompt}", "--out",
-              str(tmp_path / "out")]  # fmt: skip
+    frame = "Is the following request {harmful}? {prompt}"  # other braces are plain text
+    framed = [*common, "--mlp-seeds", "2", "--frame", frame, "--out", str(tmp_path / "out")]
     assert probe.main(framed) == 0
     assert len(list((tmp_path / "cache").glob("layers_*.pt"))) == 2  # framed prompts have states of their own
     report = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert report["meta"]["frame"] == "Is the following request harmful? {prompt}"
+    assert report["meta"]["frame"] == frame and report["meta"]["answer_words"] == ["Yes", "No"]
     assert len(report["mlp"]) == 3 and list(report["mlp"])[-1] == "all layers"
     for row in report["mlp"].values():
         assert len(row["seeds"]) == 2
         for mode in ("loso", "in_source"):
             cell = row[mode]["auroc_vs_xstest_safe_b"]
             values = [run[mode]["auroc_vs_xstest_safe_b"] for run in row["seeds"]]
-            assert math.isclose(cell["mean"], sum(values) / 2) and cell["std"] >= 0.0
-    for mode in ("loso", "in_source"):
-        assert 0.0 <= report["zero_shot"][mode]["auroc"] <= 1.0
+            assert math.isclose(cell["mean"], statistics.mean(values))
+            assert math.isclose(cell["std"], statistics.stdev(values), abs_tol=1e-12)
+    assert set(report["zero_shot"]["sources"]) == set(gen.HARMFUL)
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "Non-linear read-outs" in text and "own judge" in text and "Prompts framed as" in text
+    assert "Non-linear read-outs" in text and "'Yes/No'" in text and "Prompts framed as" in text
     plain = json.loads((tmp_path / "plain" / "results.json").read_text())
     assert plain["mlp"] == {} and plain["zero_shot"] is None
