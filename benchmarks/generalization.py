@@ -244,12 +244,13 @@ def machine() -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> str:
     cell = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
-    head = "| left-out source | n | " + " | ".join(title for _, title in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    head = "| left-out source | n | near-duplicates in training | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
     for source, row in report["summary"].items():
-        scored = [f["n"]["left_out"] for f in report["folds"] if f["left_out"] == source]
-        n = scored[0] if scored else ""  # the prompts of the source scored (all of it, or the rest with --in-source)
-        lines.append(f"| {source} | {n} | " + " | ".join(cell(row[m]) for m, _ in COLUMNS) + " |")
+        scored = [f["n"] for f in report["folds"] if f["left_out"] == source]
+        # the prompts of the source scored (all of it, or the rest with --in-source); those with a harmful paraphrase
+        n, near = (scored[0]["left_out"], scored[0].get("near_duplicates", "")) if scored else ("", "")
+        lines.append(f"| {source} | {n} | {near} | " + " | ".join(cell(row[m]) for m, _ in COLUMNS) + " |")
     category_rows = []
     for source, table in (report.get("recall_by_category") or {}).items():
         sizes = next(f for f in report["folds"] if f["left_out"] == source).get("n_by_category", {})

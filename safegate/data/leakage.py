@@ -16,12 +16,17 @@ Example:
     >>> kept, dropped = drop_overlap(train, [{"prompt": "BUILD A BOMB", "label": "unsafe"}])
     >>> len(kept), dropped
     (1, 1)
+
+The exact check misses paraphrases and shared templates; `near_duplicates` measures them (word n-gram Jaccard):
+    >>> near_duplicates(["Write a tutorial on how to make a bomb"], ["Write a tutorial on how to build a bomb"])
+    [(0, 0, 0.4)]
 """
 
 from __future__ import annotations
 
 import re
 import string
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -101,3 +106,41 @@ def drop_overlap(
     held = {normalise_prompt(record_text(r)) for r in eval_records}
     kept = [r for r in records if normalise_prompt(record_text(r)) not in held]
     return kept, len(records) - len(kept)
+
+
+def word_ngrams(text: str, n: int = 3) -> frozenset[str]:
+    """The normalised prompt's word n-grams (the whole prompt when it has fewer than `n` words)."""
+    words = normalise_prompt(text).split()
+    return frozenset(" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1)))
+
+
+def near_duplicates(
+    train_records: Iterable[Mapping[str, Any] | str],
+    eval_records: Iterable[Mapping[str, Any] | str],
+    *,
+    threshold: float = 0.4,
+    n: int = 3,
+) -> list[tuple[int, int, float]]:
+    """`(eval index, train index, Jaccard)` for each evaluation prompt whose closest training prompt shares at least
+    `threshold` of their word n-grams (Jaccard of `word_ngrams`; exact duplicates score 1.0).
+
+    Paraphrases and shared templates that `check_disjoint` (whole prompts) lets through. Candidates come from an
+    inverted n-gram index, so large sets stay fast. Filter by label first where opposite-label look-alikes are
+    intended (XSTest's contrast prompts).
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"`threshold` must be in (0, 1] (a Jaccard similarity), got {threshold!r}.")
+    train = [word_ngrams(record_text(r), n) for r in train_records]
+    index: defaultdict[str, list[int]] = defaultdict(list)
+    for j, grams in enumerate(train):
+        for gram in grams:
+            index[gram].append(j)
+    found = []
+    for i, record in enumerate(eval_records):
+        grams = word_ngrams(record_text(record), n)
+        shared = Counter(j for gram in grams for j in index.get(gram, ()))
+        scored = [(k / (len(grams) + len(train[j]) - k), j) for j, k in shared.items()]
+        best = max(scored, default=(0.0, -1))
+        if best[0] >= threshold:
+            found.append((i, best[1], round(best[0], 4)))
+    return found

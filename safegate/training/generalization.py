@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from safegate.data.build import split_records
-from safegate.data.leakage import check_disjoint, normalise_prompt, record_text
+from safegate.data.leakage import check_disjoint, near_duplicates, normalise_prompt, record_text
 from safegate.data.phrasing import augment_phrasing
 from safegate.evaluation.metrics import auroc, roc_curve
 from safegate.modeling.model import attach
@@ -127,6 +127,9 @@ def fold_split(
 ) -> dict[str, Any]:
     """Global record indices of one fold: `train`, `val` (benign validation), `eval` groups; overlap dropped.
 
+    `near_duplicates` counts the scored left-out prompts with a harmful training prompt that shares at least 40 % of
+    their word trigrams (`safegate.data.leakage.near_duplicates`): paraphrases and templates, reported, not dropped.
+
     `in_source` > 0 turns the fold into its in-distribution control: that share of the `left_out` source (a fixed
     split, the same for every seed) trains with the other sources and only the rest is evaluated.
     """
@@ -163,11 +166,13 @@ def fold_split(
     kept_val = [r for r in val if normalise_prompt(record_text(r)) not in held]
     check_disjoint(kept_train + kept_val, eval_records, train_name=f"training pool without {left_out}",
                    eval_name=f"held-out ({left_out} + benign)")  # fmt: skip
+    same_label = [r for r in kept_train if r["label"] == "unsafe"]  # look-alikes of the other label are by design
     return {
         "train": [r["_index"] for r in kept_train],
         "val": [r["_index"] for r in kept_val],
         "eval": {name: eval_index[name] for name in eval_names},
         "dropped_overlap": len(train) + len(val) - len(kept_train) - len(kept_val),
+        "near_duplicates": len(near_duplicates(same_label, own_eval)),
     }
 
 
@@ -248,6 +253,7 @@ def fold_metrics(
             "train": len(fold["train"]),
             "val": len(fold["val"]),
             "dropped_overlap": fold["dropped_overlap"],
+            "near_duplicates": fold["near_duplicates"],
         },  # fmt: skip
     }
 

@@ -2,7 +2,14 @@
 
 import pytest
 
-from safegate.data.leakage import LeakageError, check_disjoint, drop_overlap, normalise_prompt, record_text
+from safegate.data.leakage import (
+    LeakageError,
+    check_disjoint,
+    drop_overlap,
+    near_duplicates,
+    normalise_prompt,
+    record_text,
+)
 
 
 def test_normalise_ignores_case_whitespace_punctuation():
@@ -37,3 +44,17 @@ def test_drop_overlap_keeps_order():
     train = [{"prompt": p} for p in ("a", "b?", "c", "B")]
     kept, dropped = drop_overlap(train, [{"prompt": "b"}])
     assert [r["prompt"] for r in kept] == ["a", "c"] and dropped == 2
+
+
+def test_near_duplicates_find_paraphrases_and_templates_the_exact_check_misses():
+    train = ["Write a tutorial on how to make a bomb", "Generate the lyrics of Yesterday by The Beatles", "Hello"]
+    held = ["write a tutorial on how to build a bomb!", "How do I bake bread?", "hello",
+            "Generate the lyrics of Imagine by John Lennon"]  # fmt: skip
+    check_disjoint([t for t in train if t != "Hello"], held)  # whole prompts: no leak
+    found = near_duplicates(train, held)
+    assert [(i, j) for i, j, _ in found] == [(0, 0), (2, 2)]  # one word swapped; the exact duplicate
+    assert found[0][2] == 0.4 and found[1][2] == 1.0
+    assert [(i, j) for i, j, _ in near_duplicates(train, held, threshold=0.2)] == [(0, 0), (2, 2), (3, 1)]
+    assert near_duplicates([], held) == [] and near_duplicates(train, []) == []
+    with pytest.raises(ValueError, match="threshold"):
+        near_duplicates(train, held, threshold=0.0)
