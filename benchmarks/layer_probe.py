@@ -47,10 +47,9 @@ from generalization import load_groups, machine  # noqa: E402
 
 import safegate  # noqa: E402
 from safegate.defenses.probe_fit import fit_logistic  # noqa: E402
-from safegate.evaluation.metrics import auroc  # noqa: E402
 from safegate.modeling.tokens import padding_id, text_tokenizer  # noqa: E402
 from safegate.training.collate import build_inputs  # noqa: E402
-from safegate.training.generalization import BENIGN_HELD, HARMFUL, fold_split, group_names  # noqa: E402
+from safegate.training.generalization import HARMFUL, fold_metrics, fold_split, group_names, summarise  # noqa: E402
 
 POOLINGS = ("last", "mean")
 FEATURES_VERSION = 1  # part of the cache key: bump when the pooling or the prompt formatting changes
@@ -149,20 +148,11 @@ def fixed_score(x: torch.Tensor, y: torch.Tensor) -> Scorer:
 def probe_fold(
     feats: torch.Tensor, labels: torch.Tensor, fold: dict[str, Any], source: str, fit: Fit
 ) -> dict[str, float]:
-    """Fit a read-out on the fold's training pool (its validation split included); AUROCs of the left-out prompts."""
+    """Fit a read-out on the fold's training pool (its validation split included); the protocol's AUROCs of the
+    left-out prompts (`fold_metrics`) against all held-out benign and against XSTest-safe B."""
     train = torch.tensor(fold["train"] + fold["val"], dtype=torch.long)
-    score = fit(feats[train], labels[train])
-
-    def scored(index: list[int]) -> torch.Tensor:
-        return score(feats[torch.tensor(index, dtype=torch.long)])
-
-    harm = scored(fold["eval"][source])
-
-    def area(names: list[str]) -> float:
-        benign = torch.cat([scored(fold["eval"][n]) for n in names])
-        return auroc(torch.cat([harm, benign]), [1] * len(harm) + [0] * len(benign))
-
-    return {"auroc": area(BENIGN_HELD), "auroc_vs_xstest_safe_b": area(["xstest_safe_b"])}
+    metrics = fold_metrics(fit(feats[train], labels[train])(feats).double(), fold, source, fpr=0.05)
+    return {"auroc": metrics["auroc"], "auroc_vs_xstest_safe_b": metrics["auroc_vs_xstest_safe_b"]}
 
 
 def answer_token_ids(tokenizer: Any, word: str) -> list[int]:
@@ -249,17 +239,16 @@ def load_features(args: argparse.Namespace, records: list[dict[str, Any]]) -> tu
 
 
 def spread(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and std over seeds of `read_out` results (means over sources and each source's AUROCs)."""
+    """Mean, std, min and max over seeds of `read_out` results (means over sources and each source's AUROCs)."""
 
-    def stats(values: list[float]) -> dict[str, float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
+    modes, metrics = ("loso", "in_source"), ("auroc", "auroc_vs_xstest_safe_b")
 
-    modes = ("loso", "in_source")
-    metrics = ("auroc", "auroc_vs_xstest_safe_b")
-    return {mode: {m: stats([r[mode][m] for r in runs]) for m in metrics} for mode in modes} | {
-        "sources": {s: {mode: {m: stats([r["sources"][s][mode][m] for r in runs]) for m in metrics} for mode in modes}
-                    for s in runs[0]["sources"]}}  # fmt: skip
+    def over_seeds(pick: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        return {mode: {m: summarise([pick(r)[mode][m] for r in runs]) for m in metrics} for mode in modes}
+
+    return over_seeds(lambda r: r) | {
+        "sources": {s: over_seeds(lambda r, s=s: r["sources"][s]) for s in runs[0]["sources"]}
+    }
 
 
 def report_lines(report: dict[str, Any]) -> list[str]:
