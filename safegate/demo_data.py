@@ -98,7 +98,7 @@ def prepare_data(
     from safegate.data.distill import self_distill
     from safegate.data.hard_negatives import hard_negatives
     from safegate.data.io import data_folder, require_data_folder
-    from safegate.data.leakage import check_disjoint, drop_overlap
+    from safegate.data.leakage import check_disjoint, drop_overlap, near_duplicates
     from safegate.data.phrasing import augment_phrasing
 
     # the recipe's folder, else the data folder ($SAFEGATE_DATA or the development checkout's), else None: the
@@ -163,11 +163,16 @@ def prepare_data(
              "calibration": _write(folder / "calibration.jsonl", calibration),
              "gate_pool": _write(folder / "gate_pool.jsonl", gate_pool)}  # fmt: skip
     files.update({key: _write(folder / f"{names[key]}.jsonl", rows) for key, rows in held_out.items()})
+    # paraphrases and shared templates `check_disjoint` lets through: reported, not dropped (docs/demo.md)
+    teaching = [r for r in train + gate_pool if r.get("gate", True)]  # counterfactuals do not teach the gate
+    near = {names[k]: len(near_duplicates([t for t in teaching if t["label"] == rows[0]["label"]], rows))
+            for k, rows in held_out.items() if rows}  # fmt: skip
     _write_json(folder / "sources.json", {
         "loaded_from": {name: rows[0]["loaded_from"] for name, rows in sets.items()},
         "train": _composition(train), "calibration": _composition(calibration),
         "gate_pool": _composition(gate_pool),
         "held_out": {names[k]: _composition(rows) for k, rows in held_out.items()},
+        "near_duplicates": near,
         "never_trained_on": SOURCE_NOTES[untrained_name(untrained)] + " (check_disjoint against all of them)",
         "untrained": untrained_name(untrained),
     })  # fmt: skip
@@ -175,6 +180,8 @@ def prepare_data(
               for k, v in files.items()}  # fmt: skip
     _say(f"      {counts} (XSTest safe prompts: one half trains, the other measures over-refusal; XSTest unsafe: "
          "never trained on)")  # fmt: skip
+    _say(f"      held-out prompts with a same-label near-duplicate in the gate's training data (word-trigram Jaccard "
+         f">= 0.4; reported, not dropped): {near}")  # fmt: skip
     return files
 
 

@@ -20,6 +20,7 @@ import torch
 import safegate.data
 from safegate.data import distill, sources
 from safegate.data import io as data_io
+from safegate.data.leakage import near_duplicates
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "smollm2_135m_cpu.yaml"
@@ -114,6 +115,12 @@ def test_demo_data_prepares_from_installed_wheels_and_package_data(fresh_machine
     pool_prompts = {r["prompt"] for r in pool}
     assert not pool_prompts & ({r["prompt"] for r in train} | evaluated | xstest_unsafe)
     assert len(pool) > 1000 and sources_json["gate_pool"]  # about 1,600: every prompt LoRA does not train on
+    # paraphrases of trained prompts among the held-out ones are counted (same label, gate-teaching records only)
+    near = sources_json["near_duplicates"]
+    assert sorted(near) == sorted(Path(files[k]).stem for k in files if Path(files[k]).stem.startswith("heldout_"))
+    teaching = [r for r in train + pool if r["label"] == "unsafe" and r.get("gate", True)]
+    assert near["heldout_harmful"] == len(near_duplicates(teaching, _read(files["harmful"])))
+    assert near["heldout_harmful"] < 10 and near["heldout_alpaca"] == 0
 
 
 @pytest.mark.parametrize("left_out", ["advbench", "do_not_answer"])
