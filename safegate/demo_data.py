@@ -148,6 +148,7 @@ def prepare_data(
     ben_train = self_distill(model, tok, ben_train, max_new_tokens=distill_tokens, batch_size=16)
     hard_train = self_distill(model, tok, hard_train, max_new_tokens=distill_tokens, batch_size=16)
     del model
+    unwrapped = harm_train  # the near-duplicate count compares prompts before any jailbreak template
     harm_train = _wrap_in_templates(fill_refusals(harm_train, seed=seed), templates, seed)
     # rephrased copies (no `response`) of harmful prompts only: they get templated refusals like their originals
     harm_train = fill_refusals(augment_phrasing(harm_train, phrasing_share, seed, _rephrasable), seed=seed)
@@ -164,7 +165,7 @@ def prepare_data(
              "gate_pool": _write(folder / "gate_pool.jsonl", gate_pool)}  # fmt: skip
     files.update({key: _write(folder / f"{names[key]}.jsonl", rows) for key, rows in held_out.items()})
     # paraphrases and shared templates `check_disjoint` lets through: reported, not dropped (docs/demo.md)
-    teaching = [r for r in train + gate_pool if r.get("gate", True)]  # counterfactuals do not teach the gate
+    teaching = [r for r in train + gate_pool + unwrapped if r.get("gate", True)]  # (counterfactuals do not)
     near = {names[k]: len(near_duplicates([t for t in teaching if t["label"] == rows[0]["label"]], rows))
             for k, rows in held_out.items() if rows}  # fmt: skip
     _write_json(folder / "sources.json", {
