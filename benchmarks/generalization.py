@@ -129,6 +129,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="in-distribution control: also train on this share of each fold's own source (a fixed split) and "
         "evaluate on the rest; 0 = the source left out whole (the protocol)",
     )
+    ap.add_argument(
+        "--drop-near-duplicates",
+        action="store_true",
+        help="score no left-out prompt that has a harmful near-duplicate in training (word-trigram Jaccard >= 0.4, "
+        "`leakage.near_duplicates`); they are counted either way",
+    )
     ap.add_argument("--fpr", type=float, default=0.05, help="target FPR of the calibrated threshold")
     ap.add_argument("--out", default="generalization-out", help="output folder")
     ap.add_argument(
@@ -270,6 +276,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"LoRA steps per fold {meta.get('lora_steps') or 'none (frozen states)'}, "
             f"safety prompt {meta.get('safety_prompt')!r}, "
             f"share of the left-out source trained on {meta.get('in_source') or 'none (left out whole)'}, "
+            f"near-duplicates of training prompts {'not scored' if meta.get('drop_near_duplicates') else 'scored'}, "
             f"seeds {meta['seeds']}, limit per source {meta['limit_per_source']}; mean ± std over seeds "
             "(last row: mean of the sources' means ± std across sources).",
             "",
@@ -359,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         lora_args=lora_args,
         gate_lr=recipe.get("gate_lr"),
         in_source=args.in_source,
+        drop_near_duplicates=args.drop_near_duplicates,
     )
     report["meta"] = {
         "model": args.model,
@@ -366,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "attention_dim": config.attention_dim,
         "safety_prompt": config.safety_prompt,
         "in_source": args.in_source,
+        "drop_near_duplicates": args.drop_near_duplicates,
         "fit_kwargs": fit_kwargs,
         "augment_phrasing": args.augment_phrasing,
         "fit": args.fit,

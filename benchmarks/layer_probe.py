@@ -288,6 +288,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
               f"{report['meta']['seconds']:.0f} s."]  # fmt: skip
     if report["meta"]["frame"]:
         lines.append(f"Prompts framed as {report['meta']['frame']!r}.")
+    if report["meta"].get("drop_near_duplicates"):
+        lines.append("Left-out prompts with a harmful near-duplicate in training are not scored.")
     return lines
 
 
@@ -304,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                     "the backbone whether the request is harmful")  # fmt: skip
     ap.add_argument("--answer-words", default=None, help="with --frame (default Yes,No): the backbone's own "
                     "verdict is the log-odds of the first word over the second as its answer")  # fmt: skip
+    ap.add_argument("--drop-near-duplicates", action="store_true", help="score no left-out prompt that has a harmful "
+                    "near-duplicate in training (`leakage.near_duplicates`), left out and in-source")  # fmt: skip
     ap.add_argument("--limit-per-source", type=int, default=None, help="at most N prompts per group (quick run)")
     ap.add_argument("--max-prompt-chars", type=int, default=1000, help="drop longer prompts (as the protocol)")
     ap.add_argument("--out", default="probe-out", help="output folder")
@@ -334,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     records = [r for name in group_names() for r in groups[name]]
     feats, own_verdict = load_features(args, records)
     labels = torch.tensor([int(r["label"] == "unsafe") for r in records])
-    folds = {s: fold_split(groups, s, seed=0) for s in HARMFUL}
-    controls = {s: fold_split(groups, s, seed=0, in_source=args.in_source) for s in HARMFUL}
+    clean = {"drop_near_duplicates": args.drop_near_duplicates}
+    folds = {s: fold_split(groups, s, seed=0, **clean) for s in HARMFUL}
+    controls = {s: fold_split(groups, s, seed=0, in_source=args.in_source, **clean) for s in HARMFUL}
 
     def read_out(x: torch.Tensor, fit: Fit) -> dict[str, Any]:
         """One read-out per fold, left out and in-source, on features `x`; their means over the sources."""

@@ -124,11 +124,13 @@ def fold_split(
     val_fraction: float = 0.2,
     harmful: list[str] | None = None,
     in_source: float = 0.0,
+    drop_near_duplicates: bool = False,
 ) -> dict[str, Any]:
     """Global record indices of one fold: `train`, `val` (benign validation), `eval` groups; overlap dropped.
 
     `near_duplicates` counts the scored left-out prompts with a harmful training prompt that shares at least 40 % of
-    their word trigrams (`safegate.data.leakage.near_duplicates`): paraphrases and templates, reported, not dropped.
+    their word trigrams (`safegate.data.leakage.near_duplicates`): paraphrases and templates, reported, and with
+    `drop_near_duplicates` left out of the scored prompts too (they stay out of training either way).
 
     `in_source` > 0 turns the fold into its in-distribution control: that share of the `left_out` source (a fixed
     split, the same for every seed) trains with the other sources and only the rest is evaluated.
@@ -167,12 +169,15 @@ def fold_split(
     check_disjoint(kept_train + kept_val, eval_records, train_name=f"training pool without {left_out}",
                    eval_name=f"held-out ({left_out} + benign)")  # fmt: skip
     same_label = [r for r in kept_train if r["label"] == "unsafe"]  # look-alikes of the other label are by design
+    close = {i for i, _, _ in near_duplicates(same_label, own_eval)}
+    if drop_near_duplicates:
+        eval_index[left_out] = [r["_index"] for i, r in enumerate(own_eval) if i not in close]
     return {
         "train": [r["_index"] for r in kept_train],
         "val": [r["_index"] for r in kept_val],
         "eval": {name: eval_index[name] for name in eval_names},
         "dropped_overlap": len(train) + len(val) - len(kept_train) - len(kept_val),
-        "near_duplicates": len(near_duplicates(same_label, own_eval)),
+        "near_duplicates": len(close),
     }
 
 
@@ -277,6 +282,7 @@ def run_protocol(
     lora_args: dict[str, Any] | None = None,
     gate_lr: float | None = None,
     in_source: float = 0.0,
+    drop_near_duplicates: bool = False,
 ) -> dict[str, Any]:
     """Run the LOSO protocol; returns `{"folds": [...], "summary": {source: {metric: summary}}, "cache": ...}`.
 
@@ -302,6 +308,7 @@ def run_protocol(
         gate_lr (`float | None`): learning rate of gate and token rows in that phase (`safegate.train`'s).
         in_source (`float`): the in-distribution control: train on this share of each fold's own source too (a fixed
             split) and evaluate on the rest (`fold_split`); 0 = leave the source out whole (the protocol).
+        drop_near_duplicates (`bool`): score no left-out prompt with a harmful near-duplicate in training.
     """
     harmful = list(HARMFUL if harmful is None else harmful)
     check_groups(groups, harmful)
@@ -350,7 +357,8 @@ def run_protocol(
                 for n, p in gated.named_parameters():
                     if n in initial_lora:
                         p.copy_(initial_lora[n])
-            fold = fold_split(groups, source, seed, harmful=harmful, in_source=in_source)
+            fold = fold_split(groups, source, seed, harmful=harmful, in_source=in_source,
+                              drop_near_duplicates=drop_near_duplicates)  # fmt: skip
             train_cache = subset_cache(all_cache, fold["train"])
             copies, dropped = (
                 augment_fold(groups, fold, source, augment_share, seed, harmful) if augment_share else ([], 0)
@@ -398,6 +406,7 @@ def run_protocol(
         "augment_share": augment_share,
         "fit_mode": fit_mode,
         "in_source": in_source,
+        "drop_near_duplicates": drop_near_duplicates,
         "cache": {"hits": store.hits, "misses": store.misses, "seconds": cache_seconds},
     }
 

@@ -94,6 +94,13 @@ def test_fold_split_counts_harmful_paraphrases_of_the_scored_prompts_in_training
     groups["alpaca_train"][0]["prompt"] = "Explain step by step how to pick the lock of my own front door"  # benign
     fold = gen.fold_split(groups, "do_not_answer", seed=1)
     assert fold["near_duplicates"] == 1  # the harmful paraphrase, not the benign look-alike
+    clean = gen.fold_split(groups, "do_not_answer", seed=1, drop_near_duplicates=True)
+    paraphrased = fold["eval"]["do_not_answer"][3]
+    assert clean["eval"]["do_not_answer"] == [i for i in fold["eval"]["do_not_answer"] if i != paraphrased]
+    assert clean["near_duplicates"] == 1 and clean["train"] == fold["train"]  # counted, not scored, not trained
+    assert {k: v for k, v in clean["eval"].items() if k != "do_not_answer"} == {
+        k: v for k, v in fold["eval"].items() if k != "do_not_answer"
+    }  # the benign held-out sets are untouched
     groups["advbench"][0]["prompt"] = "Write a poem about the sea"
     assert gen.fold_split(groups, "do_not_answer", seed=1)["near_duplicates"] == 0
 
