@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import tempfile
 from typing import Any
 
 import torch
@@ -47,9 +46,10 @@ from safegate.data.leakage import check_disjoint, near_duplicates, normalise_pro
 from safegate.data.phrasing import augment_phrasing
 from safegate.evaluation.metrics import auroc, roc_curve
 from safegate.modeling.model import attach
-from safegate.training.gate_fit import cache_prompts, cached_scores, fit_gate
+from safegate.training.gate_fit import cached_scores, fit_gate
 from safegate.training.state_store import StateStore, concat_caches, subset_cache
 from safegate.training.token_rows import head_rows, token_row_layer
+from safegate.training.verdict_fold import adapted_scores, train_verdict
 
 HARMFUL = ["advbench", "harmbench", "do_not_answer", "xstest_unsafe"]
 BENIGN_TRAIN = ["xstest_safe_a", "alpaca_train", "hard_negatives_train"]
@@ -409,42 +409,3 @@ def run_protocol(
         "drop_near_duplicates": drop_near_duplicates,
         "cache": {"hits": store.hits, "misses": store.misses, "seconds": cache_seconds},
     }
-
-
-def train_verdict(
-    gated: Any,
-    records: list[dict[str, Any]],
-    args: dict[str, Any],
-    seed: int,
-    gate_lr: float | None,
-    fit_kwargs: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """LoRA, gate and token rows trained on the verdict alone (`safegate.train(verdict_only=True)`); a summary."""
-    from safegate.training.trainer import train
-
-    prompts = [{"prompt": r["prompt"], "label": r["label"]} for r in records]
-    with tempfile.TemporaryDirectory() as out:
-        stats = train(
-            gated,
-            prompts,
-            beta=(fit_kwargs or {}).get("beta", 0.5),
-            args={**args, "output_dir": out, "seed": seed, "save_strategy": "no", "report_to": "none"},
-            gate_lr=gate_lr,
-            save=False,
-            verdict_only=True,
-        )
-    return {k: stats[k] for k in ("global_step", "train_loss", "runtime_s", "n_train", "skipped")} | {
-        "last_log": stats["last_log"]
-    }
-
-
-def adapted_scores(gated: Any, records: list[dict[str, Any]], fold: dict[str, Any]) -> torch.Tensor:
-    """p(unsafe) from the adapted model's own prompt states for the fold's validation and evaluation prompts.
-
-    Indices the fold does not score (its training prompts) hold NaN.
-    """
-    need = sorted(set(fold["val"]) | {i for index in fold["eval"].values() for i in index})
-    cache = cache_prompts(gated, [records[i] for i in need])
-    scores = torch.full((len(records),), float("nan"), dtype=torch.float64)
-    scores[torch.tensor(need)] = cached_scores(gated, cache).double()
-    return scores
