@@ -271,7 +271,8 @@ def _fill(
 ) -> None:
     """The results first (responses.jsonl, report.md, report.json), the optional plots last: a plot that fails
     costs the plots only (noted in the report's warnings), never the results."""
-    write_jsonl(folder / RESPONSES, response_rows(cases, outcomes, base_refused, gated_refused))
+    responses = response_rows(cases, outcomes, base_refused, gated_refused)
+    write_jsonl(folder / RESPONSES, responses)
     try:
         samples = _write_samples(folder, cases)
     except Exception as err:  # noqa: BLE001 - a sample file is an illustration; the results must survive
@@ -285,7 +286,8 @@ def _fill(
         return
     scored = [(o.score, c.record.harmful) for c, o in zip(cases, outcomes) if o.score is not None]
     try:
-        report["plots"] = write_plots(folder, [s for s, _ in scored], [y for _, y in scored], report["results"])
+        report["plots"] = write_plots(folder, [s for s, _ in scored], [y for _, y in scored], report["results"],
+                                      responses, report["defense"].get("threshold"))  # fmt: skip
     except Exception as err:  # noqa: BLE001 - plots are optional; the written report stays
         for name in PLOT_FILES:
             (folder / name).unlink(missing_ok=True)

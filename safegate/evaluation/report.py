@@ -36,7 +36,7 @@ from safegate.evaluation.metrics import (
 from safegate.evaluation.runner import Outcome
 
 REPORT_JSON, REPORT_MD, RESPONSES = "report.json", "report.md", "responses.jsonl"
-OWNED = (REPORT_JSON, REPORT_MD, RESPONSES, "roc.png", "score_hist.png", "asr_by_attack.png")
+OWNED = (REPORT_JSON, REPORT_MD, RESPONSES, "roc.png", "score_hist.png", "asr_by_attack.png", "threshold_sweep.png")
 
 
 def _complied(refused: Sequence[bool | None]) -> list[bool | None]:

@@ -78,7 +78,7 @@ def test_cli_end_to_end_on_a_saved_model(saved_model, data_file, tmp_path, capsy
     assert rows["prompts", "none"]["refusal_rate"] is not None and rows["prompts", "template"]["refusal_rate"] is None
     assert report["gate_auroc"] is not None and report["gate_auroc_n"] == {"harmful": 21, "benign": 2}
     assert {s["attack"]: "needs" in s["reason"] for s in report["skipped"]} == {"typographic": True, "spoken": True}
-    assert report["plots"] == ["roc.png", "score_hist.png", "asr_by_attack.png"]
+    assert report["plots"] == ["roc.png", "score_hist.png", "asr_by_attack.png", "threshold_sweep.png"]
     for name in report["plots"]:
         _png(out / name)
     md = (out / "report.md").read_text()
