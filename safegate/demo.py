@@ -11,7 +11,8 @@ Default run (SmolLM2-135M-Instruct, shipped in a PyPI wheel, which complies with
   3. `safegate eval`, base vs gated, on the held-out sets with prefill and jailbreak-template attacks ->
      `demo-out/report/` (report.json, report.md, plots), the never-trained source in `demo-out/report-untrained/`;
      prints the table and checks the targets
-     (`safegate.demo_report.TARGETS`; exit 1 on a missed one only with `--check`).
+     (`safegate.demo_report.TARGETS`; exit 1 on a missed one only with `--check`), then what any other threshold
+     of the same gate would give (`safegate.demo_sweep`; `demo-out/threshold_sweep.png`).
 `--seeds N` trains N gates (recipe seeds s, s+1, ...) on the same data, evaluates each (base answers generated once,
 reused) into `demo-out/seed-S/`, and prints every number as mean ± std over seeds; `demo-out/summary.json` keeps the
 per-seed values, the commit and the machine. `--guard` is the reduced CI run (`safegate.demo_guard`, `make guard`).
@@ -53,6 +54,8 @@ from safegate.demo_report import (
     target_checks,
     untrained_auroc,
 )
+from safegate.demo_sweep import sweep_lines, sweep_summary
+from safegate.evaluation.plots import threshold_sweep_plot
 
 RECIPE = "recipes/smollm2_135m_cpu.yaml"
 __all__ = ["DATA_SETS", "RECIPE", "TARGETS", "load_data_sets", "prepare_data", "register", "run", "summary"]
@@ -162,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
                     "total": (time.perf_counter() - started) / 60},
         "metrics": aggregate([seed_values(r) for r in reports]),
         "checks": [c._asdict() for c in checks],
+        "threshold_sweep": [r.get("threshold_sweep") for r in reports],
         "reports": [str((out if len(seeds) == 1 else out / f"seed-{s}") / name / "report.json") for s in seeds
                     for name in ("report", "report-untrained")],
     })  # fmt: skip
@@ -212,10 +216,15 @@ def _train_and_evaluate(
     name = untrained_name(plan.untrained)
     untrained = evaluate(gated, {name: read_objects(files[UNTRAINED])}, out_dir=folder / "report-untrained",
                          plots=False, **settings)  # fmt: skip
-    benign = [r for r in read_objects(folder / "report" / "responses.jsonl") if r["label"] == "safe"]
-    scored = read_objects(folder / "report-untrained" / "responses.jsonl") + benign
+    main_rows = read_objects(folder / "report" / "responses.jsonl")
+    untrained_rows = read_objects(folder / "report-untrained" / "responses.jsonl")
+    scored = untrained_rows + [r for r in main_rows if r["label"] == "safe"]
+    shipped = report["defense"].get("threshold")
     report = {**report, "results": report["results"] + untrained["results"],
-              "gate_auroc_untrained": untrained_auroc(scored, name)}  # fmt: skip
+              "gate_auroc_untrained": untrained_auroc(scored, name),
+              "threshold_sweep": sweep_summary(main_rows + untrained_rows, shipped)}  # fmt: skip
+    if plan.plots:  # both reports' rows in one picture: what each threshold gives, trained and never-trained
+        threshold_sweep_plot(folder / "threshold_sweep.png", main_rows + untrained_rows, shipped)
     del gated
     gc.collect()
     return report
@@ -252,6 +261,10 @@ def summary(
     lines = ["", f"safegate {title}: {reports[0].get('model')} ({seconds / 60:.1f} min, {len(reports)} seed(s))"]
     words = ("ok", "FAIL") if guard else ("met", "MISSED")
     lines += ["", table, *source_lines(reports), ""] + check_lines(checks, words)
+    for i, report in enumerate(reports):
+        if report.get("threshold_sweep"):
+            lines += ["", *([f"seed {i + 1} of {len(reports)}:"] if len(reports) > 1 else []),
+                      *sweep_lines(report["threshold_sweep"])]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ from safegate.cli import main
 from safegate.demo import summary
 from safegate.demo_data import UNTRAINED
 from safegate.demo_guard import guard_checks
-from safegate.demo_report import TARGETS, git_commit, target_checks, untrained_auroc
+from safegate.demo_report import TARGETS, UNTRAINED_PREFIX, git_commit, target_checks, untrained_auroc
+from safegate.demo_sweep import sweep_lines, sweep_summary
 from safegate.evaluation.defense import CasaDefense, DefendedBatch
 from safegate.testing import tiny_model_and_tokenizer
 from safegate.training.calibrate import Calibration
@@ -222,6 +223,10 @@ def test_demo_seeds_reuse_base_answers_and_write_the_summary(fake_pipeline, caps
     assert calls_after_two_seeds == len(fake_pipeline.base_calls)  # 2 seeds: the base model ran once, not twice
     assert main(args + ["--check"]) == 1 and "targets missed: " in capsys.readouterr().out
     assert set(map(str, fake_pipeline.warm_data)) == {"None"}  # no gate pool unless asked for
+    assert "threshold sweep: the lowest over-refusal" in out and "seed 2 of 2:" in out
+    assert len(summary_json["threshold_sweep"]) == 2 and "untrained" in summary_json["threshold_sweep"][1]
+    assert (fake_pipeline.out / "seed-1" / "threshold_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert (fake_pipeline.out / "seed-1" / "report" / "threshold_sweep.png").is_file()
 
 
 def test_demo_gate_pool_goes_to_the_warm_start_when_asked(fake_pipeline):
@@ -250,3 +255,29 @@ def test_seeds_must_be_positive(capsys):
     assert "--seeds must be a positive integer, got 0" in capsys.readouterr().err
     assert main(["demo", "--guard", "--seeds", "2"]) == 2
     assert "--guard trains one gate, got --seeds 2" in capsys.readouterr().err
+
+
+def _scored(dataset, label, p):
+    return dict(dataset=dataset, attack="none", label=label, p_unsafe=p, gate_unsafe=p >= 0.5, base_refused=False,
+                gated_refused=p >= 0.5)  # fmt: skip
+
+
+def test_the_sweep_says_whether_any_threshold_meets_the_over_refusal_targets():
+    harmful = [_scored("harmful", "unsafe", p) for p in [0.9] * 9 + [0.6]]
+    look_alike = [_scored("xstest", "safe", 0.95)]  # scores above every harmful prompt but one
+    benign = [_scored("xstest", "safe", 0.1) for _ in range(9)] + [_scored("alpaca", "safe", 0.05)] * 10
+    found = sweep_summary(harmful + look_alike + benign, shipped=0.5)
+    point = found["trained"]  # 90 % reduction lets one harmful prompt through: 0.6, never the look-alike at 0.95
+    assert (point["threshold"], point["xstest_over_refusal_pp"], point["alpaca_over_refusal_pp"]) == (0.6, 0.1, 0.0)
+    assert point["meets_over_refusal_targets"] is False and point["lowest_reduction"] == 1.0
+    assert "untrained" not in found  # no never-trained rows, no line for them
+    lines = sweep_lines(found)
+    assert (
+        len(lines) == 2
+        and "XSTest-safe +10.0 pp, Alpaca +0.0 pp (threshold 0.6): over-refusal targets missed" in lines[1]
+    )
+    assert sweep_summary(harmful + benign, shipped=0.5)["trained"]["meets_over_refusal_targets"] is True
+    untrained = [_scored(f"{UNTRAINED_PREFIX}x", "unsafe", 0.01)]  # below every benign prompt
+    found = sweep_summary(harmful + benign + untrained, shipped=0.5)
+    assert found["untrained"]["xstest_over_refusal_pp"] == 1.0  # flagging it flags every benign prompt
+    assert sweep_summary(harmful + look_alike, shipped=0.5)["trained"] is None  # no Alpaca row: nothing to weigh
