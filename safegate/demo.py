@@ -222,7 +222,8 @@ def _train_and_evaluate(
     shipped = report["defense"].get("threshold")
     report = {**report, "results": report["results"] + untrained["results"],
               "gate_auroc_untrained": untrained_auroc(scored, name),
-              "threshold_sweep": sweep_summary(main_rows + untrained_rows, shipped)}  # fmt: skip
+              "threshold_sweep": sweep_summary(main_rows + untrained_rows, shipped),
+              "training_seed": seed}  # fmt: skip
     if plan.plots:  # both reports' rows in one picture: what each threshold gives, trained and never-trained
         threshold_sweep_plot(folder / "threshold_sweep.png", main_rows + untrained_rows, shipped)
     del gated
@@ -263,7 +264,7 @@ def summary(
     lines += ["", table, *source_lines(reports), ""] + check_lines(checks, words)
     for i, report in enumerate(reports):
         if report.get("threshold_sweep"):
-            lines += ["", *([f"seed {i + 1} of {len(reports)}:"] if len(reports) > 1 else []),
+            lines += ["", *([f"seed {report.get('training_seed', i)}:"] if len(reports) > 1 else []),
                       *sweep_lines(report["threshold_sweep"])]  # fmt: skip
     return "\n".join(lines)
 

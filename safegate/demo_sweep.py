@@ -48,20 +48,23 @@ def sweep_summary(rows: Sequence[dict[str, Any]], shipped: float | None) -> dict
         if not names:  # no such rows (e.g. a report without the never-trained source)
             continue
         measured = all(b in base for b in BENIGN.values())
+        found["benign_rows"] = measured
         points = [p for p in keeping_reduction(rows, names, targets[part])
                   if measured and all(b in p.rates for b in BENIGN.values())]  # fmt: skip
         extra = [{name: p.rates[b] - base[b] for name, b in BENIGN.items()} for p in points]
         if not points:
             found[part] = None
             continue
-        best = min(range(len(points)), key=lambda i: (extra[i]["xstest"], extra[i]["alpaca"], points[i].threshold))
+        meeting = [i for i, e in enumerate(extra) if _meets(e)]  # report a point that meets both when one does
+        best = min(meeting or range(len(points)),
+                   key=lambda i: (extra[i]["xstest"], extra[i]["alpaca"], points[i].threshold))  # fmt: skip
         found[part] = {
             "threshold": points[best].threshold,
             "xstest_over_refusal_pp": extra[best]["xstest"],
             "alpaca_over_refusal_pp": extra[best]["alpaca"],
             "lowest_reduction": min(reductions(points[best], base, names).values(), default=None),
             "inferred_answers": points[best].inferred,
-            "meets_over_refusal_targets": any(_meets(e) for e in extra),
+            "meets_over_refusal_targets": bool(meeting),
         }
     return found
 
@@ -83,7 +86,9 @@ def sweep_lines(found: dict[str, Any]) -> list[str]:
             continue
         point = found[part]
         if point is None:
-            lines.append(f"  {title}: no threshold keeps the ASR reduction target on every attack")
+            why = ("no threshold keeps the ASR reduction target on every attack" if found.get("benign_rows", True)
+                   else "no XSTest-safe or Alpaca row (with judged base answers) to weigh")  # fmt: skip
+            lines.append(f"  {title}: {why}")
             continue
         xs, alpaca = point["xstest_over_refusal_pp"], point["alpaca_over_refusal_pp"]
         verdict = "met" if point["meets_over_refusal_targets"] else "missed"

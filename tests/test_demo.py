@@ -223,7 +223,7 @@ def test_demo_seeds_reuse_base_answers_and_write_the_summary(fake_pipeline, caps
     assert calls_after_two_seeds == len(fake_pipeline.base_calls)  # 2 seeds: the base model ran once, not twice
     assert main(args + ["--check"]) == 1 and "targets missed: " in capsys.readouterr().out
     assert set(map(str, fake_pipeline.warm_data)) == {"None"}  # no gate pool unless asked for
-    assert "threshold sweep: the lowest over-refusal" in out and "seed 2 of 2:" in out
+    assert "threshold sweep: the lowest over-refusal" in out and "\nseed 1:\n" in out
     assert len(summary_json["threshold_sweep"]) == 2 and "untrained" in summary_json["threshold_sweep"][1]
     assert (fake_pipeline.out / "seed-1" / "threshold_sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert (fake_pipeline.out / "seed-1" / "report" / "threshold_sweep.png").is_file()
@@ -280,4 +280,18 @@ def test_the_sweep_says_whether_any_threshold_meets_the_over_refusal_targets():
     untrained = [_scored(f"{UNTRAINED_PREFIX}x", "unsafe", 0.01)]  # below every benign prompt
     found = sweep_summary(harmful + benign + untrained, shipped=0.5)
     assert found["untrained"]["xstest_over_refusal_pp"] == 1.0  # flagging it flags every benign prompt
-    assert sweep_summary(harmful + look_alike, shipped=0.5)["trained"] is None  # no Alpaca row: nothing to weigh
+    no_alpaca = sweep_summary(harmful + look_alike, shipped=0.5)
+    assert no_alpaca["trained"] is None and "no XSTest-safe or Alpaca row" in sweep_lines(no_alpaca)[1]
+
+
+def test_the_sweep_reports_a_point_that_meets_both_targets_when_one_does():
+    """Below 0.5 XSTest-safe is lowest (a flagged look-alike got an answer the base model refused) but Alpaca is at
+    +10 pp; 0.9 meets both targets, so 0.9 is the point shown, not the XSTest-safe minimum."""
+    harmful = [_scored("harmful", "unsafe", p) for p in [0.9] * 9 + [0.3]]
+    odd = {**_scored("xstest", "safe", 0.5), "base_refused": True, "gated_refused": False}
+    benign = (
+        [odd] + [_scored("xstest", "safe", 0.01)] * 29 + [_scored("alpaca", "safe", p) for p in [0.5] + [0.01] * 9]
+    )
+    found = sweep_summary(harmful + benign, shipped=0.5)["trained"]
+    assert (found["threshold"], found["meets_over_refusal_targets"]) == (0.9, True)
+    assert found["xstest_over_refusal_pp"] == 0.0 and found["alpaca_over_refusal_pp"] == 0.0

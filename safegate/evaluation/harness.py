@@ -286,8 +286,9 @@ def _fill(
         return
     scored = [(o.score, c.record.harmful) for c, o in zip(cases, outcomes) if o.score is not None]
     try:
+        casa = report["defense"].get("name") == "casa"  # verdict = p(unsafe) >= threshold: what a sweep assumes
         report["plots"] = write_plots(folder, [s for s, _ in scored], [y for _, y in scored], report["results"],
-                                      responses, report["defense"].get("threshold"))  # fmt: skip
+                                      responses if casa else (), report["defense"].get("threshold"))  # fmt: skip
     except Exception as err:  # noqa: BLE001 - plots are optional; the written report stays
         for name in PLOT_FILES:
             (folder / name).unlink(missing_ok=True)

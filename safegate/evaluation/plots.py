@@ -113,7 +113,7 @@ def threshold_sweep_plot(
     for name in sorted(named, key=lambda n: (not named[n][0], n)):
         values = [100 * p.rates.get(name, math.nan) for p in points]
         style = "-" if named[name][0] else "--"
-        ax.step(logit, values, where="post", ls=style, lw=1.5, label=name)
+        ax.step(logit, values, where="pre", ls=style, lw=1.5, label=name)
     if shipped is not None:
         ax.axvline(_logit(shipped), color="black", lw=1, label=f"shipped threshold {shipped:.6g}")
     ax.set(ylim=(-2, 102), xlabel="threshold, logit of p(unsafe)",
