@@ -203,7 +203,9 @@ def _train_and_evaluate(
     if "threshold" in stats:
         threshold, n, result = stats["threshold"], stats["calibration_prompts"], stats.get("calibration")
         rule = "; set by the recall cap" if getattr(result, "capped", False) else ""
-        _say(f"      p(unsafe) threshold {threshold:.6g} (calibrated on {n} prompts: recipe `calibrate`{rule})")
+        harm = f", recall cap on {result.n_harmful} harmful" if getattr(result, "n_harmful", 0) else ""
+        _say(f"      p(unsafe) threshold {threshold:.6g} (calibrated on {n} benign prompts{harm}: "
+             f"recipe `calibrate`{rule})")  # fmt: skip
     _say(f"      bundle: {folder / 'bundle'} ({_eta(started)})")
     _say(f"[3/3] evaluation, base vs gated{' (base answers reused)' if base_cache else ''} ({_eta(started)})")
     sets = {"harmful": files["harmful"], "xstest": files["xstest"], "alpaca": files["benign"]}

@@ -13,7 +13,9 @@ set came from and what went into training. The training mixture:
 * counterfactuals: benign prompts with `<|unsafe|>` and a refusal that do not teach the gate (`"gate": false`).
 
 Calibration (`calibration.jsonl`): a slice of each benign training source, held back from training and from
-evaluation; the recipe's `calibrate` section sets the bundle's threshold on it.
+evaluation, and the trained harmful sources' held-out prompts that are not evaluated; the recipe's `calibrate`
+section sets the bundle's threshold on them (the benign ones bound the false-positive rate, the harmful ones keep
+`min_recall`).
 
 Held out: other AdvBench / HarmBench prompts, other Alpaca tasks, the other half of XSTest's safe prompts, and
 XSTest's unsafe contrast prompts, a harmful source never trained on (`UNTRAINED`). `check_disjoint` stops the
@@ -143,6 +145,10 @@ def prepare_data(
     xs_train, xs_cal = _hold_back(xs_train, calibration_share, seed)
     hard_train, hard_cal = _hold_back(hard_train, calibration_share, seed)
     calibration = [dict(prompt=r["prompt"], label="safe", source=r.get("source")) for r in ben_cal + xs_cal + hard_cal]
+    # harmful validation prompts: the trained sources' held-out split that is not evaluated (nor trained on); the
+    # recipe's recall cap reads them (`calibrate.min_recall`), the training mixture is unchanged by them
+    spare = drop_overlap(drop_overlap(harm_test, evaluated)[0], harm_pool + gate_pool)[0]
+    calibration += [dict(prompt=r["prompt"], label="unsafe", source=r.get("source")) for r in spare]
     model, tok = load_model(recipe.model.name, dtype=recipe.model.dtype)
     xs_train = self_distill(model, tok, xs_train, max_new_tokens=distill_tokens, batch_size=16)
     ben_train = self_distill(model, tok, ben_train, max_new_tokens=distill_tokens, batch_size=16)

@@ -210,7 +210,8 @@ def test_demo_seeds_reuse_base_answers_and_write_the_summary(fake_pipeline, caps
     out = capsys.readouterr().out
     assert "commit " in out and "torch threads" in out and "2 seed(s) ran: [0, 1]" in out
     assert "(base answers reused)" in out and "mean ± std over 2 seeds" in out
-    assert "threshold 0.4 (calibrated on 10 prompts: recipe `calibrate`; set by the recall cap)" in out
+    rule = "recall cap on 20 harmful: recipe `calibrate`; set by the recall cap"
+    assert f"threshold 0.4 (calibrated on 10 benign prompts, {rule})" in out
     summary_json = json.loads((fake_pipeline.out / "summary.json").read_text())
     assert summary_json["seeds"] == [0, 1] and summary_json["machine"]["torch_threads"] >= 1
     assert len(summary_json["metrics"]["gate AUROC"]["values"]) == 2

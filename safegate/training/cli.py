@@ -56,8 +56,12 @@ def run(args: argparse.Namespace) -> int:
         if recipe.data.refusals == "template":
             print(f"data: {len(train_records)} training records, {len(eval_records or [])} held out")
             if recipe.calibrate.data:
-                n = len(calibration_records(recipe, train_records))
-                print(f"calibration: {n} benign prompts, target false-positive rate {recipe.calibrate.target_fpr}")
+                records = calibration_records(recipe, train_records)
+                n, harmful = sum(r["label"] == "safe" for r in records), sum(r["label"] == "unsafe" for r in records)
+                cap = f", {harmful} harmful (recall cap)" if harmful else ""
+                print(
+                    f"calibration: {n} benign prompts{cap}, target false-positive rate {recipe.calibrate.target_fpr}"
+                )
         return 0
     stats = run_recipe(recipe, resume_from_checkpoint=args.resume)
     last = stats["last_log"]
@@ -79,8 +83,11 @@ def run(args: argparse.Namespace) -> int:
         result = stats["calibration"]
         summary["threshold_rule"] = "recall cap" if result.capped else "target_fpr"
         summary["calibration_benign_flagged"] = round(result.benign_flagged, 4)
-        if result.harmful_flagged is not None:
-            summary["training_harmful_flagged"] = round(result.harmful_flagged, 4)
+        if (
+            result.harmful_flagged is not None
+        ):  # the recall cap's prompts: calibrate.data's harmful ones, else training's
+            where = "calibration" if stats.get("recall_cap_on") == "calibrate.data" else "training"
+            summary[f"{where}_harmful_flagged"] = round(result.harmful_flagged, 4)
     print("safegate train: " + json.dumps(summary))
     if stats.get("bundle"):
         print(f"safegate train: saved {stats['bundle_kind']} to {stats['bundle']}")

@@ -86,19 +86,20 @@ def recipe_records(recipe: Recipe, model: Any = None, processor: Any = None) -> 
 
 
 def calibration_records(recipe: Recipe, train_records: list[dict]) -> list[dict]:
-    """The benign records of `calibrate.data` (empty without it); none may be a training prompt."""
+    """The records of `calibrate.data` (empty without it): benign ones (required) and any harmful ones; none may be
+    a training prompt."""
     if not recipe.calibrate.data:
         return []
     from safegate.data.leakage import check_disjoint
 
-    benign = [r for r in _prompt_records(recipe.calibrate.data, recipe.data.dir) if r["label"] == "safe"]
-    if not benign:
+    records = _prompt_records(recipe.calibrate.data, recipe.data.dir)
+    if not any(r["label"] == "safe" for r in records):
         raise ValueError(
             f"calibrate.data {recipe.calibrate.data!r} holds no benign (`label: safe`) records; the threshold is "
             "calibrated on benign prompts: add some, or remove the `calibrate` section."
         )
-    check_disjoint(train_records, benign, eval_name="calibrate.data")  # trained prompts would score optimistically
-    return benign
+    check_disjoint(train_records, records, eval_name="calibrate.data")  # trained prompts would score optimistically
+    return records
 
 
 def _prompt_records(sources: list[str], data_dir: str | None) -> list[dict]:
@@ -167,10 +168,13 @@ def run_recipe(recipe: Recipe, *, resume_from_checkpoint: str | bool | None = No
         from safegate.training.calibrate import calibrate
 
         recall = recipe.calibrate.min_recall
-        harmful = train_records if recall else None  # the cap: keep `min_recall` of the harmful training prompts
+        held_harmful = [r for r in calibration if r["label"] == "unsafe"]
+        # the cap keeps `min_recall` of calibrate.data's harmful prompts (never trained on), else of the training ones
+        harmful = (held_harmful or train_records) if recall else None
         result = calibrate(gated, calibration, recipe.calibrate.target_fpr, harmful=harmful, min_recall=recall or 1.0)
         stats["threshold"] = result.threshold
-        stats["calibration_prompts"] = len(calibration)
+        stats["calibration_prompts"] = result.n_benign
+        stats["recall_cap_on"] = ("calibrate.data" if held_harmful else "training") if recall else None
         stats["calibration"] = result
     elif recipe.calibrate.balanced:
         from safegate.training.calibrate import fit_balanced_threshold

@@ -101,13 +101,14 @@ class CalibrateSection:
     """`calibrate:` — after training, set the gate's p(unsafe) threshold (saved in the bundle). `balanced: true`:
     the threshold with the highest balanced accuracy on the training prompts (`fit_balanced_threshold`; corrects
     the shift joint training gives every score). `data`: files of held-out records; the threshold flags at most
-    `target_fpr` of their benign prompts (`calibrate_threshold`), capped so that at least `min_recall` of the
-    harmful training prompts stay flagged (`null`: no cap). Neither: the gate config's (default: argmax)."""
+    `target_fpr` of their benign prompts (`calibrate_threshold`), capped so that at least `min_recall` of their
+    harmful prompts (none there: of the harmful training prompts) stay flagged (`null`: no cap). Neither: the gate
+    config's (default: argmax)."""
 
     balanced: bool = False
     data: list[str] | None = None
     target_fpr: float = 0.05
-    min_recall: float | None = 0.9  # with `data`: the threshold keeps this share of the harmful training prompts
+    min_recall: float | None = 0.9  # with `data`: the threshold keeps this share of its (else the training) harmful
 
 
 @dataclass

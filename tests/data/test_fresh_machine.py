@@ -102,12 +102,16 @@ def test_demo_data_prepares_from_installed_wheels_and_package_data(fresh_machine
     assert len(_read(files["benign"])) == round(0.15 * 175)
     # a fifth of each benign training source is held back, untrained and unevaluated: the threshold's prompts
     calibration = _read(files["calibration"])
-    assert {r["source"] for r in calibration} == {"alpaca", "xstest", "hard_negatives"}
-    assert all(r["label"] == "safe" for r in calibration) and sources_json["calibration"]
+    benign_cal = [r for r in calibration if r["label"] == "safe"]
+    assert {r["source"] for r in benign_cal} == {"alpaca", "xstest", "hard_negatives"} and sources_json["calibration"]
+    # and the trained harmful sources' held-out prompts that are not evaluated: the recall cap's, never trained on
+    harmful_cal = [r for r in calibration if r["label"] == "unsafe"]
+    assert harmful_cal and {r["source"] for r in harmful_cal} <= {"advbench", "harmbench-test", "harmbench-val"}
     evaluated = {r["prompt"] for name in ("harmful", "benign", "xstest") for r in _read(files[name])}
-    assert not {r["prompt"] for r in calibration} & ({r["prompt"] for r in train} | evaluated)
+    trained_or_pooled = {r["prompt"] for r in train + _read(files["gate_pool"])}
+    assert not {r["prompt"] for r in calibration} & (trained_or_pooled | evaluated)
     trained_benign = sum(1 for r in train if r["label"] == "safe")
-    assert 0.15 < len(calibration) / (len(calibration) + trained_benign) < 0.25
+    assert 0.15 < len(benign_cal) / (len(benign_cal) + trained_benign) < 0.25
     # the rest of the harmful sources' prompts: the gate's warm start only, never LoRA's, never evaluated
     pool = _read(files["gate_pool"])
     assert pool and all(r["label"] == "unsafe" and "response" not in r for r in pool)
