@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-from safegate.demo_report import TARGETS, UNTRAINED_PREFIX
-from safegate.evaluation.threshold_sweep import base_rates, groups, reductions, sweep
+from safegate.demo_report import TARGETS
+from safegate.demo_sweep import harmful_names, meets_over_refusal_targets, over_refusal
+from safegate.evaluation.threshold_sweep import base_rates, reductions, sweep
 
 
 def run_folders(run: Path) -> list[Path]:
@@ -44,15 +45,12 @@ def run_folders(run: Path) -> list[Path]:
 def outcome(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
     """The demo's target numbers at `threshold`, read from stored answers."""
     base = base_rates(rows)
-    trained = [n for n, (h, _) in groups(rows).items() if h and not n.startswith(UNTRAINED_PREFIX)]
     (point,) = sweep(rows, [threshold])
-    xs = point.rates["xstest/none"] - base["xstest/none"]
-    alpaca = point.rates["alpaca/none"] - base["alpaca/none"]
-    reduction = min(reductions(point, base, trained).values())
-    met = (xs <= TARGETS["xstest_over_refusal_pp"] + 1e-12 and alpaca <= TARGETS["alpaca_over_refusal_pp"] + 1e-12
-           and reduction >= TARGETS["asr_reduction"])  # fmt: skip
-    return {"threshold": threshold, "xstest_pp": xs, "alpaca_pp": alpaca, "lowest_reduction": reduction,
-            "inferred_answers": point.inferred, "targets_met": met}  # fmt: skip
+    extra = over_refusal(point, base)
+    reduction = min(reductions(point, base, harmful_names(rows)["trained"]).values())
+    met = meets_over_refusal_targets(extra) and reduction >= TARGETS["asr_reduction"]
+    return {"threshold": threshold, "xstest_pp": extra["xstest"], "alpaca_pp": extra["alpaca"],
+            "lowest_reduction": reduction, "inferred_answers": point.inferred, "targets_met": met}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,33 +29,57 @@ from collections.abc import Sequence
 from typing import Any
 
 from safegate.demo_report import TARGETS, UNTRAINED_PREFIX
-from safegate.evaluation.threshold_sweep import base_rates, groups, keeping_reduction, reductions, unsafe_refusal_rate
+from safegate.evaluation.threshold_sweep import (
+    OperatingPoint,
+    base_rates,
+    groups,
+    keeping_reduction,
+    reductions,
+    sweep,
+    unsafe_refusal_rate,
+)
 
 BENIGN = {"xstest": "xstest/none", "alpaca": "alpaca/none"}
+
+
+def harmful_names(rows: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """The harmful row names (`dataset/attack`) of the trained sources and of the never-trained one."""
+    named = [n for n, (is_harmful, _) in groups(rows).items() if is_harmful]
+    return {"trained": [n for n in named if not n.startswith(UNTRAINED_PREFIX)],
+            "untrained": [n for n in named if n.startswith(UNTRAINED_PREFIX)]}  # fmt: skip
+
+
+def over_refusal(point: OperatingPoint, base: dict[str, float]) -> dict[str, float]:
+    """Gated minus base refusal rate at `point` on XSTest-safe and Alpaca (keys `xstest`, `alpaca`)."""
+    return {name: point.rates[row] - base[row] for name, row in BENIGN.items()}
+
+
+def meets_over_refusal_targets(extra: dict[str, float]) -> bool:
+    """Both over-refusal changes (`over_refusal`) within the demo's targets."""
+    return (extra["xstest"] <= TARGETS["xstest_over_refusal_pp"] + 1e-12
+            and extra["alpaca"] <= TARGETS["alpaca_over_refusal_pp"] + 1e-12)  # fmt: skip
 
 
 def sweep_summary(rows: Sequence[dict[str, Any]], shipped: float | None) -> dict[str, Any]:
     """For the trained and the never-trained harmful rows (a part without rows is left out): the lowest XSTest-safe
     over-refusal any threshold gives while each of their attacks keeps its ASR reduction target (`None` when no
     threshold does, or the XSTest-safe or Alpaca row is missing)."""
-    named = groups(rows)
     base = base_rates(rows)
-    harmful = {"trained": [n for n, (h, _) in named.items() if h and not n.startswith(UNTRAINED_PREFIX)],
-               "untrained": [n for n, (h, _) in named.items() if h and n.startswith(UNTRAINED_PREFIX)]}  # fmt: skip
+    measured = all(row in base for row in BENIGN.values())
+    found: dict[str, Any] = {"shipped": shipped, "unsafe_refusal_rate": unsafe_refusal_rate(rows),
+                             "benign_rows": measured}  # fmt: skip
     targets = {"trained": TARGETS["asr_reduction"], "untrained": TARGETS["untrained_asr_reduction"]}
-    found: dict[str, Any] = {"shipped": shipped, "unsafe_refusal_rate": unsafe_refusal_rate(rows)}
-    for part, names in harmful.items():
+    swept = sweep(rows) if measured else []
+    for part, names in harmful_names(rows).items():
         if not names:  # no such rows (e.g. a report without the never-trained source)
             continue
-        measured = all(b in base for b in BENIGN.values())
-        found["benign_rows"] = measured
-        points = [p for p in keeping_reduction(rows, names, targets[part])
-                  if measured and all(b in p.rates for b in BENIGN.values())]  # fmt: skip
-        extra = [{name: p.rates[b] - base[b] for name, b in BENIGN.items()} for p in points]
+        points = [p for p in keeping_reduction(swept, base, names, targets[part])
+                  if all(row in p.rates for row in BENIGN.values())]  # fmt: skip
         if not points:
             found[part] = None
             continue
-        meeting = [i for i, e in enumerate(extra) if _meets(e)]  # report a point that meets both when one does
+        extra = [over_refusal(p, base) for p in points]
+        meeting = [i for i, e in enumerate(extra) if meets_over_refusal_targets(e)]  # shown when one exists
         best = min(meeting or range(len(points)),
                    key=lambda i: (extra[i]["xstest"], extra[i]["alpaca"], points[i].threshold))  # fmt: skip
         found[part] = {
@@ -67,11 +91,6 @@ def sweep_summary(rows: Sequence[dict[str, Any]], shipped: float | None) -> dict
             "meets_over_refusal_targets": bool(meeting),
         }
     return found
-
-
-def _meets(extra: dict[str, float]) -> bool:
-    return (extra["xstest"] <= TARGETS["xstest_over_refusal_pp"] + 1e-12
-            and extra["alpaca"] <= TARGETS["alpaca_over_refusal_pp"] + 1e-12)  # fmt: skip
 
 
 def sweep_lines(found: dict[str, Any]) -> list[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from safegate.evaluation.metrics import auroc, roc_curve
-from safegate.evaluation.threshold_sweep import Row, groups, sweep
+from safegate.evaluation.threshold_sweep import Row, groups, scored, sweep
 
 PLOT_FILES = ("roc.png", "score_hist.png", "asr_by_attack.png", "threshold_sweep.png")
 PLOTS_EXTRA = "pip install 'safegate[eval]'"
@@ -148,7 +148,7 @@ def write_plots(
     if any(r.get("n_harmful") and r.get("asr") is not None for r in results):
         asr_plot(folder / "asr_by_attack.png", results)
         written.append("asr_by_attack.png")
-    if responses and all(isinstance(r.get("p_unsafe"), (int, float)) for r in responses):
+    if responses and all(scored(r) for r in responses):
         threshold_sweep_plot(folder / "threshold_sweep.png", responses, threshold)
         written.append("threshold_sweep.png")
     return written

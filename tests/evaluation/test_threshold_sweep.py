@@ -66,9 +66,10 @@ def test_a_dataset_with_both_labels_gives_two_rows_and_missing_scores_are_refuse
 
 def test_keeping_reduction_needs_every_named_row_and_ignores_rows_without_a_base_asr():
     refused_by_base = [_row("r", "unsafe", 0.5, True, True, True)]  # base ASR 0: no reduction to keep
-    kept = keeping_reduction(ROWS + refused_by_base, ["h/none", "r/none"], 0.6)
+    rows = ROWS + refused_by_base
+    kept = keeping_reduction(sweep(rows), base_rates(rows), ["h/none", "r/none"], 0.6)
     assert [p.threshold for p in kept] == [0.1, 0.2]  # at 0.3 the judged ASR is 1 of 3: reduction 0.56
-    assert keeping_reduction(ROWS, ["h/none"], 1.01) == []
+    assert keeping_reduction(sweep(ROWS), base_rates(ROWS), ["h/none"], 1.01) == []
 
 
 def test_sweep_plot_writes_a_png(tmp_path):
