@@ -1,5 +1,7 @@
+import importlib.util
 import os
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -14,6 +16,15 @@ import safegate  # noqa: E402
 from safegate.testing import tiny_model_and_tokenizer  # noqa: E402
 
 SMALL = dict(attention_dim=16, lora_r=4, lora_alpha=8)
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """The script `benchmarks/<name>.py` as a module (benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(params=["qwen2", "llama"])

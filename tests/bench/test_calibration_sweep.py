@@ -1,23 +1,17 @@
 """`benchmarks/calibration_sweep.py`: re-calibrating a stored demo gate and reading the outcome from its answers."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import safegate
 from safegate.backbones.load import load_model
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "calibration_sweep.py"
+from tests.conftest import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("calibration_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("calibration_sweep")
 
 
 def _row(dataset, label, p, base_refused=False):

@@ -1,10 +1,8 @@
 """The generalization protocol (`benchmarks/generalization.py`): end to end on a tiny random model, the leak check,
 and the metrics on hand-made scores."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +10,11 @@ import torch
 from safegate.data.leakage import LeakageError, check_disjoint
 from safegate.data.sources import DataUnavailableError
 from safegate.training import generalization as gen
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "generalization.py"
+from tests.conftest import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("generalization_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("generalization")
 
 
 def toy_groups(n=4):
@@ -357,10 +351,7 @@ def test_safety_prompt_and_in_source_flags_reach_the_gate_config_and_the_report(
 
 
 def load_probe():
-    spec = importlib.util.spec_from_file_location("layer_probe", SCRIPT.parent / "layer_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    return probe
+    return load_benchmark("layer_probe")
 
 
 def test_layer_probe_end_to_end_on_a_tiny_model(tmp_path, one_thread):

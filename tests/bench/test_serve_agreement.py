@@ -1,22 +1,16 @@
 """`benchmarks/serve_agreement.py` without vLLM: the held-out prompt set (leak-checked, topped up) and the counts."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from safegate.data.leakage import LeakageError
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_agreement.py"
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("serve_agreement", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("serve_agreement")
 
 
 def write(path, prompts, label):
