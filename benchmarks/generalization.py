@@ -77,6 +77,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=None, help="fit_gate learning rate (default: the recipe's)")
     ap.add_argument("--weight-decay", type=float, default=None, help="fit_gate weight decay (default: 0)")
     ap.add_argument("--attention-dim", type=int, default=None, help="gate attention_dim (default: the recipe's)")
+    ap.add_argument("--members", type=int, default=None, help="gates in the ensemble (default: the recipe's)")
     ap.add_argument(
         "--safety-prompt",
         default=None,
@@ -329,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         gate["attention_dim"] = args.attention_dim
     if args.safety_prompt is not None:
         gate["safety_prompt"] = args.safety_prompt
+    if args.members is not None:
+        gate["members"] = args.members
     fit = recipe.get("fit_gate") or {}
     fit_kwargs = {"epochs": args.epochs or fit.get("epochs", 30), "lr": args.lr or fit.get("lr", 1e-2)}
     if args.weight_decay is not None:
@@ -372,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "layer": config.layer,
         "attention_dim": config.attention_dim,
+        "members": config.members,
         "safety_prompt": config.safety_prompt,
         "in_source": args.in_source,
         "drop_near_duplicates": args.drop_near_duplicates,

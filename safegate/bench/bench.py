@@ -111,7 +111,7 @@ def benchmark(
     bar = tqdm(total=total, desc="safegate bench", unit="measurement", disable=not progress)
     for path, (label, bias) in VERDICTS.items():
         with torch.no_grad():
-            gated.gate.out.bias.fill_(bias)
+            gated.gate.set_output_bias(bias)
         results["generate"][path], results["ttft"][path] = {}, {}
         for batch, inputs in batches.items():
             with torch.no_grad():
@@ -128,7 +128,7 @@ def benchmark(
     gated.unmerge_adapter()
     gated.gate_config.safe_answer = "base"
     with torch.no_grad():
-        gated.gate.out.bias.fill_(VERDICTS["benign"][1])
+        gated.gate.set_output_bias(VERDICTS["benign"][1])
     results["generate"][BASE_ANSWER], results["ttft"][BASE_ANSWER] = {}, {}
     for batch, inputs in batches.items():
         key = f"batch_{batch}"
@@ -151,7 +151,7 @@ def benchmark(
         bar.update(2)
     del twin
     with torch.no_grad():
-        gated.gate.out.bias.fill_(VERDICTS["benign"][1])
+        gated.gate.set_output_bias(VERDICTS["benign"][1])
     results["memory"] = generate_peak_memory(device, plain, gated, batches[max(batches)], gen)
     smallest = min(batches)
     results["calls"] = {"batch": smallest}

@@ -87,7 +87,7 @@ def card_body(config: dict[str, Any], payload_bytes: int) -> str:
         f"{b['num_layers']} layers, {b['vocab_rows']} vocab rows, {'tied' if b['tied'] else 'untied'} head) |",
         f"| safety tokens | `{tokens['safe']}`, `{tokens['unsafe']}` |",
         f"| gate | attention_dim={g['attention_dim']}, aggregation={g['aggregation']}, scaling={g['scaling']}, "
-        f"layer={g['layer']} |",
+        f"layer={g['layer']}, members={g.get('members', 1)} |",
         f"| LoRA | {lora} |",
         f"| decision | {threshold} |",
         f"| recipe | {config.get('recipe') or '(not recorded)'} |",

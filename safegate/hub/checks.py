@@ -33,6 +33,7 @@ from safegate.hub.files import ADAPTER_WEIGHTS_NAME, FINGERPRINT, WEIGHTS_NAME, 
 from safegate.hub.schema import check_gate_tensors, check_tensor_values
 from safegate.modeling.arch import ResolvedArch, model_type_of, resolve
 from safegate.modeling.config import GateConfig
+from safegate.modeling.gate_ensemble import query_name
 from safegate.modeling.lifecycle import check_attachable
 from safegate.modeling.model import SafeGateModel
 from safegate.modeling.peft_tokens import PEFT_PREFIX
@@ -58,11 +59,12 @@ def check_tensors(bundle: SafeGateBundle) -> None:
     floating-point values), and agree on the rows."""
     cfg, hidden = bundle.gate_config, bundle.backbone["hidden_size"]
     token_keys = {f"tokens.{part}.{t}" for part in bundle.token_modules for t in (cfg.safe_token, cfg.unsafe_token)}
-    missing = sorted(token_keys - set(bundle.tensors)) + (["gate.query"] if "gate.query" not in bundle.tensors else [])
+    query = f"gate.{query_name(cfg)}"
+    missing = sorted(token_keys - set(bundle.tensors)) + ([query] if query not in bundle.tensors else [])
     unexpected = sorted(k for k in set(bundle.tensors) - token_keys if not k.startswith("gate."))
     if missing or unexpected:
         raise BundleError(f"{WEIGHTS_NAME}: missing tensors {missing}, unexpected tensors {unexpected}.")
-    bad = [k for k in [*token_keys, "gate.query"] if tuple(bundle.tensors[k].shape) != (hidden,)]
+    bad = [k for k in [*token_keys, query] if tuple(bundle.tensors[k].shape) != (hidden,)]
     if bad:
         raise BundleError(f"{WEIGHTS_NAME}: tensors {bad} do not have the backbone's hidden size {hidden}.")
     check_tensor_values(bundle.tensors, WEIGHTS_NAME)

@@ -93,7 +93,7 @@ def run_info(args: argparse.Namespace) -> int:
         f"({rows_gated}) {'tied' if b['tied'] else 'untied'} head, dtype={b.get('dtype', '(not recorded)')}",
         f"tokens: safe={g.safe_token!r} unsafe={g.unsafe_token!r}",
         f"gate: attention_dim={g.attention_dim} aggregation={g.aggregation} scaling={g.scaling} layer={g.layer} "
-        f"train_query={g.train_query}",
+        f"train_query={g.train_query} members={g.members}",
         f"lora: r={g.lora_r} alpha={g.lora_alpha} dropout={g.lora_dropout} "
         f"target={getattr(bundle.adapter_config, 'target_modules', None)}",
         f"threshold: {'argmax of the gated pair' if g.threshold is None else g.threshold}",

@@ -78,6 +78,7 @@ from safegate.hub.merged_files import (
 from safegate.modeling.arch import resolve
 from safegate.modeling.config import GateConfig, check_threshold
 from safegate.modeling.gate import SafetyGate, gate_pair_logits, unsafe_probability
+from safegate.modeling.gate_ensemble import GateEnsemble, build_gate, query_name
 from safegate.modeling.model import SafeGateModel
 from safegate.modeling.tokens import text_tokenizer, token_id
 from safegate.modeling.verdict import SAFE, UNSAFE
@@ -91,7 +92,8 @@ class MergedGate:
 
     Args:
         config (`GateConfig`): The gate's config (`lora_r=0`: LoRA is in the weights).
-        state (`dict[str, torch.Tensor]`): The `SafetyGate` state: projections, norm, read-out, `query`, and the
+        state (`dict[str, torch.Tensor]`): The gate's state (`SafetyGate`; `members.<k>.` per member of a
+            `GateEnsemble`): projections, norm, read-out, `query`, and the
             input standardisation buffers `input_mean` / `input_inv_std`.
         safe_id (`int`), unsafe_id (`int`): Vocabulary ids of the two safety tokens in the exported tokenizer.
         safe_token (`str`), unsafe_token (`str`): Their strings (e.g. `<|safe|>`, `<|unsafe|>`).
@@ -118,10 +120,10 @@ class MergedGate:
         return hidden_states_index(self.tapped_layer, self.num_layers)
 
     @functools.cached_property
-    def module(self) -> SafetyGate:
-        """The gate as a `SafetyGate` (float32, eval mode), built once; `merged_verdict` moves it to the states."""
-        cfg = self.config
-        gate = SafetyGate(self.hidden_size, self.state["query"], cfg.attention_dim, cfg.aggregation, cfg.train_query)
+    def module(self) -> SafetyGate | GateEnsemble:
+        """The gate (float32, eval mode), built once; `merged_verdict` moves it to the states."""
+        query = self.state[query_name(self.config)]
+        gate = build_gate(self.hidden_size, query, self.config)
         gate.load_state_dict(self.state, strict=True)
         return gate.eval().requires_grad_(False)
 
@@ -148,7 +150,8 @@ def merged_verdict(
     1. `x = SafetyGate(tapped_states, mask=1)`: the states are standardised per feature, `h' = (h - input_mean) *
        input_inv_std` (the query too), pooled by one attention head (`a = softmax_t(0.05 · q̃·K_t / sqrt(d_a))`,
        `K = h' W_K`, `q̃ = q' W_Q`), read out as `x = w_o · LayerNorm(W_V Σ_t a_t h'_t) + b_o` (for the
-       `mean_sigmoid` / `max_sigmoid` aggregations see `SafetyGate.forward`); `v_s = sigmoid(x)`.
+       `mean_sigmoid` / `max_sigmoid` aggregations see `SafetyGate.forward`); `v_s = sigmoid(x)`. With
+       `GateConfig.members = K > 1` (`modeling.gate_ensemble`) `x` is the mean of K such gates' logits.
     2. Gated pair, `scaling="log_additive"` (default): `z_s' = z_s + log(1 - v_s)`, `z_u' = z_u + log v_s`
        (`"multiplicative"`: `z_s' = (1 - v_s) z_s`, `z_u' = v_s z_u`), in float32.
     3. `p_unsafe = sigmoid(z_u' - z_s')`; the verdict is `"unsafe"` iff `p_unsafe >= threshold` when a threshold is

@@ -31,6 +31,7 @@ from safegate.hub.files import (
 )
 from safegate.modeling.config import GateConfig
 from safegate.modeling.gate import SafetyGate
+from safegate.modeling.gate_ensemble import build_gate
 
 _FIX = "Re-export the bundle with `gated.save_bundle(...)` instead of editing it by hand."
 _STR, _INT, _BOOL, _NUMBER = "a string", "an integer", "true or false", "a number"
@@ -53,7 +54,7 @@ _GATE_KINDS = {
     "safe_token": _STR, "unsafe_token": _STR, "attention_dim": _INT, "aggregation": _STR, "scaling": _STR,
     "layer": _INT, "descriptor": _STR, "train_query": _BOOL, "threshold": _NUMBER, "lora_r": _INT,
     "lora_alpha": _INT, "lora_modules": "a list of strings", "lora_dropout": _NUMBER, "lora_target": _STR,
-    "safety_prompt": _STR, "unsafe_prefix": _STR,
+    "safety_prompt": _STR, "unsafe_prefix": _STR, "members": _INT,
 }  # fmt: skip
 _OPTIONAL_NONE = {"threshold", "lora_target", "safety_prompt"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -272,8 +273,7 @@ def check_tensor_values(tensors: Mapping[str, torch.Tensor], file: str) -> None:
 def gate_tensor_shapes(gate_config: GateConfig, hidden: int) -> dict[str, tuple[int, ...]]:
     """Shapes of the gate's state (`gate.<name>`) for `gate_config` and hidden size `hidden`, allocating nothing."""
     with torch.device("meta"):
-        gate = SafetyGate(hidden, torch.empty(hidden), gate_config.attention_dim, gate_config.aggregation,
-                          gate_config.train_query)  # fmt: skip
+        gate = build_gate(hidden, torch.empty(hidden), gate_config)
     return {f"gate.{k}": tuple(v.shape) for k, v in gate.state_dict().items()}
 
 

@@ -49,6 +49,8 @@ class GateConfig:
             LoRA and token rows active, conditioned on `<|safe|>`, as in the paper) or `"base"` (the base model
             itself, LoRA off for that row and no safety token in its input, so a benign answer is the base
             model's own; costs one more prefill per call: `modeling.base_answer`).
+        members (`int`): Number of safety gates read side by side, each trained on its own loss; the verdict reads
+            the mean of their logits (`modeling.gate_ensemble`). `1` (default) is the paper's single gate.
     """
 
     safe_token: str = field(default="<|safe|>", metadata={"help": "Text of the token emitted before a benign answer."})
@@ -76,6 +78,7 @@ class GateConfig:
     safe_answer: str = field(
         default="adapted", metadata={"help": f"Who answers after a safe verdict: one of {SAFE_ANSWERS}."}
     )
+    members: int = field(default=1, metadata={"help": "Gates averaged into the verdict (1 = the single gate)."})
 
     def __post_init__(self) -> None:
         if not isinstance(self.safe_token, str) or not self.safe_token.strip():
@@ -90,6 +93,7 @@ class GateConfig:
         _check_int("lora_r", self.lora_r, minimum=0)
         _check_int("lora_alpha", self.lora_alpha, minimum=1)
         _check_int("layer", self.layer, minimum=None)
+        _check_int("members", self.members, minimum=1)
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {self.aggregation!r}.")
         if self.scaling not in SCALINGS:

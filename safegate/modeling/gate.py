@@ -88,6 +88,19 @@ class SafetyGate(nn.Module):
         """Whether `set_input_stats` (or a loaded state) has set a standardisation other than the identity."""
         return bool(self.input_mean.any() or (self.input_inv_std != 1).any())
 
+    def is_fresh(self) -> bool:
+        """Whether the gate is untrained: its read-out weight is still zero, so its logit is one constant."""
+        return not bool(self.out.weight.any())
+
+    @torch.no_grad()
+    def set_output_bias(self, value: float) -> None:
+        """Set the read-out bias `b_o` to `value` (a fresh gate's logit for every prompt)."""
+        self.out.bias.fill_(value)
+
+    def member_logits(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The gate logit as a one-member ensemble, `(B, 1)` (see `modeling.gate_ensemble`)."""
+        return self(hidden, mask).unsqueeze(-1)
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
         # gates saved before the standardisation buffers existed load as the identity (their exact old behaviour)
         for name, fill in zip(self.OPTIONAL_STATE, (torch.zeros_like, torch.ones_like)):

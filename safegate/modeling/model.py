@@ -30,7 +30,8 @@ from transformers import GenerationConfig
 from safegate.modeling.arch import ResolvedArch, resolve
 from safegate.modeling.base_answer import generate_with_base_answers
 from safegate.modeling.config import GateConfig, check_threshold
-from safegate.modeling.gate import SafetyGate, gate_pair_logits, unsafe_probability
+from safegate.modeling.gate import gate_pair_logits, unsafe_probability
+from safegate.modeling.gate_ensemble import build_gate
 from safegate.modeling.guards import prepare_prompt, restore_caller_ids
 from safegate.modeling.hooks import ContiguousHeadInput, HiddenStateTap
 from safegate.modeling.inputs import extend_length_budget, normalise_generate_kwargs, single_step_kwargs, strip_prefix
@@ -112,9 +113,7 @@ class SafeGateModel(GateLifecycle, nn.Module):
         self.peft_model = quiet_get_peft_model(arch.root, self._peft_config())
         speed_up_trainable_tokens(self.peft_model)
         self._set_token_rows(rows)
-        self.gate = SafetyGate(
-            query.shape[-1], query, config.attention_dim, config.aggregation, config.train_query
-        ).to(query.device)
+        self.gate = build_gate(query.shape[-1], query, config).to(query.device)
         self._markers = chat_markers(self.tokenizer, tokenizer_or_processor)
         self._header = list(self._markers.header) if self._markers is not None else None
         training = arch.root.training
@@ -255,14 +254,16 @@ class SafeGateModel(GateLifecycle, nn.Module):
         return None if labels is None or scores is None else (labels, scores)
 
     # -------------------------------------------------------------------------------------------- gate math
-    def gate_logit(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Gate logit `x` (v_s = sigmoid(x)) from tapped prompt states and the prompt mask."""
+    def gate_logit(self, hidden: torch.Tensor, mask: torch.Tensor, *, members: bool = False) -> torch.Tensor:
+        """Gate logit `x` (v_s = sigmoid(x)) from tapped prompt states and the prompt mask; `(B,)`, or each member's
+        `(B, members)` with `members=True` (training: every member learns on its own loss)."""
         mask = repeat_rows(mask, hidden.shape[0] // mask.shape[0])  # num_return_sequences expands rows
         if hidden.shape[1] != mask.shape[1]:
             raise RuntimeError(
                 f"the gate saw {hidden.shape[1]} prompt positions but the attention mask has {mask.shape[1]}"
             )
-        return self.gate(hidden, mask.to(hidden.device))
+        mask = mask.to(hidden.device)
+        return self.gate.member_logits(hidden, mask) if members else self.gate(hidden, mask)
 
     def gated_pair(self, logits: torch.Tensor, gate_logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gated (safe, unsafe) logits from full-vocabulary logits at the safety step."""

@@ -176,6 +176,9 @@ def fit_gate(
     (twice at most). If no attempt gives a gate that varies across prompts it raises `GateFitError` (with `.stats`)
     and leaves the best state it found in place: nothing downstream can save a dead gate by accident.
 
+    An ensemble (`GateConfig.members = K`) is K such fits, one per member, member k with `seed + k` (its own
+    validation split and batch order); the stats then list each under `members`.
+
     Args:
         gated (`SafeGateModel`): Model whose gate is fitted in place.
         data: Training records (list of dicts, `datasets.Dataset`, JSONL path) or a `PromptCache`.
@@ -229,7 +232,11 @@ def fit_gate(
             f"fit_gate: `aux_weight={aux_weight!r}` needs a trained gate (the auxiliary loss is on the gate's "
             "output), but `train_gate=False`. Set `aux_weight=0.0`."
         )
-    if not train_gate and (gated.gate.out.weight.any()):
+    if train_token_rows and train_gate and gated.gate_config.members > 1:
+        raise ValueError(f"fit_gate: `train_token_rows=True` with `GateConfig.members={gated.gate_config.members}`: "
+                         "members are fitted one by one, so the shared rows would end as the last one's fit. Set "
+                         "`train_token_rows=False` (joint training still trains the rows), or members=1.")  # fmt: skip
+    if not train_gate and not gated.gate.is_fresh():
         raise ValueError(
             "fit_gate: `train_gate=False` holds the gate constant, but this gate is already trained (its output "
             "weight is not zero), so it would not be constant across prompts. Attach a fresh gate first."
@@ -258,27 +265,34 @@ def fit_gate(
     if standardize and not gate.has_input_stats():
         gate.set_input_stats(*state_statistics(cache.states))
     rows = trainable_head_rows(gated, cache.last_hidden, cache.logits) if train_token_rows else None
-    if neutral_start and not (gate.out.weight.any() or gate.out.bias.any()):
+    biases = [b for name, b in gate.named_parameters() if name.endswith("out.bias")]  # one per member
+    if neutral_start and gate.is_fresh() and not any(bool(b.any()) for b in biases):
         _neutral_bias(gated, cache, rows, beta)
-    gate_params = [p for p in gate.parameters() if p.requires_grad] if train_gate else []
-    params = gate_params + ([rows[0]] if rows is not None else [])
-
-    def pair(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, gate_logit = _gated_pair(gated, cache, index, device, rows)
-        # with the gate held constant, what must vary across prompts (and not collapse) is the rows' score
-        return (logits, gate_logit) if train_gate else (logits, logits[:, 1] - logits[:, 0])
-
+    # an ensemble's members are fitted one after another, member k with seed + k: its own validation split and
+    # batch order (members sharing them end up near-identical: docs/generalization.md, "An ensemble of gates")
+    members = list(gate.members) if train_gate and hasattr(gate, "members") else [gate]
     started = time.perf_counter()
     was_training = gate.training
     gate.train()
+    fits = []
     try:
-        fit = optimise(
-            params, pair, cache.labels, epochs=epochs,
-            lr=lr, batch_size=batch_size, beta=beta, aux_weight=aux_weight, weight_decay=weight_decay, seed=seed,
-            val_fraction=val_fraction, warmup=warmup, max_grad_norm=max_grad_norm, retries=retries,
-        )  # fmt: skip
+        for k, member in enumerate(members):
+            gate_params = [p for p in member.parameters() if p.requires_grad] if train_gate else []
+            params = gate_params + ([rows[0]] if rows is not None else [])
+
+            def pair(index: torch.Tensor, member: Any = member) -> tuple[torch.Tensor, torch.Tensor]:
+                logits, gate_logit = _gated_pair(gated, cache, index, device, rows, member)
+                # with the gate held constant, what must vary across prompts (and not collapse) is the rows' score
+                return (logits, gate_logit) if train_gate else (logits, logits[:, 1] - logits[:, 0])
+
+            fits.append(optimise(
+                params, pair, cache.labels, epochs=epochs, lr=lr, batch_size=batch_size, beta=beta,
+                aux_weight=aux_weight, weight_decay=weight_decay, seed=seed + k, val_fraction=val_fraction,
+                warmup=warmup, max_grad_norm=max_grad_norm, retries=retries,
+            ))  # fmt: skip
     finally:
         gate.train(was_training)
+    fit = next((f for f in fits if not f["ok"]), fits[0])  # the first failed member's fit, else the first one's
     if rows is not None:
         write_head_rows(gated, rows)
     history = fit["loss_history"]
@@ -291,6 +305,10 @@ def fit_gate(
         "train_token_rows": bool(train_token_rows),
         "train_gate": bool(train_gate),
     }
+    if len(fits) > 1:
+        keys = ("lr_used", "best_epoch", "val_loss", "diverged", "ok")
+        stats["members"] = [{key: f[key] for key in keys} for f in fits]
+        stats["diverged"] = any(f["diverged"] for f in fits)
     stats.update(_scores(gated, cache, "train", rows))
     if not fit["ok"]:
         raise GateFitError(
@@ -361,8 +379,14 @@ def cached_scores(
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _gated_pair(
-    gated: Any, cache: PromptCache, index: torch.Tensor, device: torch.device, rows: tuple | None
+    gated: Any,
+    cache: PromptCache,
+    index: torch.Tensor,
+    device: torch.device,
+    rows: tuple | None,
+    gate: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated pair `(B, 2)` and gate logit `(B,)` under `gate` (default `gated.gate`; or one member of it)."""
     states = [cache.states[int(i)] for i in index]
     width = max(s.shape[0] for s in states)
     hidden = torch.zeros(len(states), width, states[0].shape[-1], dtype=torch.float32, device=device)
@@ -370,7 +394,7 @@ def _gated_pair(
     for i, s in enumerate(states):
         hidden[i, : s.shape[0]] = s.to(device=device, dtype=torch.float32)
         mask[i, : s.shape[0]] = 1
-    gate_logit = gated.gate(hidden, mask)
+    gate_logit = (gated.gate if gate is None else gate)(hidden, mask)
     if rows is None:
         z = cache.logits[index].to(device)
     else:
@@ -392,7 +416,7 @@ def _neutral_bias(gated: Any, cache: PromptCache, rows: tuple | None, beta: floa
     offset = (z[:, 1] - z[:, 0]).float()
     both = bool(cache.labels.any() and not cache.labels.all())
     mean = class_weighted_mean(offset, cache.labels, beta) if both else offset.mean()
-    gated.gate.out.bias.fill_(-float(mean))
+    gated.gate.set_output_bias(-float(mean))
 
 
 @torch.no_grad()

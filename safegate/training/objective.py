@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from safegate.modeling.gate import gate_pair_logits, unsafe_probability
+from safegate.modeling.gate_ensemble import member_pair_loss
 from safegate.modeling.hooks import HeadRowSelector
 from safegate.modeling.speculative import final_states_tap, pair_weight
 from safegate.training.collate import BATCH_KEYS, check_method
@@ -121,9 +122,11 @@ def casa_loss(
             if tap.states is None:
                 raise RuntimeError("the hidden-state tap saw no forward pass; cannot compute the gate")
             # the mask is zero after each prompt, so the gate reads exactly the prompt positions (no host sync)
-            gate_logit = gated.gate_logit(tap.states, batch["prompt_mask"])
+            # each gate member's logit (B, members): every member of an ensemble learns on its own loss
+            member_logit = gated.gate_logit(tap.states, batch["prompt_mask"], members=True)
         else:
-            gate_logit = logits.new_zeros(batch_size)
+            member_logit = logits.new_zeros(batch_size, 1)
+        gate_logit = member_logit.mean(-1)
         if final is not None:
             assert final.states is not None and pair_rows is not None
             steps = final.states[torch.arange(batch_size, device=device), step_index]
@@ -131,14 +134,16 @@ def casa_loss(
         else:
             index = torch.tensor(pair_ids, device=device).expand(logits.shape[0], 2)
             picked = logits.gather(1, index)[:n_steps]
-        z_safe, z_unsafe = gate_pair_logits(picked[:, 0], picked[:, 1], gate_logit, gated.gate_config.scaling)
-        pair_ce = F.cross_entropy(torch.stack([z_safe, z_unsafe], -1).float(), classes, reduction="none")
+        scaling = gated.gate_config.scaling
+        pair_ce = member_pair_loss(picked[:, 0], picked[:, 1], member_logit, classes, scaling)
+        z_safe, z_unsafe = gate_pair_logits(picked[:, 0], picked[:, 1], gate_logit, scaling)  # the verdict's pair
         gate_mask = batch.get("gate_mask")
         gate_mask = torch.ones_like(pair_ce) if gate_mask is None else gate_mask.to(pair_ce.device, pair_ce.dtype)
         pair_ce = pair_ce * gate_mask  # counterfactual records (mask 0): the answer follows the token, no gate loss
         per_sample = per_sample + pair_ce
         if aux_weight and method == "casa":
-            aux = F.binary_cross_entropy_with_logits(gate_logit.float(), classes.float(), reduction="none")
+            member_classes = classes.float().unsqueeze(-1).expand(member_logit.shape)
+            aux = F.binary_cross_entropy_with_logits(member_logit.float(), member_classes, reduction="none").mean(-1)
             per_sample = per_sample + aux_weight * aux
             aux = aux.mean().detach()
         counted = gate_mask.sum().clamp(min=1.0)  # diagnostics over the records that teach the gate

@@ -78,7 +78,7 @@ def test_attach_to_a_compiled_model_is_refused_before_anything_changes():
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-@pytest.mark.parametrize("where", ["SafetyGate", "probe_speculation_support"])
+@pytest.mark.parametrize("where", ["build_gate", "probe_speculation_support"])
 def test_an_attach_that_fails_midway_restores_model_and_tokenizer(arch, where, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure inside attach")
