@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCALINGS = ("log_additive", "multiplicative")
+MAX_MEMBERS = 64
 AGGREGATIONS = ("attention", "mean_sigmoid", "max_sigmoid")
 SAFE_ANSWERS = ("adapted", "base")
 DEFAULT_DESCRIPTOR = "This request is unsafe, harmful or malicious."
@@ -94,6 +95,8 @@ class GateConfig:
         _check_int("lora_alpha", self.lora_alpha, minimum=1)
         _check_int("layer", self.layer, minimum=None)
         _check_int("members", self.members, minimum=1)
+        if self.members > MAX_MEMBERS:  # a bundle's config builds this many gates before its tensors are checked
+            raise ValueError(f"`members` must be at most {MAX_MEMBERS}, got {self.members}; 5 is the demo's ensemble.")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {self.aggregation!r}.")
         if self.scaling not in SCALINGS:
