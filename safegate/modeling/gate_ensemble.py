@@ -22,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,21 +35,11 @@ from safegate.modeling.gate import SafetyGate, gate_pair_logits
 class GateEnsemble(nn.Module):
     """`members` independently initialised `SafetyGate`s over the same states; `forward` is their mean logit."""
 
-    def __init__(
-        self,
-        hidden_size: int,
-        query: torch.Tensor,
-        attention_dim: int = 256,
-        aggregation: str = "attention",
-        train_query: bool = False,
-        members: int = 2,
-    ) -> None:
+    def __init__(self, members: Iterable[SafetyGate]) -> None:
         super().__init__()
-        if isinstance(members, bool) or not isinstance(members, int) or members < 2:
-            raise ValueError(f"GateEnsemble needs `members` >= 2, got {members!r}; use SafetyGate for one gate.")
-        self.members = nn.ModuleList(
-            SafetyGate(hidden_size, query, attention_dim, aggregation, train_query) for _ in range(members)
-        )
+        self.members = nn.ModuleList(members)
+        if len(self.members) < 2:
+            raise ValueError(f"GateEnsemble needs >= 2 members, got {len(self.members)}; use the SafetyGate itself.")
 
     @property
     def aggregation(self) -> str:
@@ -83,7 +75,7 @@ class GateEnsemble(nn.Module):
 def build_gate(hidden_size: int, query: torch.Tensor, config: GateConfig) -> SafetyGate | GateEnsemble:
     """The gate `config` describes: one `SafetyGate` (`members=1`) or a `GateEnsemble` of `config.members`."""
     args = (hidden_size, query, config.attention_dim, config.aggregation, config.train_query)
-    return SafetyGate(*args) if config.members == 1 else GateEnsemble(*args, members=config.members)
+    return SafetyGate(*args) if config.members == 1 else GateEnsemble(SafetyGate(*args) for _ in range(config.members))
 
 
 def query_name(config: GateConfig) -> str:

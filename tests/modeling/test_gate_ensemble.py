@@ -35,7 +35,7 @@ def test_members_must_be_a_positive_integer():
         with pytest.raises(ValueError, match="members"):
             safegate.GateConfig(members=bad)
     with pytest.raises(ValueError, match="members"):
-        GateEnsemble(8, torch.zeros(8), attention_dim=4, members=1)
+        GateEnsemble([SafetyGate(8, torch.zeros(8), attention_dim=4)])
 
 
 def test_one_member_is_the_single_gate_and_k_members_average_their_logits():
