@@ -65,8 +65,11 @@ def benchmark(
     device: str = "cpu",
     progress: bool = True,
     ttft_pairs: int | None = None,
+    members: int = 1,
 ) -> dict[str, Any]:
     """Run every measurement and return a JSON-able dict (`progress`: a tqdm bar on stderr).
+
+    `members`: gates in the ensemble (`GateConfig.members`; 1 = the library's default single gate).
 
     `ttft_pairs` (default `3 * pairs`): pairs for the time to the first answer token, which costs one prefill per
     call, so more pairs narrow its median where a few-percent target sits inside the machine's noise.
@@ -82,7 +85,7 @@ def benchmark(
             raise ValueError(f"{name}={value}: a median needs at least one pair; pass {name} >= 1")
     model, tok = _backbone(shape, device, dtype)
     plain = copy.deepcopy(model)
-    gated = safegate.attach(model, tok)
+    gated = safegate.attach(model, tok, safegate.GateConfig(members=members))
     gated.merge_adapter()
     vocab = min(len(tok) - 2, model.config.vocab_size)
     results: dict[str, Any] = {
@@ -91,6 +94,7 @@ def benchmark(
         "machine": _machine(device),
         "shape": shape,
         "config": SHAPES[shape],
+        "members": members,
         "dtype": str(dtype),
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
@@ -158,7 +162,7 @@ def benchmark(
     for name, fn in (("plain", plain.generate), ("gated", gated.generate)):
         results["calls"][name] = generate_call_counts(fn, batches[smallest])
     results["flops"] = gate_flops(model.config.hidden_size, gated.gate_config.attention_dim, prompt_tokens,
-                                  sum(p.numel() for p in plain.parameters()))  # fmt: skip
+                                  sum(p.numel() for p in plain.parameters()), members=members)  # fmt: skip
     results["training_step"] = {}
     for prompt in (96, 16):
         key = f"prompt_{prompt}_response_{128 - prompt}"

@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="answer tokens per generate (default: 64)")
     parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default: 1,8)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument(
+        "--members", type=_members, default=1, help="gates in the ensemble (GateConfig.members; default 1)"
+    )
     parser.add_argument("--out", default="benchmarks/results.json", help="where to write the JSON results")
     parser.set_defaults(func=run)
 
@@ -53,11 +56,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _members(text: str) -> int:
+    from safegate.modeling.config import MAX_MEMBERS
+
+    value = int(text)
+    if not 1 <= value <= MAX_MEMBERS:
+        raise argparse.ArgumentTypeError(f"{value}: an ensemble has 1 to {MAX_MEMBERS} gates; pass e.g. --members 5")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     shape = args.shape or ("qwen2.5-0.5b" if args.device.startswith("cuda") else "smollm2-135m")
     results = benchmark(
         shape=shape, pairs=args.pairs, ttft_pairs=args.ttft_pairs, prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens, batch_sizes=[int(b) for b in args.batch_sizes.split(",")], device=args.device,
+        members=args.members,
     )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    lines = [f"safegate bench — {results['shape']} on {results['machine']['device']} ({results['dtype']})", ""]
+    gates = f", {results['members']} gates" if results.get("members", 1) > 1 else ""
+    lines = [f"safegate bench — {results['shape']} on {results['machine']['device']} ({results['dtype']}{gates})", ""]
     lines.append(f"{'measurement':<52}{'plain':>10}{'gated':>10}{'ratio':>9}{'IQR':>16}")
 
     def row(name: str, r: dict[str, Any]) -> None:

@@ -25,9 +25,11 @@ OMNI_TEXT = {
 }  # fmt: skip
 
 
-def gate_flops(hidden: int, attention_dim: int, prompt_tokens: int, params: int) -> dict[str, float]:
-    """Multiply-adds x2 of the gate (O(T d) form) vs the prefill of the backbone (2 * params * T)."""
-    gate = 2 * (hidden * attention_dim + 2 * prompt_tokens * hidden + hidden * attention_dim + 3 * attention_dim)
+def gate_flops(hidden: int, attention_dim: int, prompt_tokens: int, params: int, members: int = 1) -> dict[str, float]:
+    """Multiply-adds x2 of the gate (O(T d) form; `members` gates of an ensemble) vs the prefill of the backbone
+    (2 * params * T)."""
+    one = hidden * attention_dim + 2 * prompt_tokens * hidden + hidden * attention_dim + 3 * attention_dim
+    gate = 2 * members * one
     prefill = 2 * params * prompt_tokens
     return {"gate": float(gate), "prefill": float(prefill), "ratio": gate / prefill}
 

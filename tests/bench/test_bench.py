@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from safegate.bench.bench import benchmark
+from safegate.bench.costs import gate_flops
 from safegate.bench.memory import cpu_peak_bytes
 from safegate.cli import main
 
@@ -73,3 +74,18 @@ def test_old_public_name_of_safegate_bench_resolves_to_its_home(name):
     import safegate.bench
 
     assert getattr(safegate.bench, name) is getattr(importlib.import_module(safegate.bench.HOMES[name]), name)
+
+
+def test_bench_measures_an_ensemble_of_gates(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    code = main(["bench", "--shape", "tiny", "--pairs", "1", "--ttft-pairs", "1", "--prompt-tokens", "16",
+                 "--new-tokens", "2", "--batch-sizes", "1", "--members", "3", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert results["members"] == 3
+    one = gate_flops(hidden=64, attention_dim=256, prompt_tokens=16, params=10**6)["gate"]
+    assert results["flops"]["gate"] == 3 * one  # three gates read the same prompt states
+    assert "3 gates" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "--shape", "tiny", "--members", "0"])
+    assert "argument --members" in capsys.readouterr().err
