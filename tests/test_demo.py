@@ -126,6 +126,20 @@ def test_summary_over_seeds_shows_mean_and_std_and_checks_the_spread():
     assert one["spread over seeds"].ok is None and "[n/a] spread over seeds" in summary(shaky[:1], 300.0)
 
 
+def test_a_mean_that_passes_says_how_many_seeds_miss():
+    # XSTest-safe over-refusal +1 / +5 / +2 pp (base 5 %): the mean +2.7 pp meets the target, the second seed does not;
+    # ASR reduction 100 / 80 / 100 %: mean 93 %, the second seed misses; gate AUROC 0.97 / 0.97 / 0.94
+    seeds = [_seed_report(0.0, 0.06), _seed_report(0.16, 0.10), _seed_report(0.0, 0.07, auroc=0.94)]
+    checks = {c.name: c for c in target_checks(seeds, minutes=5.0)}
+    xstest = checks["over-refusal on held-out XSTest-safe"]
+    assert xstest.ok is True and xstest.value.endswith("met on 2 of 3 seeds")
+    assert checks["ASR reduction harmful/none"].ok is True
+    assert checks["ASR reduction harmful/none"].value.endswith("met on 2 of 3 seeds")
+    assert checks["gate AUROC, held-out"].value.endswith("met on 2 of 3 seeds")
+    assert checks["benign answer fidelity xstest"].value.endswith("met on 3 of 3 seeds")
+    assert "seeds" not in target_checks(seeds[:1], minutes=5.0)[0].value  # one seed: the mean is the seed
+
+
 def test_git_commit_names_the_checkout_or_unknown(tmp_path):
     from pathlib import Path
 
