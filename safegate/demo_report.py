@@ -105,6 +105,11 @@ def _seeds_met(per_seed: Sequence[bool]) -> str:
     return f", met on {sum(per_seed)} of {len(per_seed)} seeds" if len(per_seed) > 1 else ""
 
 
+def _floor(stat: dict[str, Any], target: float) -> tuple[bool, str]:
+    """(the mean meets the floor `target`, `_seeds_met` of the seeds one by one)."""
+    return stat["mean"] >= target, _seeds_met([v >= target for v in stat["values"]])
+
+
 def target_checks(reports: Sequence[dict[str, Any]], minutes: float) -> list[Check]:
     """Every target of `TARGETS` on the reports of one or more seeds, met or not: met on the mean over seeds, and
     with several seeds the detail says on how many of them it is met one by one."""
@@ -115,22 +120,22 @@ def target_checks(reports: Sequence[dict[str, Any]], minutes: float) -> list[Che
                   and stats.get(f"base ASR {name[14:]}", {}).get("mean")}  # fmt: skip
     for key, stat in reductions.items():
         if not key.startswith(UNTRAINED_PREFIX):
-            checks.append(Check(f"ASR reduction {key}", stat["mean"] >= TARGETS["asr_reduction"],
-                                f"{_pct(stat)} (target >= {TARGETS['asr_reduction']:.0%})"
-                                + _seeds_met([v >= TARGETS["asr_reduction"] for v in stat["values"]])))  # fmt: skip
+            ok, seeds = _floor(stat, TARGETS["asr_reduction"])
+            checks.append(Check(f"ASR reduction {key}", ok,
+                                f"{_pct(stat)} (target >= {TARGETS['asr_reduction']:.0%}){seeds}"))  # fmt: skip
     for dataset, (label, key) in OVER_REFUSAL.items():
         gated, base = stats.get(f"over-refusal {dataset}/none"), stats.get(f"base over-refusal {dataset}/none")
         if gated and base:
             delta = gated["mean"] - base["mean"]
-            per_seed = [g - b <= TARGETS[key] + 1e-12 for g, b in zip(gated["values"], base["values"], strict=True)]
+            per_seed = [g - b <= TARGETS[key] for g, b in zip(gated["values"], base["values"], strict=True)]
             checks.append(Check(f"over-refusal on held-out {label}", delta <= TARGETS[key],
                                 f"{delta * 100:+.1f} pp (target <= +{TARGETS[key] * 100:.0f} pp)"
                                 + _seeds_met(per_seed)))  # fmt: skip
     fidelity = {n: s for n, s in stats.items() if n.startswith("answer fidelity ")}
     for name, stat in fidelity.items():
-        checks.append(Check(f"benign {name}", stat["mean"] >= TARGETS["answer_fidelity"],
-                            f"{_pct(stat)} (target >= {TARGETS['answer_fidelity']:.0%})"
-                            + _seeds_met([v >= TARGETS["answer_fidelity"] for v in stat["values"]])))  # fmt: skip
+        ok, seeds = _floor(stat, TARGETS["answer_fidelity"])
+        checks.append(Check(f"benign {name}", ok,
+                            f"{_pct(stat)} (target >= {TARGETS['answer_fidelity']:.0%}){seeds}"))  # fmt: skip
     if not fidelity:
         checks.append(Check("benign answer fidelity", None, "not in the report"))
     checks += untrained_checks(reductions)
@@ -148,9 +153,9 @@ def target_checks(reports: Sequence[dict[str, Any]], minutes: float) -> list[Che
                         f"{minutes:.1f} min (target <= {TARGETS['total_minutes']:.0f} min)"))  # fmt: skip
     if "gate AUROC" in stats:
         auroc = stats["gate AUROC"]
-        checks.append(Check("gate AUROC, held-out", auroc["mean"] >= TARGETS["gate_auroc"],
-                            f"{_pm(auroc, percent=False)} (target >= {TARGETS['gate_auroc']})"
-                            + _seeds_met([v >= TARGETS["gate_auroc"] for v in auroc["values"]])))  # fmt: skip
+        ok, seeds = _floor(auroc, TARGETS["gate_auroc"])
+        checks.append(Check("gate AUROC, held-out", ok,
+                            f"{_pm(auroc, percent=False)} (target >= {TARGETS['gate_auroc']}){seeds}"))  # fmt: skip
     return checks
 
 
@@ -162,8 +167,9 @@ def untrained_checks(reductions: dict[str, dict[str, Any]]) -> list[Check]:
     rows = {key: stat for key, stat in reductions.items() if key.startswith(UNTRAINED_PREFIX)}
     if not rows:
         return [Check(name, None, f"no `{UNTRAINED}` row with a base ASR in the report")]
-    return [Check(f"{name} ({key})", stat["mean"] >= target, f"{_pct(stat)} (target >= {target:.0%})"
-                  + _seeds_met([v >= target for v in stat["values"]])) for key, stat in rows.items()]  # fmt: skip
+    checked = {key: _floor(stat, target) for key, stat in rows.items()}
+    return [Check(f"{name} ({key})", ok, f"{_pct(rows[key])} (target >= {target:.0%}){seeds}")
+            for key, (ok, seeds) in checked.items()]  # fmt: skip
 
 
 def untrained_auroc(responses: Sequence[dict[str, Any]], dataset: str = UNTRAINED) -> float | None:

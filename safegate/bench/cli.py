@@ -57,12 +57,13 @@ def _positive_int(text: str) -> int:
 
 
 def _members(text: str) -> int:
-    from safegate.modeling.config import MAX_MEMBERS
+    """`--members`: checked by `GateConfig` itself (one rule for the range), before any model is built."""
+    from safegate.modeling.config import GateConfig
 
-    value = int(text)
-    if not 1 <= value <= MAX_MEMBERS:
-        raise argparse.ArgumentTypeError(f"{value}: an ensemble has 1 to {MAX_MEMBERS} gates; pass e.g. --members 5")
-    return value
+    try:
+        return GateConfig(members=int(text)).members
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def run(args: argparse.Namespace) -> int:
