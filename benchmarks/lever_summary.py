@@ -54,6 +54,10 @@ LEVERS = (
 #: Half of the left-out source trained on: what the states allow in distribution.
 CONTROLS = (
     ("control: gate, half in training", "full/results_in_source0.5.json"),
+    (
+        "control: gate, half in training, near-duplicates not scored",
+        "full/results_in_source0.5_no_near_duplicates.json",
+    ),
     ("control: LoRA + gate, half in training", "full/results_lora250_lr1e-4_in_source0.5_xstest_unsafe.json"),
     ("control: linear probe, best layer", "probe/results.json"),
     ("control: MLP read-out, best", "probe/results.json#mlp"),
