@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import os
 import time
 from pathlib import Path
@@ -47,6 +48,8 @@ from safegate.demo_report import (
     Check,
     aggregate,
     check_lines,
+    near_duplicate_free,
+    near_duplicate_lines,
     provenance,
     seed_values,
     seeds_table,
@@ -221,11 +224,15 @@ def _train_and_evaluate(
     main_rows = read_objects(folder / "report" / "responses.jsonl")
     untrained_rows = read_objects(folder / "report-untrained" / "responses.jsonl")
     scored = untrained_rows + [r for r in main_rows if r["label"] == "safe"]
+    sources_file = files["harmful"].parent / "sources.json"
+    sources = json.loads(sources_file.read_text()) if sources_file.is_file() else {}
+    near = sources.get("near_duplicate_rows", {}).get(files["harmful"].stem)  # None: data without the record
+    clean = {} if near is None else {"without_near_duplicates": near_duplicate_free(main_rows, set(near))}
     shipped = report["defense"].get("threshold")
     report = {**report, "results": report["results"] + untrained["results"],
               "gate_auroc_untrained": untrained_auroc(scored, name),
               "threshold_sweep": sweep_summary(main_rows + untrained_rows, shipped),
-              "training_seed": seed}  # fmt: skip
+              "training_seed": seed, **clean}  # fmt: skip
     if plan.plots:  # both reports' rows in one picture: what each threshold gives, trained and never-trained
         threshold_sweep_plot(folder / "threshold_sweep.png", main_rows + untrained_rows, shipped)
     del gated
@@ -263,7 +270,7 @@ def summary(
     title = "guard" if guard else "demo"
     lines = ["", f"safegate {title}: {reports[0].get('model')} ({seconds / 60:.1f} min, {len(reports)} seed(s))"]
     words = ("ok", "FAIL") if guard else ("met", "MISSED")
-    lines += ["", table, *source_lines(reports), ""] + check_lines(checks, words)
+    lines += ["", table, *source_lines(reports), *near_duplicate_lines(reports), ""] + check_lines(checks, words)
     for i, report in enumerate(reports):
         if report.get("threshold_sweep"):
             lines += ["", *([f"seed {report.get('training_seed', i)}:"] if len(reports) > 1 else []),

@@ -172,14 +172,16 @@ def prepare_data(
     files.update({key: _write(folder / f"{names[key]}.jsonl", rows) for key, rows in held_out.items()})
     # paraphrases and shared templates `check_disjoint` lets through: reported, not dropped (docs/demo.md)
     teaching = [r for r in train + gate_pool + unwrapped if r.get("gate", True)]  # (counterfactuals do not)
-    near = {names[k]: len(near_duplicates([t for t in teaching if t["label"] == rows[0]["label"]], rows))
-            for k, rows in held_out.items() if rows}  # fmt: skip
+    same_label = {k: [t for t in teaching if t["label"] == rows[0]["label"]] for k, rows in held_out.items() if rows}
+    near_rows = {names[k]: sorted({i for i, _, _ in near_duplicates(same_label[k], held_out[k])}) for k in same_label}
+    near = {name: len(rows) for name, rows in near_rows.items()}
     _write_json(folder / "sources.json", {
         "loaded_from": {name: rows[0]["loaded_from"] for name, rows in sets.items()},
         "train": _composition(train), "calibration": _composition(calibration),
         "gate_pool": _composition(gate_pool),
         "held_out": {names[k]: _composition(rows) for k, rows in held_out.items()},
         "near_duplicates": near,
+        "near_duplicate_rows": near_rows,  # their line numbers (0-based) in each held-out file
         "never_trained_on": SOURCE_NOTES[untrained_name(untrained)] + " (check_disjoint against all of them)",
         "untrained": untrained_name(untrained),
     })  # fmt: skip

@@ -127,6 +127,9 @@ def test_demo_data_prepares_from_installed_wheels_and_package_data(fresh_machine
     assert near["heldout_harmful"] >= len(near_duplicates(teaching, _read(files["harmful"])))
     # a minority: 11 of 40 with this gate pool, HarmBench's copyright template among them (quoted titles as one word)
     assert near["heldout_harmful"] < len(_read(files["harmful"])) / 3 and near["heldout_alpaca"] == 0
+    rows = sources_json["near_duplicate_rows"]  # which ones: the demo leaves them out of one more ASR line
+    assert {k: len(v) for k, v in rows.items()} == near
+    assert all(0 <= i < len(_read(files["harmful"])) for i in rows["heldout_harmful"])
 
 
 WRAPPER = (
