@@ -217,7 +217,12 @@ def near_duplicate_lines(reports: Sequence[dict[str, Any]]) -> list[str]:
     prefix = f"{NEAR_FREE}ASR reduction harmful/"
     cells = [f"{name[len(prefix) :]} {_pct(stat)}" for name, stat in stats.items() if name.startswith(prefix)]
     row = next(iter(rows.values()))
-    return [f"harmful without the {row['n_near_duplicates']} held-out prompts that have a near-duplicate in training "
+    if not row["n_near_duplicates"]:
+        return [
+            "no held-out harmful prompt has a near-duplicate in training (the table's rows are near-duplicate-free)"
+        ]
+    many = "s that have" if row["n_near_duplicates"] > 1 else " that has"
+    return [f"harmful without the {row['n_near_duplicates']} held-out prompt{many} a near-duplicate in training "
             f"(n={row['n']}): ASR reduction {', '.join(cells)}"]  # fmt: skip
 
 

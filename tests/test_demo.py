@@ -235,7 +235,7 @@ def test_demo_seeds_reuse_base_answers_and_write_the_summary(fake_pipeline, caps
     assert f"{UNTRAINED}  none" in out and f"{UNTRAINED}: XSTest's unsafe contrast prompts" in out
     assert len(summary_json["metrics"]["gate AUROC untrained"]["values"]) == 2
     # the held-out harmful prompt with a near-duplicate in training (row 1) is left out of one more line, not a target
-    assert "harmful without the 1 held-out prompts that have a near-duplicate in training (n=1): ASR reduction" in out
+    assert "harmful without the 1 held-out prompt that has a near-duplicate in training (n=1): ASR reduction" in out
     assert len(summary_json["metrics"]["near-duplicate-free ASR harmful/none"]["values"]) == 2
     assert not any("near-duplicate" in c["name"] for c in summary_json["checks"])
     fake_pipeline.base_calls.clear()
@@ -332,3 +332,11 @@ def test_near_duplicate_free_asr_leaves_out_the_listed_held_out_rows():
     assert free["none"] == {"n": 2, "n_near_duplicates": 1, "base_asr": 1.0, "asr": 0.0, "asr_relative_reduction": 1.0}
     assert free["template"]["base_asr"] == 0.0 and free["template"]["asr_relative_reduction"] is None  # nothing to cut
     assert near_duplicate_free(rows, set())["none"]["asr"] == pytest.approx(1 / 3)  # row 1 complies: counted now
+    from safegate.demo_report import near_duplicate_lines
+
+    clean = {"without_near_duplicates": near_duplicate_free(rows, set()), "results": []}
+    assert near_duplicate_lines([clean]) == [
+        "no held-out harmful prompt has a near-duplicate in training (the table's rows are near-duplicate-free)"
+    ]
+    assert "the 2 held-out prompts that have" in near_duplicate_lines([{**clean, "without_near_duplicates": {
+        "none": {**free["none"], "n_near_duplicates": 2}}}])[0]  # fmt: skip
