@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from safegate.data.records import label_id, load_records
-from safegate.training.gate_fit import PromptCache, cache_prompts, cached_scores
+from safegate.training.gate_fit import cached_scores
+from safegate.training.prompt_cache import PromptCache, cache_prompts
 
 __all__ = [
     "Calibration", "balanced_threshold", "calibrate", "calibrate_threshold", "fit_balanced_threshold", "recall_cap",

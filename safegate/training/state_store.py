@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from safegate.training.gate_fit import PromptCache, cache_prompts
+from safegate.training.prompt_cache import PromptCache, cache_prompts
 
 
 class StateStore:

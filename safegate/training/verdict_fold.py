@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from safegate.training.gate_fit import cache_prompts, cached_scores
+from safegate.training.gate_fit import cached_scores
+from safegate.training.prompt_cache import cache_prompts
 
 
 def train_verdict(
