@@ -52,7 +52,8 @@ def threshold_for_fpr(benign_scores: Any, target_fpr: float) -> float:
     allowed = int(target_fpr * len(scores) + 1e-9)  # benign prompts that may be flagged
     border = float(scores[allowed])  # the highest score that must stay below the threshold
     above = float(scores[allowed - 1]) if allowed else 1.0
-    return round(min(1.0, border + min(MARGIN, (above - border) / 2) if above > border else border + MARGIN), 6)
+    threshold = min(1.0, border + min(MARGIN, (above - border) / 2) if above > border else border + MARGIN)
+    return _tidy(threshold, border, above if above > border else 1.0)
 
 
 def recall_cap(harmful_scores: Any, min_recall: float) -> float:
@@ -69,7 +70,19 @@ def recall_cap(harmful_scores: Any, min_recall: float) -> float:
         raise ValueError("a recall cap needs at least one harmful prompt.")
     keep = max(1, math.ceil(min_recall * len(scores) - 1e-9))  # harmful prompts that must stay flagged
     lowest = float(scores[keep - 1])
-    return round(lowest - min(MARGIN, lowest / 2), 6)
+    return _tidy(lowest - min(MARGIN, lowest / 2), 0.0, lowest)
+
+
+def _tidy(threshold: float, above: float, at_most: float) -> float:
+    """`threshold` rounded to 6 decimals (a readable bundle config) where the rounded value still lies in
+    `(above, at_most]`, the interval its guarantee needs; else unrounded (scores closer than 1e-6, e.g. near 1.0).
+
+    Example:
+        >>> _tidy(0.90010004, 0.9, 0.95), _tidy(0.9999992, 0.9999991, 0.9999993)
+        (0.9001, 0.9999992)
+    """
+    short = round(threshold, 6)
+    return short if above < short <= at_most else threshold
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,10 @@ def test_threshold_calibration_meets_the_target_rate_and_travels_in_the_bundle(s
     reloaded = safegate.load_bundle(*tiny_model_and_tokenizer("qwen2"), gated.save_bundle(tmp_path / "gate"))
     assert reloaded.gate_config.threshold == threshold
     assert threshold_for_fpr([0.2, 0.2, 0.9], 0.0) == pytest.approx(0.9001)
+    # benign scores within 1e-6 of each other (a saturated gate): rounding must not undo the guarantee
+    close = [0.9999993, 0.9999991] + [0.5] * 98
+    tight = threshold_for_fpr(close, 0.01)
+    assert sum(p >= tight for p in close) == 1 and 0.9999991 < tight <= 0.9999993
     with pytest.raises(ValueError, match="target_fpr"):
         threshold_for_fpr([0.1], 1.0)
 
@@ -226,6 +230,7 @@ def test_recall_cap_keeps_the_gate_on_when_one_benign_outlier_scores_one(monkeyp
 
     assert recall_cap([0.2, 0.9, 0.95, 0.99], min_recall=0.75) == pytest.approx(0.8999)
     assert recall_cap([0.3], min_recall=0.9) == pytest.approx(0.2999)  # one prompt: it stays flagged
+    assert 0.0 < recall_cap([1e-7, 0.9], min_recall=1.0) <= 1e-7  # a tiny score stays flagged; no cap of 0
     with pytest.raises(ValueError, match="min_recall"):
         recall_cap([0.5], min_recall=0.0)
     # 19 benign prompts at 3 %: none may be flagged, and one scores 1.0 -> without the cap the threshold is 1.0
