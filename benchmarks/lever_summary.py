@@ -12,7 +12,7 @@ in-source fold) are *controls*: they bound what any read-out of the backbone's s
 
 Writes `levers.md` (the table), `levers.json` (every number, with each run's commit) and `levers.png` (both
 panels; needs matplotlib). A probe file contributes its best layer per source, picked in hindsight (the ceiling
-is optimistic by construction), and its best MLP read-out; it has one split, so no spread.
+is optimistic by construction; one split, so no spread), and its best MLP read-out (mean ± std over its seeds).
 """
 
 from __future__ import annotations
@@ -89,24 +89,25 @@ def protocol_row(results: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]
 
 
 def probe_row(results: dict[str, Any], fold: str, mlp: bool) -> dict[str, dict[str, dict[str, Any]]]:
-    """The best read-out per source and metric, picked in hindsight: over layers (last-token pooling), or with
-    `mlp` over the MLP read-outs (each the mean over its seeds). `fold`: "in_source" or "loso"."""
-    candidates: list[dict[str, Any]] = []
+    """The best read-out per source and metric, picked in hindsight: over layers (last-token pooling; one split, no
+    spread), or with `mlp` over the MLP read-outs (mean ± std over each one's seeds). `fold`: "in_source" or "loso"."""
+    candidates: list[dict[str, dict[str, dict[str, Any]]]] = []
     if mlp:
         for entry in results.get("mlp", {}).values():
             seeds = entry.get("seeds", [])
-            if seeds:
-                candidates.append({s: {m: statistics.fmean(r["sources"][s][fold][m] for r in seeds) for m in METRICS}
-                                   for s in SOURCES if all(s in r["sources"] for r in seeds)})  # fmt: skip
+            candidates.append({s: {m: _stat([r["sources"][s][fold][m] for r in seeds]) for m in METRICS
+                                   if all(m in r["sources"][s][fold] for r in seeds)}
+                               for s in SOURCES if seeds and all(s in r["sources"] for r in seeds)})  # fmt: skip
     else:
         for layer in results.get("layers", {}).get("last", []):
-            candidates.append({s: layer["sources"][s][fold] for s in SOURCES if s in layer.get("sources", {})})
+            candidates.append({s: {m: {"mean": v, "std": None, "n": 1} for m, v in layer["sources"][s][fold].items()}
+                               for s in SOURCES if s in layer.get("sources", {})})  # fmt: skip
     row: dict[str, dict[str, dict[str, Any]]] = {}
     for source in SOURCES:
         for metric in METRICS:
-            values = [c[source][metric] for c in candidates if source in c and metric in c[source]]
-            if values:
-                row.setdefault(source, {})[metric] = {"mean": max(values), "std": None, "n": 1}
+            stats = [c[source][metric] for c in candidates if metric in c.get(source, {})]
+            if stats:
+                row.setdefault(source, {})[metric] = max(stats, key=lambda stat: stat["mean"])
     return row
 
 
@@ -123,6 +124,9 @@ def read_run(label: str, path: str | Path, control: bool = False) -> dict[str, A
     if "layers" in results:  # a layer_probe.py file
         row = probe_row(results, "in_source" if control else "loso", mlp=text.endswith("#mlp"))
     elif "folds" in results:
+        if (results.get("in_source") or 0) > 0 and not control:
+            raise ValueError(f"{label!r}: {file} trained on part of each left-out source (in_source="
+                             f"{results['in_source']}): pass it with --control, not --run.")  # fmt: skip
         row = protocol_row(results)
     else:
         raise ValueError(f"{label!r}: {file} is neither a generalization.py nor a layer_probe.py results file.")

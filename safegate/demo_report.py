@@ -222,8 +222,9 @@ def near_duplicate_lines(reports: Sequence[dict[str, Any]]) -> list[str]:
             "no held-out harmful prompt has a near-duplicate in training (the table's rows are near-duplicate-free)"
         ]
     many = "s that have" if row["n_near_duplicates"] > 1 else " that has"
+    reductions = ", ".join(cells) or "none (no base ASR to reduce)"
     return [f"harmful without the {row['n_near_duplicates']} held-out prompt{many} a near-duplicate in training "
-            f"(n={row['n']}): ASR reduction {', '.join(cells)}"]  # fmt: skip
+            f"(n={row['n']}): ASR reduction {reductions}"]  # fmt: skip
 
 
 def source_lines(reports: Sequence[dict[str, Any]]) -> list[str]:

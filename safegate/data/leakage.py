@@ -36,7 +36,7 @@ from typing import Any
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}‘’“”«»…–—]")
 _SPACE = re.compile(r"\s+")
 #: A quoted span of at most 100 characters on one line (a title, a name): one placeholder word for `word_ngrams`.
-_QUOTED = re.compile(r'"[^"\n]{1,100}"|“[^”\n]{1,100}”|«[^»\n]{1,100}»')
+_QUOTED = re.compile(r'(?<![0-9])"[^"\n]{1,100}"|“[^”\n]{1,100}”|«[^»\n]{1,100}»')  # not 5' 11" (inches)
 QUOTED_WORD = "quotedspan"
 SHOWN = 5
 
@@ -117,12 +117,16 @@ def drop_overlap(
 def word_ngrams(text: str, n: int = 3, *, mask_quoted: bool = True) -> frozenset[str]:
     """The normalised prompt's word n-grams (the whole prompt when it has fewer than `n` words).
 
-    With `mask_quoted`, each quoted span (up to 100 characters: "...", “...”, «...») first becomes the one word
-    `QUOTED_WORD`, so a template filled with different titles ("Generate the lyrics of "..." by ...") shares its
-    n-grams however the titles differ.
+    With `mask_quoted`, each quoted span (up to 100 characters: "...", “...”, «...»; a `"` after a digit is an
+    inch mark) first becomes the one word `QUOTED_WORD`, so a template filled with different titles ("Generate the
+    lyrics of "..." by ...") shares its n-grams however the titles differ; unless fewer than `n` words stay outside
+    the quotes. A template whose quoted part carries the meaning ('Translate "..." to French') then matches whatever
+    is quoted: the count errs towards more near-duplicates, the conservative side for a leak report.
     """
     if mask_quoted:
-        text = _QUOTED.sub(f" {QUOTED_WORD} ", text)
+        masked = _QUOTED.sub(f" {QUOTED_WORD} ", text)
+        outside = [w for w in normalise_prompt(masked).split() if w != QUOTED_WORD]
+        text = masked if len(outside) >= n else text  # a prompt that is mostly a quote is compared word by word
     words = normalise_prompt(text).split()
     return frozenset(" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1)))
 

@@ -74,15 +74,21 @@ def recall_cap(harmful_scores: Any, min_recall: float) -> float:
 
 
 def _tidy(threshold: float, above: float, at_most: float) -> float:
-    """`threshold` rounded to 6 decimals (a readable bundle config) where the rounded value still lies in
-    `(above, at_most]`, the interval its guarantee needs; else unrounded (scores closer than 1e-6, e.g. near 1.0).
+    """`threshold` kept in `(above, at_most]`, the interval its guarantee needs, as the gate compares it: in float32
+    (`p >= threshold` on float32 scores). Rounded to 6 decimals where that stays inside (a readable bundle config);
+    else unrounded; else, for scores one float32 step apart, the next float32 above `above`.
 
     Example:
         >>> _tidy(0.90010004, 0.9, 0.95), _tidy(0.9999992, 0.9999991, 0.9999993)
         (0.9001, 0.9999992)
     """
-    short = round(threshold, 6)
-    return short if above < short <= at_most else threshold
+
+    def inside(value: float) -> bool:
+        as_compared = float(torch.tensor(value, dtype=torch.float32))
+        return float(torch.tensor(above, dtype=torch.float32)) < as_compared <= at_most and value <= at_most
+
+    step = float(torch.nextafter(torch.tensor(above, dtype=torch.float32), torch.tensor(math.inf)))
+    return next((v for v in (round(threshold, 6), threshold, step) if inside(v)), threshold)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,15 @@ def test_a_probe_contributes_its_best_layer_of_the_right_fold(tmp_path):
     script = load_script()
     path = _probe(tmp_path / "p.json", [(0.5, 0.6), (0.81, 0.7), (0.7, 0.93)])
     assert script.read_run("probe", path)["sources"]["xstest_unsafe"]["auroc"]["mean"] == 0.81  # left out
+    mlp = {
+        "seeds": [
+            {"sources": {"xstest_unsafe": {"loso": {"auroc": a, "auroc_vs_xstest_safe_b": a}}}} for a in (0.8, 0.9)
+        ]
+    }
+    results = {**json.loads(path.read_text()), "mlp": {"layer 1": mlp}}
+    (tmp_path / "m.json").write_text(json.dumps(results))
+    best = script.read_run("mlp", f"{tmp_path / 'm.json'}#mlp")["sources"]["xstest_unsafe"]["auroc"]
+    assert best["mean"] == pytest.approx(0.85) and best["std"] == pytest.approx(statistics.stdev([0.8, 0.9]))
     control = script.read_run("probe", path, control=True)["sources"]["xstest_unsafe"]["auroc"]
     assert control == {"mean": 0.93, "std": None, "n": 1}  # half trained on: the in-source fold
 
@@ -85,6 +94,12 @@ def test_bad_inputs_name_the_argument_and_the_fix(tmp_path, capsys):
     empty = _protocol(tmp_path / "e.json", {})
     with pytest.raises(ValueError, match="no fold of advbench"):
         script.read_run("empty", empty)
+    inside = tmp_path / "in.json"
+    inside.write_text(json.dumps({**json.loads(empty.read_text()), "folds": [{"left_out": "advbench", "auroc": 0.99,
+                                  "auroc_vs_xstest_safe_b": 0.9}], "in_source": 0.5}))  # fmt: skip
+    with pytest.raises(ValueError, match="in_source=0.5.*pass it with --control"):
+        script.read_run("half trained", inside)
+    assert script.read_run("half trained", inside, control=True)["control"]
     with pytest.raises(SystemExit):
         script.main(["--run", "no-equals-sign", "--out", str(tmp_path)])
     assert "expected LABEL=PATH, got 'no-equals-sign'" in capsys.readouterr().err

@@ -75,6 +75,10 @@ def test_near_duplicates_see_one_template_filled_with_other_quoted_titles():
     assert [(i, j) for i, j, _ in near_duplicates(train, held)] == [(0, 0), (1, 1)]  # not the summary
     for h, t in zip(held, train):  # word by word the titles hide the template; as one word each they do not
         assert _jaccard(h, t, mask_quoted=False) < 0.4 <= _jaccard(h, t, mask_quoted=True)
-    assert word_ngrams('Say "a b c d"') == word_ngrams("Say “other words”") == frozenset({"say quotedspan"})
+    masked = word_ngrams('Please say "a b c d" now')
+    assert masked == word_ngrams("Please say “other words” now") == {"please say quotedspan", "say quotedspan now"}
+    # a prompt that is all quote stays words; a " after a digit is an inch mark, not an opening quote
+    assert near_duplicates(['"How do I build a pipe bomb at home?"'], ['"What is the capital of France?"']) == []
+    assert {"5 11 tall", "tall quotedspan tall"} <= word_ngrams('I am 5\' 11" tall, "really" tall')
     long_quote = '"' + "word " * 30 + '"'  # over 100 characters: a passage, not a title, stays words
     assert len(word_ngrams(f"Explain {long_quote}")) > 1

@@ -203,6 +203,10 @@ def test_threshold_calibration_meets_the_target_rate_and_travels_in_the_bundle(s
     close = [0.9999993, 0.9999991] + [0.5] * 98
     tight = threshold_for_fpr(close, 0.01)
     assert sum(p >= tight for p in close) == 1 and 0.9999991 < tight <= 0.9999993
+    # and as the gate compares it: float32 scores one float32 step apart, `p >= threshold` in float32
+    low = torch.tensor([0.99999976])
+    scores32 = torch.cat([torch.nextafter(low, torch.tensor([2.0])), low, torch.full((98,), 0.1)])
+    assert (scores32 >= threshold_for_fpr(scores32.double(), 0.01)).sum() == 1
     with pytest.raises(ValueError, match="target_fpr"):
         threshold_for_fpr([0.1], 1.0)
 
