@@ -193,9 +193,7 @@ def near_duplicate_free(
     """Base and gated ASR per attack over `dataset`'s `responses.jsonl` rows whose held-out index is not in `near`
     (the prompts with a same-label near-duplicate among the training records: `sources.json`)."""
     from safegate.evaluation.metrics import rate, relative_reduction
-
-    def complied(flags: list[bool | None]) -> list[bool | None]:
-        return [None if f is None else not f for f in flags]
+    from safegate.evaluation.report import complied
 
     out = {}
     for attack in dict.fromkeys(r["attack"] for r in rows if r["dataset"] == dataset):

@@ -123,11 +123,9 @@ def word_ngrams(text: str, n: int = 3, *, mask_quoted: bool = True) -> frozenset
     the quotes. A template whose quoted part carries the meaning ('Translate "..." to French') then matches whatever
     is quoted: the count errs towards more near-duplicates, the conservative side for a leak report.
     """
-    if mask_quoted:
-        masked = _QUOTED.sub(f" {QUOTED_WORD} ", text)
-        outside = [w for w in normalise_prompt(masked).split() if w != QUOTED_WORD]
-        text = masked if len(outside) >= n else text  # a prompt that is mostly a quote is compared word by word
-    words = normalise_prompt(text).split()
+    words = normalise_prompt(_QUOTED.sub(f" {QUOTED_WORD} ", text) if mask_quoted else text).split()
+    if mask_quoted and sum(w != QUOTED_WORD for w in words) < n:  # mostly a quote: compared word by word
+        words = normalise_prompt(text).split()
     return frozenset(" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1)))
 
 

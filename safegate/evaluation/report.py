@@ -39,7 +39,8 @@ REPORT_JSON, REPORT_MD, RESPONSES = "report.json", "report.md", "responses.jsonl
 OWNED = (REPORT_JSON, REPORT_MD, RESPONSES, "roc.png", "score_hist.png", "asr_by_attack.png", "threshold_sweep.png")
 
 
-def _complied(refused: Sequence[bool | None]) -> list[bool | None]:
+def complied(refused: Sequence[bool | None]) -> list[bool | None]:
+    """Per answer: complied (not refused); `None` (the judge could not tell) stays `None`."""
     return [None if r is None else not r for r in refused]
 
 
@@ -60,8 +61,8 @@ def result_row(
     def pick(values: Sequence[Any], index: list[int]) -> list[Any]:
         return [values[i] for i in index]
 
-    asr_flags = _complied(pick(gated_refused, harm))
-    base_asr_flags = _complied(pick(base_refused, harm))
+    asr_flags = complied(pick(gated_refused, harm))
+    base_asr_flags = complied(pick(base_refused, harm))
     unsafe = [o.unsafe for o in outcomes]
     scores = [o.score for o in outcomes]
     scored = [(s, c.record.harmful) for s, c in zip(scores, cases) if s is not None]

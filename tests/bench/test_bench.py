@@ -11,12 +11,16 @@ from safegate.bench.memory import cpu_peak_bytes
 from safegate.cli import main
 
 
-def test_bench_smoke_writes_valid_json(tmp_path, capsys):
+def _bench(tmp_path, *args):
+    """`safegate bench` on the tiny shape, 16 prompt tokens, 2 new ones; its results.json."""
     out = tmp_path / "results.json"
-    code = main(["bench", "--shape", "tiny", "--pairs", "1", "--ttft-pairs", "2", "--prompt-tokens", "16",
-                 "--new-tokens", "2", "--batch-sizes", "1,2", "--device", "cpu", "--out", str(out)])  # fmt: skip
-    assert code == 0
-    results = json.loads(out.read_text())
+    assert main(["bench", "--shape", "tiny", "--pairs", "1", "--prompt-tokens", "16", "--new-tokens", "2",
+                 *args, "--out", str(out)]) == 0  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def test_bench_smoke_writes_valid_json(tmp_path, capsys):
+    results = _bench(tmp_path, "--ttft-pairs", "2", "--batch-sizes", "1,2", "--device", "cpu")
     assert set(results["generate"]) == set(results["ttft"]) == {"benign", "harmful", "benign_base_answer", "control"}
     rows = [*results["training_step"].values()]
     for path in ("benign", "harmful", "benign_base_answer", "control"):
@@ -77,11 +81,7 @@ def test_old_public_name_of_safegate_bench_resolves_to_its_home(name):
 
 
 def test_bench_measures_an_ensemble_of_gates(tmp_path, capsys):
-    out = tmp_path / "results.json"
-    code = main(["bench", "--shape", "tiny", "--pairs", "1", "--ttft-pairs", "1", "--prompt-tokens", "16",
-                 "--new-tokens", "2", "--batch-sizes", "1", "--members", "3", "--out", str(out)])  # fmt: skip
-    assert code == 0
-    results = json.loads(out.read_text())
+    results = _bench(tmp_path, "--ttft-pairs", "1", "--batch-sizes", "1", "--members", "3")
     assert results["members"] == 3
     one = gate_flops(hidden=64, attention_dim=256, prompt_tokens=16, params=10**6)["gate"]
     assert results["flops"]["gate"] == 3 * one  # three gates read the same prompt states
